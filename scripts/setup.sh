@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-test}
 
-common=(ca-certificates git tar zstd xz-utils cpio e2fsprogs attr libcap2-bin iproute2 kmod
+common=(ca-certificates git tar zstd xz-utils cpio e2fsprogs attr libcap2-bin iproute2 iputils-ping kmod
   qemu-system-x86 qemu-utils ipxe ipxe-qemu ovmf systemd-boot-efi busybox-static linux-image-amd64
   extlinux syslinux-common mtools dosfstools fdisk)
 testonly=(udhcpc isc-dhcp-client dnsmasq tftp-hpa tftpd-hpa curl aria2 transmission-cli udpcast

@@ -1,0 +1,88 @@
+package netlab
+
+import (
+	"context"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+func needLab(t *testing.T) {
+	t.Helper()
+	if err := Available(); err != nil {
+		t.Skip(err)
+	}
+}
+
+func TestRefusesAddressesOutsideBenchRange(t *testing.T) {
+	for _, a := range []string{"10.0.0.1/24", "192.168.1.2/24", "198.20.0.1/24", "8.8.8.8/32", "198.18.0.1/8"} {
+		if err := checkAddr(netip.MustParsePrefix(a)); err == nil {
+			t.Errorf("%s accepted", a)
+		}
+	}
+	for _, a := range []string{"198.18.0.1/24", "198.19.255.254/16"} {
+		if err := checkAddr(netip.MustParsePrefix(a)); err != nil {
+			t.Errorf("%s refused: %v", a, err)
+		}
+	}
+}
+
+func TestNamespacesPingShapeAndCleanUp(t *testing.T) {
+	needLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	l, err := New(ctx, "nltest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	a, err := l.AddHost(ctx, "a", netip.MustParsePrefix("198.18.7.1/24"), Link{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := l.AddHost(ctx, "b", netip.MustParsePrefix("198.18.7.2/24"), Link{RateMbit: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sw, err := l.SwitchHost(ctx, netip.MustParsePrefix("198.18.7.254/24"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Run(ctx, "ping", "-c", "1", "-W", "2", b.IP().String()); err != nil {
+		t.Fatalf("a cannot reach b: %v", err)
+	}
+	if _, err := b.Run(ctx, "ping", "-c", "1", "-W", "2", sw.IP().String()); err != nil {
+		t.Fatalf("b cannot reach the switch host: %v", err)
+	}
+	out, err := b.Run(ctx, "tc", "qdisc", "show", "dev", "eth0")
+	if err != nil || !strings.Contains(string(out), "tbf") || !strings.Contains(string(out), "rate 50Mbit") {
+		t.Fatalf("b's link is not shaped: %s %v", out, err)
+	}
+	if _, err := l.AddHost(ctx, "c", netip.MustParsePrefix("10.1.1.1/24"), Link{}); err == nil {
+		t.Fatal("a private address outside 198.18.0.0/15 was accepted")
+	}
+	// A process left running is killed by Close, and the namespaces go.
+	sleeper := a.Command(context.Background(), "sleep", "600")
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- sleeper.Wait() }()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a process in a host namespace survived Close")
+	}
+	list, _ := exec.Command("ip", "netns", "list").Output()
+	if strings.Contains(string(list), "esir-nltest-") {
+		t.Fatalf("namespaces left after Close:\n%s", list)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+}
