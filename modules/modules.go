@@ -1,0 +1,337 @@
+// Package modules matches a machine's hardware to a kernel's loadable
+// modules and loads them, the way udev and kmod's modprobe do, without kmod:
+// it reads a module tree's indices (modules.alias, modules.dep,
+// modules.softdep, modules.builtin) and modprobe.d configuration, reads the
+// devices' modalias strings from a sysfs tree, and produces an ordered load
+// plan with the reason for every module. On a live system Load inserts the
+// plan with finit_module (init_module for compressed modules the kernel cannot
+// decompress) and repeats until no new device appears.
+//
+// The same plan, limited to what the root disk, the root filesystem and the
+// first network need, becomes the installed system's per-node early-boot
+// module set (BootPlan, AddToInitramfs).
+package modules
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// Module is one loadable module of a tree, as modules.dep lists it.
+type Module struct {
+	Name string // kernel name, '-' replaced by '_'
+	Path string // path relative to the tree, as modules.dep lists it
+	Line int    // line in modules.dep
+
+	deps string // the raw dependency list of its modules.dep line
+}
+
+// Tree is a kernel's module tree (/lib/modules/VERSION) with its parsed
+// indices and the modprobe.d configuration that applies to it.
+type Tree struct {
+	Dir     string // the tree's directory
+	Version string // kernel version (the directory's base name)
+
+	mods    map[string]*Module // by name
+	byPath  map[string]*Module
+	builtin map[string]bool // built-in module names
+
+	aliases      []alias // modules.alias, file order
+	aliasPrefix  map[string][]int32
+	prefixLens   []int
+	builtinAlias []alias // from modules.builtin.modinfo
+	softdeps     []softdep // modules.softdep, file order
+
+	conf config
+}
+
+type alias struct {
+	pattern string // normalized
+	module  string
+	prio    int32 // index of the module's first alias line
+}
+
+// softdep is one "softdep MODULE pre: ... post: ..." line; MODULE may be a
+// pattern.
+type softdep struct {
+	module    string
+	pre, post []string
+}
+
+// Options adjust how Open reads a tree.
+type Options struct {
+	// ConfigDirs are the modprobe.d directories (or single .conf files), in
+	// precedence order. Nil means the standard ones under the root the tree
+	// lives in (ROOT/etc/modprobe.d, ROOT/run/modprobe.d,
+	// ROOT/usr/local/lib/modprobe.d, ROOT/lib/modprobe.d,
+	// ROOT/usr/lib/modprobe.d for a tree at ROOT/lib/modules/VERSION); an
+	// empty, non-nil slice means no configuration.
+	ConfigDirs []string
+	// KernelCmdline, when set, adds module options given on a kernel
+	// command line as MODULE.PARAM=VALUE, as modprobe does with /proc/cmdline.
+	KernelCmdline string
+}
+
+// Open reads the module tree in dir.
+func Open(dir string, opts Options) (*Tree, error) {
+	dir = filepath.Clean(dir)
+	t := &Tree{
+		Dir:         dir,
+		Version:     filepath.Base(dir),
+		mods:        make(map[string]*Module, 4096),
+		byPath:      make(map[string]*Module, 4096),
+		builtin:     map[string]bool{},
+		aliasPrefix: make(map[string][]int32, 16384),
+	}
+	if err := t.readDep(); err != nil {
+		return nil, err
+	}
+	if err := t.readAlias(); err != nil {
+		return nil, err
+	}
+	if err := t.readSoftdep(); err != nil {
+		return nil, err
+	}
+	if err := t.readBuiltin(); err != nil {
+		return nil, err
+	}
+	dirs := opts.ConfigDirs
+	if dirs == nil {
+		dirs = defaultConfigDirs(dir)
+	}
+	conf, err := readConfig(dirs)
+	if err != nil {
+		return nil, err
+	}
+	if opts.KernelCmdline != "" {
+		conf.addCmdline(opts.KernelCmdline)
+	}
+	t.conf = conf
+	return t, nil
+}
+
+func defaultConfigDirs(dir string) []string {
+	root := "/"
+	if parent := filepath.Dir(dir); filepath.Base(parent) == "modules" && filepath.Base(filepath.Dir(parent)) == "lib" {
+		root = filepath.Dir(filepath.Dir(parent))
+	}
+	var dirs []string
+	for _, d := range []string{"etc/modprobe.d", "run/modprobe.d", "usr/local/lib/modprobe.d", "lib/modprobe.d", "usr/lib/modprobe.d"} {
+		dirs = append(dirs, filepath.Join(root, d))
+	}
+	return dirs
+}
+
+// Module returns the module called name ('-' and '_' are the same), or nil.
+func (t *Tree) Module(name string) *Module { return t.mods[normalizeName(name)] }
+
+// Builtin reports whether name is built into the kernel.
+func (t *Tree) Builtin(name string) bool { return t.builtin[normalizeName(name)] }
+
+// Modules returns every loadable module, in modules.dep order.
+func (t *Tree) Modules() []*Module {
+	out := make([]*Module, 0, len(t.mods))
+	for _, m := range t.mods {
+		out = append(out, m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Line < out[j].Line })
+	return out
+}
+
+// FilePath is the module file's path on disk.
+func (t *Tree) FilePath(m *Module) string { return filepath.Join(t.Dir, m.Path) }
+
+// Deps returns the names of the modules m needs, in load order (a module's
+// own dependencies come before it).
+func (t *Tree) Deps(m *Module) ([]string, error) {
+	fields := strings.Fields(m.deps)
+	out := make([]string, 0, len(fields))
+	// modules.dep lists the deepest dependency last: load in reverse.
+	for i := len(fields) - 1; i >= 0; i-- {
+		d, ok := t.byPath[fields[i]]
+		if !ok {
+			return nil, fmt.Errorf("%s:%d: %s depends on %s, which has no line of its own",
+				filepath.Join(t.Dir, "modules.dep"), m.Line, m.Name, fields[i])
+		}
+		out = append(out, d.Name)
+	}
+	return out, nil
+}
+
+// nameFromPath turns kernel/drivers/net/virtio_net.ko.xz into virtio_net.
+func nameFromPath(p string) string {
+	base := p
+	if i := strings.LastIndexByte(base, '/'); i >= 0 {
+		base = base[i+1:]
+	}
+	if i := strings.Index(base, ".ko"); i >= 0 {
+		base = base[:i]
+	}
+	return normalizeName(base)
+}
+
+// lines calls fn for every line of data with its 1-based number, skipping
+// blank lines and '#' comments.
+func lines(data []byte, fn func(n int, line string) error) error {
+	s := string(data)
+	n := 0
+	for len(s) > 0 {
+		n++
+		var line string
+		if i := strings.IndexByte(s, '\n'); i >= 0 {
+			line, s = s[:i], s[i+1:]
+		} else {
+			line, s = s, ""
+		}
+		line = strings.TrimSpace(line)
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		if err := fn(n, line); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (t *Tree) readDep() error {
+	file := filepath.Join(t.Dir, "modules.dep")
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("module tree %s: read index: %w", t.Dir, err)
+	}
+	return lines(data, func(n int, line string) error {
+		p, deps, ok := strings.Cut(line, ":")
+		p = strings.TrimSpace(p)
+		if !ok || p == "" || strings.ContainsAny(p, " \t") || !strings.Contains(p, ".ko") {
+			return fmt.Errorf("%s:%d: malformed line %q: want \"path.ko: dependency.ko ...\"", file, n, line)
+		}
+		m := &Module{Name: nameFromPath(p), Path: p, Line: n, deps: deps}
+		if _, dup := t.mods[m.Name]; !dup {
+			t.mods[m.Name] = m
+		}
+		t.byPath[p] = m
+		return nil
+	})
+}
+
+func (t *Tree) readAlias() error {
+	file := filepath.Join(t.Dir, "modules.alias")
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("module tree %s: read index: %w", t.Dir, err)
+	}
+	first := map[string]int32{}
+	lens := map[int]bool{}
+	err = lines(data, func(n int, line string) error {
+		rest, ok := strings.CutPrefix(line, "alias ")
+		sp := strings.LastIndexByte(rest, ' ')
+		if !ok || sp <= 0 || sp == len(rest)-1 {
+			return fmt.Errorf("%s:%d: malformed line %q: want \"alias PATTERN MODULE\"", file, n, line)
+		}
+		pattern, mod := normalizeAlias(strings.TrimSpace(rest[:sp])), normalizeName(rest[sp+1:])
+		prio, seen := first[mod]
+		if !seen {
+			prio = int32(len(t.aliases))
+			first[mod] = prio
+		}
+		i := int32(len(t.aliases))
+		t.aliases = append(t.aliases, alias{pattern: pattern, module: mod, prio: prio})
+		pre := literalPrefix(pattern)
+		t.aliasPrefix[pre] = append(t.aliasPrefix[pre], i)
+		lens[len(pre)] = true
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for l := range lens {
+		t.prefixLens = append(t.prefixLens, l)
+	}
+	sort.Ints(t.prefixLens)
+	return nil
+}
+
+func (t *Tree) readSoftdep() error {
+	file := filepath.Join(t.Dir, "modules.softdep")
+	data, err := os.ReadFile(file)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("module tree %s: read index: %w", t.Dir, err)
+	}
+	return lines(data, func(n int, line string) error {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != "softdep" {
+			return fmt.Errorf("%s:%d: malformed line %q: want \"softdep MODULE pre: ... post: ...\"", file, n, line)
+		}
+		sd := parseSoftdep(f[2:])
+		sd.module = normalizeName(f[1])
+		t.softdeps = append(t.softdeps, sd)
+		return nil
+	})
+}
+
+// parseSoftdep reads "pre: a b post: c"; names before any "pre:" or "post:"
+// are ignored, as kmod does.
+func parseSoftdep(f []string) softdep {
+	var sd softdep
+	mode := 0
+	for _, w := range f {
+		switch w {
+		case "pre:":
+			mode = 1
+		case "post:":
+			mode = 2
+		default:
+			switch mode {
+			case 1:
+				sd.pre = append(sd.pre, w)
+			case 2:
+				sd.post = append(sd.post, w)
+			}
+		}
+	}
+	return sd
+}
+
+func (t *Tree) readBuiltin() error {
+	file := filepath.Join(t.Dir, "modules.builtin")
+	data, err := os.ReadFile(file)
+	if err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("module tree %s: read index: %w", t.Dir, err)
+	}
+	if err := lines(data, func(n int, line string) error {
+		if strings.ContainsAny(line, " \t") || !strings.Contains(line, ".ko") {
+			return fmt.Errorf("%s:%d: malformed line %q: want \"path.ko\"", file, n, line)
+		}
+		t.builtin[nameFromPath(line)] = true
+		return nil
+	}); err != nil {
+		return err
+	}
+	// Built-in modules' aliases: "module.alias=pattern" records separated by NULs.
+	file = filepath.Join(t.Dir, "modules.builtin.modinfo")
+	data, err = os.ReadFile(file)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("module tree %s: read index: %w", t.Dir, err)
+	}
+	for _, rec := range bytes.Split(data, []byte{0}) {
+		mod, val, ok := bytes.Cut(rec, []byte(".alias="))
+		if !ok || bytes.IndexByte(mod, '=') >= 0 {
+			continue
+		}
+		name := normalizeName(string(mod))
+		t.builtin[name] = true
+		t.builtinAlias = append(t.builtinAlias, alias{pattern: normalizeAlias(string(val)), module: name, prio: int32(len(t.builtinAlias))})
+	}
+	return nil
+}
