@@ -13,7 +13,7 @@ type config struct {
 	aliases   []alias // "alias PATTERN MODULE", file order
 	options   map[string][]string
 	blacklist map[string]bool
-	softdeps  []softdep // first match wins, as in kmod
+	softdeps  []softdep         // first match wins, as in kmod
 	install   map[string]string // "install MODULE COMMAND"
 }
 

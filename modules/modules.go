@@ -43,7 +43,7 @@ type Tree struct {
 	aliases      []alias // modules.alias, file order
 	aliasPrefix  map[string][]int32
 	prefixLens   []int
-	builtinAlias []alias // from modules.builtin.modinfo
+	builtinAlias []alias   // from modules.builtin.modinfo
 	softdeps     []softdep // modules.softdep, file order
 
 	conf config
