@@ -1,0 +1,596 @@
+package imaging
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
+)
+
+// ArchiveOptions tune WriteArchive.
+type ArchiveOptions struct {
+	// Exclude lists path.Match patterns of paths (relative to the root) to
+	// leave out; an excluded directory takes its subtree with it.
+	Exclude []string
+	// NoDefaultExcludes drops DefaultExcludes and keeps /etc/machine-id.
+	NoDefaultExcludes bool
+	// KeepMachineID stores /etc/machine-id as it is instead of empty.
+	KeepMachineID bool
+	// Level is the zstd compression level (1-19, default 3), mapped onto the
+	// encoder's speeds as zstd.EncoderLevelFromZstd does.
+	Level int
+	// Progress, when set, is called with the number of file-content bytes
+	// read since the previous call.
+	Progress func(n int64)
+	// Log receives warnings (sockets left out); nil discards them.
+	Log *slog.Logger
+}
+
+// ArchiveStats describes an archive WriteArchive wrote.
+type ArchiveStats struct {
+	// Entries counts the archive's entries of every type, the root included.
+	Entries int64
+	// UncompressedSize is the length of the tar stream.
+	UncompressedSize int64
+	// ContentSize sums the sizes of the regular files (hardlinks once).
+	ContentSize int64
+	// Kernels found under boot/ and (usr/)lib/modules/.
+	Kernels []Kernel
+	// Arch is the Debian architecture name of the tree's binaries, or "".
+	Arch string
+	// Skipped lists paths that tar cannot hold (sockets).
+	Skipped []string
+}
+
+// ErrChanged reports a source file that changed while it was being read.
+var ErrChanged = errors.New("file changed while being read")
+
+type devIno struct{ dev, ino uint64 }
+
+type archiver struct {
+	ctx      context.Context
+	root     string
+	opts     ArchiveOptions
+	ex       *excluder
+	out      io.Writer
+	n        int64
+	hdr      []byte
+	buf      []byte
+	links    map[devIno]string
+	users    map[int]string
+	groups   map[int]string
+	kernels  map[string]*Kernel
+	emptyMID bool
+	stats    ArchiveStats
+}
+
+// WriteArchive writes the tree at root to w as an ESIR archive: a POSIX tar
+// stream (PAX headers, entries sorted, no build time inside) compressed with
+// zstd on all cores. The same tree always gives the same bytes.
+func WriteArchive(ctx context.Context, w io.Writer, root string, opts ArchiveOptions) (ArchiveStats, error) {
+	fi, err := os.Lstat(root)
+	if err != nil {
+		return ArchiveStats{}, fmt.Errorf("source tree: %w", err)
+	}
+	if !fi.IsDir() {
+		return ArchiveStats{}, fmt.Errorf("source tree %s: not a directory", root)
+	}
+	pats := opts.Exclude
+	if !opts.NoDefaultExcludes {
+		pats = append(DefaultExcludes(), pats...)
+	}
+	ex, err := newExcluder(pats)
+	if err != nil {
+		return ArchiveStats{}, err
+	}
+	level := opts.Level
+	if level == 0 {
+		level = 3
+	}
+	enc, err := newEncoder(w, level)
+	if err != nil {
+		return ArchiveStats{}, err
+	}
+	a := &archiver{
+		ctx:      ctx,
+		root:     root,
+		opts:     opts,
+		ex:       ex,
+		buf:      make([]byte, 1<<20),
+		links:    map[devIno]string{},
+		users:    readIDNames(root, "etc/passwd"),
+		groups:   readIDNames(root, "etc/group"),
+		kernels:  map[string]*Kernel{},
+		emptyMID: !opts.NoDefaultExcludes && !opts.KeepMachineID,
+	}
+	a.out = writerFunc(func(p []byte) (int, error) {
+		n, err := enc.Write(p)
+		a.n += int64(n)
+		return n, err
+	})
+	a.stats.Arch = detectArch(root)
+	werr := a.entry(".", root)
+	if werr == nil {
+		// End of archive: two zero blocks.
+		_, werr = a.out.Write(make([]byte, 2*blockSize))
+	}
+	cerr := enc.Close()
+	if werr != nil {
+		return ArchiveStats{}, werr
+	}
+	if cerr != nil {
+		return ArchiveStats{}, fmt.Errorf("compress archive: %w", cerr)
+	}
+	a.stats.UncompressedSize = a.n
+	for _, k := range a.kernels {
+		a.stats.Kernels = append(a.stats.Kernels, *k)
+	}
+	sort.Slice(a.stats.Kernels, func(i, j int) bool {
+		return compareVersions(a.stats.Kernels[i].Version, a.stats.Kernels[j].Version) < 0
+	})
+	return a.stats, nil
+}
+
+func newEncoder(w io.Writer, level int) (*zstd.Encoder, error) {
+	// Job-based parallel compression splits the stream at fixed sizes, so
+	// the output does not depend on the number of cores; it needs at least
+	// two encoders to be on, hence the floor of 2.
+	enc, err := zstd.NewWriter(w,
+		zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(level)),
+		zstd.WithEncoderConcurrency(max(2, runtime.GOMAXPROCS(0))),
+		zstd.WithConcurrentBlocks(true),
+		zstd.WithEncoderCRC(true))
+	if err != nil {
+		return nil, fmt.Errorf("zstd encoder: %w", err)
+	}
+	return enc, nil
+}
+
+type writerFunc func(p []byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+func (a *archiver) writeHeader(h *tarHeader) error {
+	a.hdr = h.encode(a.hdr[:0])
+	if _, err := a.out.Write(a.hdr); err != nil {
+		return fmt.Errorf("write archive at %s: %w", h.name, err)
+	}
+	a.stats.Entries++
+	return nil
+}
+
+func (a *archiver) entry(rel, full string) error {
+	if err := a.ctx.Err(); err != nil {
+		return fmt.Errorf("build interrupted at %s: %w", full, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(full, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("%s: lstat: %w (it vanished)", full, ErrChanged)
+		}
+		return fmt.Errorf("%s: lstat: %w", full, err)
+	}
+	h := tarHeader{
+		name:  rel,
+		mode:  st.Mode & 0o7777,
+		uid:   int(st.Uid),
+		gid:   int(st.Gid),
+		uname: a.users[int(st.Uid)],
+		gname: a.groups[int(st.Gid)],
+		mtime: time.Unix(st.Mtim.Sec, st.Mtim.Nsec),
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+		a.stats.Skipped = append(a.stats.Skipped, rel)
+		if a.opts.Log != nil {
+			a.opts.Log.Warn("socket left out of the image", "path", full)
+		}
+		return nil
+	}
+	xa, err := readXattrs(full)
+	if err != nil {
+		return err
+	}
+	h.records = xa
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		h.typ = typeDir
+		if err := a.writeHeader(&h); err != nil {
+			return err
+		}
+		a.noteKernel(rel, typeDir)
+		return a.walkDir(rel, full)
+	case unix.S_IFREG:
+		h.typ = typeReg
+		if st.Nlink > 1 {
+			key := devIno{uint64(st.Dev), st.Ino}
+			if first, ok := a.links[key]; ok {
+				h.typ = typeLink
+				h.linkname = first
+				h.records = nil
+				return a.writeHeader(&h)
+			}
+			a.links[key] = rel
+		}
+		a.noteKernel(rel, typeReg)
+		return a.file(&h, full, &st)
+	case unix.S_IFLNK:
+		h.typ = typeSymlink
+		target, err := os.Readlink(full)
+		if err != nil {
+			return fmt.Errorf("%s: readlink: %w", full, err)
+		}
+		h.linkname = target
+		return a.writeHeader(&h)
+	case unix.S_IFCHR, unix.S_IFBLK:
+		h.typ = typeChar
+		if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+			h.typ = typeBlock
+		}
+		h.devmajor, h.devminor = unix.Major(st.Rdev), unix.Minor(st.Rdev)
+		return a.writeHeader(&h)
+	case unix.S_IFIFO:
+		h.typ = typeFifo
+		return a.writeHeader(&h)
+	}
+	return fmt.Errorf("%s: unknown file type %#o", full, st.Mode&unix.S_IFMT)
+}
+
+func (a *archiver) walkDir(rel, full string) error {
+	f, err := os.Open(full)
+	if err != nil {
+		return fmt.Errorf("%s: open directory: %w", full, err)
+	}
+	names, err := f.Readdirnames(-1)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("%s: read directory: %w", full, err)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		crel := n
+		if rel != "." {
+			crel = rel + "/" + n
+		}
+		if a.ex.excluded(crel) {
+			continue
+		}
+		if err := a.entry(crel, full+"/"+n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+type segment struct{ off, len int64 }
+
+// file writes a regular file's header and content, sparse when the file
+// has holes, and fails when the file changes while it is read.
+func (a *archiver) file(h *tarHeader, full string, st *unix.Stat_t) error {
+	if a.emptyMID && h.name == "etc/machine-id" {
+		return a.writeHeader(h)
+	}
+	fd, err := unix.Open(full, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOATIME, 0)
+	if errors.Is(err, unix.EPERM) {
+		fd, err = unix.Open(full, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: open: %w", full, err)
+	}
+	f := os.NewFile(uintptr(fd), full)
+	defer f.Close()
+	var st2 unix.Stat_t
+	if err := unix.Fstat(fd, &st2); err != nil {
+		return fmt.Errorf("%s: fstat: %w", full, err)
+	}
+	if st2.Ino != st.Ino || st2.Dev != st.Dev {
+		return fmt.Errorf("%s: %w (replaced)", full, ErrChanged)
+	}
+	size := st.Size
+	var segs []segment
+	if size > 0 && st.Blocks*512 < size {
+		segs, err = dataSegments(fd, size)
+		if err != nil {
+			return fmt.Errorf("%s: find holes: %w", full, err)
+		}
+	}
+	if segs != nil {
+		var sm []byte
+		sm = strconv.AppendInt(sm, int64(len(segs)), 10)
+		sm = append(sm, '\n')
+		var data int64
+		for _, s := range segs {
+			sm = strconv.AppendInt(sm, s.off, 10)
+			sm = append(sm, '\n')
+			sm = strconv.AppendInt(sm, s.len, 10)
+			sm = append(sm, '\n')
+			data += s.len
+		}
+		sm = appendPadding(sm, int64(len(sm)))
+		dir, base := path.Split(h.name)
+		h.records = cloneRecords(h.records)
+		h.records["GNU.sparse.major"] = "1"
+		h.records["GNU.sparse.minor"] = "0"
+		h.records["GNU.sparse.name"] = h.name
+		h.records["GNU.sparse.realsize"] = strconv.FormatInt(size, 10)
+		h.name = path.Join(dir, "GNUSparseFile.0", base)
+		h.size = int64(len(sm)) + data
+		if err := a.writeHeader(h); err != nil {
+			return err
+		}
+		if _, err := a.out.Write(sm); err != nil {
+			return fmt.Errorf("write archive at %s: %w", full, err)
+		}
+		for _, s := range segs {
+			if err := a.copyData(io.NewSectionReader(f, s.off, s.len), s.len, full); err != nil {
+				return err
+			}
+		}
+		h.size = data // for padding below
+	} else {
+		h.size = size
+		if err := a.writeHeader(h); err != nil {
+			return err
+		}
+		if err := a.copyData(f, size, full); err != nil {
+			return err
+		}
+		if n, _ := f.Read(a.buf[:1]); n > 0 {
+			return fmt.Errorf("%s: %w (grew beyond %d bytes)", full, ErrChanged, size)
+		}
+	}
+	a.stats.ContentSize += size
+	if pad := appendPadding(nil, h.size); len(pad) > 0 {
+		if _, err := a.out.Write(pad); err != nil {
+			return fmt.Errorf("write archive at %s: %w", full, err)
+		}
+	}
+	var st3 unix.Stat_t
+	if err := unix.Fstat(fd, &st3); err != nil {
+		return fmt.Errorf("%s: fstat: %w", full, err)
+	}
+	if st3.Size != st.Size || st3.Mtim != st.Mtim || st3.Ctim != st.Ctim {
+		return fmt.Errorf("%s: %w", full, ErrChanged)
+	}
+	return nil
+}
+
+func (a *archiver) copyData(r io.Reader, n int64, full string) error {
+	for n > 0 {
+		if err := a.ctx.Err(); err != nil {
+			return fmt.Errorf("build interrupted at %s: %w", full, err)
+		}
+		chunk := a.buf
+		if int64(len(chunk)) > n {
+			chunk = chunk[:n]
+		}
+		m, err := io.ReadFull(r, chunk)
+		if m > 0 {
+			if _, werr := a.out.Write(chunk[:m]); werr != nil {
+				return fmt.Errorf("write archive at %s: %w", full, werr)
+			}
+			n -= int64(m)
+			if a.opts.Progress != nil {
+				a.opts.Progress(int64(m))
+			}
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return fmt.Errorf("%s: %w (shrank while read)", full, ErrChanged)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: read: %w", full, err)
+		}
+	}
+	return nil
+}
+
+// dataSegments lists the data regions of a sparse file (SEEK_DATA /
+// SEEK_HOLE), ending with a zero-length segment at the size when the file
+// ends in a hole, as GNU tar does.
+func dataSegments(fd int, size int64) ([]segment, error) {
+	var segs []segment
+	off := int64(0)
+	for off < size {
+		d, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		if d >= size {
+			break
+		}
+		hole, err := unix.Seek(fd, d, unix.SEEK_HOLE)
+		if err != nil {
+			return nil, err
+		}
+		hole = min(hole, size)
+		segs = append(segs, segment{d, hole - d})
+		off = hole
+	}
+	if len(segs) == 1 && segs[0].off == 0 && segs[0].len == size {
+		return nil, nil // no hole after all
+	}
+	if len(segs) == 0 || segs[len(segs)-1].off+segs[len(segs)-1].len < size {
+		segs = append(segs, segment{size, 0})
+	}
+	return segs, nil
+}
+
+func cloneRecords(m map[string]string) map[string]string {
+	c := make(map[string]string, len(m)+4)
+	for k, v := range m {
+		c[k] = v
+	}
+	return c
+}
+
+// readXattrs returns a file's extended attributes as PAX records
+// (SCHILY.xattr.NAME), without following a symlink.
+func readXattrs(full string) (map[string]string, error) {
+	buf := make([]byte, 1024)
+	var n int
+	for {
+		var err error
+		n, err = unix.Llistxattr(full, buf)
+		if errors.Is(err, unix.ERANGE) {
+			buf = make([]byte, len(buf)*4)
+			continue
+		}
+		if errors.Is(err, unix.ENOTSUP) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: list xattrs: %w", full, err)
+		}
+		break
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	recs := map[string]string{}
+	for _, name := range strings.Split(strings.TrimRight(string(buf[:n]), "\x00"), "\x00") {
+		if name == "" {
+			continue
+		}
+		val := make([]byte, 256)
+		for {
+			m, err := unix.Lgetxattr(full, name, val)
+			if errors.Is(err, unix.ERANGE) {
+				val = make([]byte, len(val)*4)
+				continue
+			}
+			if errors.Is(err, unix.ENODATA) {
+				m, val = -1, nil
+			} else if err != nil {
+				return nil, fmt.Errorf("%s: read xattr %s: %w", full, name, err)
+			}
+			if m >= 0 {
+				recs["SCHILY.xattr."+name] = string(val[:m])
+			}
+			break
+		}
+	}
+	return recs, nil
+}
+
+// noteKernel records kernels: boot/vmlinuz-V, boot/initrd.img-V and the
+// module trees (usr/)lib/modules/V.
+func (a *archiver) noteKernel(rel string, typ byte) {
+	k := func(v string) *Kernel {
+		if a.kernels[v] == nil {
+			a.kernels[v] = &Kernel{Version: v}
+		}
+		return a.kernels[v]
+	}
+	switch {
+	case typ == typeReg && strings.HasPrefix(rel, "boot/vmlinuz-") && !strings.Contains(rel[5:], "/"):
+		k(strings.TrimPrefix(rel, "boot/vmlinuz-")).Vmlinuz = rel
+	case typ == typeReg && strings.HasPrefix(rel, "boot/initrd.img-") && !strings.Contains(rel[5:], "/"):
+		k(strings.TrimPrefix(rel, "boot/initrd.img-")).Initrd = rel
+	case typ == typeDir:
+		for _, p := range []string{"lib/modules/", "usr/lib/modules/"} {
+			if v, ok := strings.CutPrefix(rel, p); ok && v != "" && !strings.Contains(v, "/") {
+				k(v).ModulesDir = rel
+			}
+		}
+	}
+}
+
+// openInRoot opens name inside root, resolving symlinks as if root were "/",
+// so reading a tree's /bin/sh never reads the host's.
+func openInRoot(root, name string) (*os.File, error) {
+	rfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(rfd)
+	fd, err := unix.Openat2(rfd, name, &unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), path.Join(root, name)), nil
+}
+
+// readIDNames maps numeric ids to names from the tree's own passwd or group
+// file (not the host's); missing files give an empty map.
+func readIDNames(root, file string) map[int]string {
+	m := map[int]string{}
+	f, err := openInRoot(root, file)
+	if err != nil {
+		return m
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Split(sc.Text(), ":")
+		if len(fields) < 3 {
+			continue
+		}
+		id, err := strconv.Atoi(fields[2])
+		if err != nil || fields[0] == "" {
+			continue
+		}
+		if _, dup := m[id]; !dup {
+			m[id] = fields[0]
+		}
+	}
+	return m
+}
+
+// detectArch reads the ELF header of the tree's shell or init and returns
+// the Debian architecture name, or "" when none is found.
+func detectArch(root string) string {
+	for _, p := range []string{"bin/sh", "usr/bin/env", "bin/busybox", "sbin/init", "usr/bin/busybox"} {
+		f, err := openInRoot(root, p)
+		if err != nil {
+			continue
+		}
+		var hdr [20]byte
+		_, err = io.ReadFull(f, hdr[:])
+		f.Close()
+		if err != nil || !bytes.HasPrefix(hdr[:], []byte("\x7fELF")) {
+			continue
+		}
+		le := hdr[5] == 1
+		mach := uint16(hdr[18]) | uint16(hdr[19])<<8
+		if !le {
+			mach = uint16(hdr[19]) | uint16(hdr[18])<<8
+		}
+		switch {
+		case mach == 62:
+			return "amd64"
+		case mach == 183:
+			return "arm64"
+		case mach == 3:
+			return "i386"
+		case mach == 243:
+			return "riscv64"
+		case mach == 40:
+			return "armhf"
+		case mach == 21 && le:
+			return "ppc64el"
+		case mach == 22:
+			return "s390x"
+		case mach == 258:
+			return "loong64"
+		}
+	}
+	return ""
+}

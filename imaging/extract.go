@@ -1,0 +1,537 @@
+package imaging
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
+)
+
+// ExtractOptions tune Extract.
+type ExtractOptions struct {
+	// Include, when set, selects the entries to restore by their cleaned
+	// relative path ("boot/vmlinuz-6.1.0-9-amd64"); a directory that is not
+	// included is still created when an included entry lies below it.
+	Include func(name string) bool
+	// NoOwner skips restoring owners (for extraction without root).
+	NoOwner bool
+	// NoXattrs skips restoring extended attributes.
+	NoXattrs bool
+}
+
+// ExtractStats counts what Extract restored.
+type ExtractStats struct {
+	Entries    int64
+	Files      int64
+	Dirs       int64
+	Symlinks   int64
+	Hardlinks  int64
+	Specials   int64
+	Bytes      int64 // file content written (holes not counted)
+	ArchiveLen int64 // uncompressed tar bytes read
+}
+
+// ErrUnsafePath reports an archive entry that would land outside the
+// target root.
+var ErrUnsafePath = errors.New("entry would land outside the target root")
+
+// Extract streams a tar.zst archive from r into root, restoring file types,
+// owners, modes, nanosecond mtimes, xattrs, hardlinks and sparse files. It
+// refuses (with ErrUnsafePath) any entry with an absolute path or "..", any
+// entry whose parent path goes through a symlink (so a symlink planted by the
+// archive cannot be written through) and hardlinks to outside the root.
+func Extract(ctx context.Context, r io.Reader, root string, opts ExtractOptions) (ExtractStats, error) {
+	dec, err := zstd.NewReader(r,
+		zstd.WithDecoderConcurrency(min(4, runtime.GOMAXPROCS(0))),
+		zstd.WithDecoderMaxWindow(1<<30))
+	if err != nil {
+		return ExtractStats{}, fmt.Errorf("extract: zstd decoder: %w", err)
+	}
+	defer dec.Close()
+	return ExtractTar(ctx, dec, root, opts)
+}
+
+// ExtractTar is Extract for an uncompressed tar stream.
+func ExtractTar(ctx context.Context, r io.Reader, root string, opts ExtractOptions) (ExtractStats, error) {
+	rfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return ExtractStats{}, fmt.Errorf("extract: target root %s: %w", root, err)
+	}
+	x := &extractor{
+		ctx:  ctx,
+		root: root,
+		rfd:  rfd,
+		opts: opts,
+		buf:  make([]byte, 1<<20),
+		zero: make([]byte, 64<<10),
+		dirs: map[string]int{},
+		cr:   &countReader{r: r},
+	}
+	defer x.closeDirs()
+	tr := tar.NewReader(x.cr)
+	for {
+		if err := ctx.Err(); err != nil {
+			return x.stats, fmt.Errorf("extract interrupted: %w", err)
+		}
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return x.stats, fmt.Errorf("extract: read archive after %d entries: %w", x.stats.Entries, err)
+		}
+		if err := x.entry(tr, hdr); err != nil {
+			return x.stats, fmt.Errorf("extract %q: %w", hdr.Name, err)
+		}
+	}
+	// Drain the stream so the decoder checks the trailing frame checksum.
+	if _, err := io.Copy(io.Discard, x.cr); err != nil {
+		return x.stats, fmt.Errorf("extract: read archive end: %w", err)
+	}
+	if err := x.finishDirs(); err != nil {
+		return x.stats, err
+	}
+	x.stats.ArchiveLen = x.cr.n
+	return x.stats, nil
+}
+
+type countReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+type dirMeta struct {
+	name string
+	hdr  *tar.Header
+}
+
+type extractor struct {
+	ctx     context.Context
+	root    string
+	rfd     int
+	opts    ExtractOptions
+	buf     []byte
+	zero    []byte         // 64 KiB of zeros, to find holes
+	dirs    map[string]int // open parent directory fds by relative path
+	pending []dirMeta      // directories whose metadata is applied at the end
+	stats   ExtractStats
+	cr      *countReader
+}
+
+func (x *extractor) closeDirs() {
+	for _, fd := range x.dirs {
+		unix.Close(fd)
+	}
+	clear(x.dirs)
+	unix.Close(x.rfd)
+}
+
+// cleanName turns an archive name into a relative slash path, refusing
+// absolute paths and "..".
+func cleanName(name string) (string, error) {
+	if strings.HasPrefix(name, "/") {
+		return "", ErrUnsafePath
+	}
+	for _, c := range strings.Split(name, "/") {
+		if c == ".." {
+			return "", ErrUnsafePath
+		}
+	}
+	if strings.IndexByte(name, 0) >= 0 {
+		return "", fmt.Errorf("name holds a NUL byte")
+	}
+	return path.Clean(name), nil
+}
+
+// parent returns an fd for the directory holding rel, creating missing
+// directories, never following a symlink and never leaving the root.
+func (x *extractor) parent(rel string) (int, string, error) {
+	dir, base := path.Split(rel)
+	dir = strings.TrimSuffix(dir, "/")
+	if dir == "" {
+		return x.rfd, base, nil
+	}
+	if fd, ok := x.dirs[dir]; ok {
+		return fd, base, nil
+	}
+	how := &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	}
+	fd, err := unix.Openat2(x.rfd, dir, how)
+	if errors.Is(err, unix.ENOENT) {
+		// Create missing parents one by one (archives need not list them).
+		pfd, pbase, perr := x.parent(dir)
+		if perr != nil {
+			return -1, "", perr
+		}
+		if err := unix.Mkdirat(pfd, pbase, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
+			return -1, "", fmt.Errorf("create directory %s: %w", dir, err)
+		}
+		fd, err = unix.Openat2(x.rfd, dir, how)
+	}
+	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EXDEV) {
+		return -1, "", fmt.Errorf("parent %s goes through a symlink: %w", dir, ErrUnsafePath)
+	}
+	if errors.Is(err, unix.ENOTDIR) {
+		return -1, "", fmt.Errorf("parent %s is not a directory: %w", dir, ErrUnsafePath)
+	}
+	if err != nil {
+		return -1, "", fmt.Errorf("open parent %s: %w", dir, err)
+	}
+	if len(x.dirs) >= 64 {
+		for k, v := range x.dirs {
+			unix.Close(v)
+			delete(x.dirs, k)
+		}
+	}
+	x.dirs[dir] = fd
+	return fd, base, nil
+}
+
+// forget drops cached directory fds at or below rel, after rel was replaced.
+func (x *extractor) forget(rel string) {
+	for k, fd := range x.dirs {
+		if k == rel || strings.HasPrefix(k, rel+"/") {
+			unix.Close(fd)
+			delete(x.dirs, k)
+		}
+	}
+}
+
+// clear removes whatever is at base unless it is a directory and keepDir.
+func (x *extractor) clear(pfd int, rel, base string, keepDir bool) error {
+	var st unix.Stat_t
+	err := unix.Fstatat(pfd, base, &st, unix.AT_SYMLINK_NOFOLLOW)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("stat existing: %w", err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		if keepDir {
+			return nil
+		}
+		x.forget(rel)
+		if err := os.RemoveAll(path.Join(x.root, rel)); err != nil {
+			return fmt.Errorf("replace existing directory: %w", err)
+		}
+		return nil
+	}
+	if err := unix.Unlinkat(pfd, base, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("replace existing file: %w", err)
+	}
+	return nil
+}
+
+func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
+	x.stats.Entries++
+	rel, err := cleanName(hdr.Name)
+	if err != nil {
+		return err
+	}
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
+		return nil
+	}
+	if rel == "." {
+		if hdr.Typeflag != tar.TypeDir {
+			return fmt.Errorf("the root entry is not a directory")
+		}
+		x.pending = append(x.pending, dirMeta{".", hdr})
+		return nil
+	}
+	if x.opts.Include != nil && !x.opts.Include(rel) {
+		return nil
+	}
+	pfd, base, err := x.parent(rel)
+	if err != nil {
+		return err
+	}
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		if err := x.clear(pfd, rel, base, true); err != nil {
+			return err
+		}
+		if err := unix.Mkdirat(pfd, base, 0o700); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("mkdir: %w", err)
+		}
+		x.stats.Dirs++
+		x.pending = append(x.pending, dirMeta{rel, hdr})
+		return nil
+	case tar.TypeReg, tar.TypeGNUSparse:
+		return x.regular(tr, hdr, pfd, rel, base)
+	case tar.TypeLink:
+		return x.hardlink(hdr, pfd, rel, base)
+	case tar.TypeSymlink:
+		if err := x.clear(pfd, rel, base, false); err != nil {
+			return err
+		}
+		if err := unix.Symlinkat(hdr.Linkname, pfd, base); err != nil {
+			return fmt.Errorf("symlink: %w", err)
+		}
+		x.stats.Symlinks++
+		return x.meta(pfd, rel, base, hdr, true)
+	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	default:
+		return fmt.Errorf("unsupported entry type %q", hdr.Typeflag)
+	}
+	// Devices and FIFOs.
+	if err := x.clear(pfd, rel, base, false); err != nil {
+		return err
+	}
+	mode := uint32(unix.S_IFIFO)
+	switch hdr.Typeflag {
+	case tar.TypeChar:
+		mode = unix.S_IFCHR
+	case tar.TypeBlock:
+		mode = unix.S_IFBLK
+	}
+	dev := unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
+	if err := unix.Mknodat(pfd, base, mode|0o600, int(dev)); err != nil {
+		return fmt.Errorf("mknod: %w", err)
+	}
+	x.stats.Specials++
+	return x.meta(pfd, rel, base, hdr, false)
+}
+
+func (x *extractor) regular(tr *tar.Reader, hdr *tar.Header, pfd int, rel, base string) error {
+	if err := x.clear(pfd, rel, base, false); err != nil {
+		return err
+	}
+	fd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), path.Join(x.root, rel))
+	defer f.Close()
+	_, sparse := hdr.PAXRecords["GNU.sparse.major"]
+	sparse = sparse || hdr.Typeflag == tar.TypeGNUSparse
+	if err := x.writeContent(f, tr, hdr.Size, sparse); err != nil {
+		return err
+	}
+	x.stats.Files++
+	if err := x.fmeta(fd, hdr); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close: %w", err)
+	}
+	return nil
+}
+
+// writeContent copies size bytes from r into f with a large buffer; for
+// sparse entries, runs of zero blocks become holes again.
+func (x *extractor) writeContent(f *os.File, r io.Reader, size int64, sparse bool) error {
+	const zblock = 64 << 10
+	var off int64
+	for off < size {
+		if err := x.ctx.Err(); err != nil {
+			return err
+		}
+		chunk := x.buf
+		if int64(len(chunk)) > size-off {
+			chunk = chunk[:size-off]
+		}
+		n, err := io.ReadFull(r, chunk)
+		if err != nil {
+			return fmt.Errorf("read content at offset %d of %d: %w", off+int64(n), size, err)
+		}
+		if !sparse {
+			if _, err := f.Write(chunk); err != nil {
+				return fmt.Errorf("write: %w", err)
+			}
+		} else {
+			for i := 0; i < n; {
+				j := min(i+zblock, n)
+				if bytes.Equal(chunk[i:j], x.zero[:j-i]) {
+					i = j
+					continue
+				}
+				k := j
+				for k < n && !bytes.Equal(chunk[k:min(k+zblock, n)], x.zero[:min(k+zblock, n)-k]) {
+					k = min(k+zblock, n)
+				}
+				if _, err := f.WriteAt(chunk[i:k], off+int64(i)); err != nil {
+					return fmt.Errorf("write: %w", err)
+				}
+				x.stats.Bytes += int64(k - i)
+				i = k
+			}
+		}
+		if !sparse {
+			x.stats.Bytes += int64(n)
+		}
+		off += int64(n)
+	}
+	if sparse {
+		if err := f.Truncate(size); err != nil {
+			return fmt.Errorf("set size: %w", err)
+		}
+	}
+	return nil
+}
+
+func (x *extractor) hardlink(hdr *tar.Header, pfd int, rel, base string) error {
+	target, err := cleanName(hdr.Linkname)
+	if err != nil || target == "." {
+		return fmt.Errorf("hardlink to %q: %w", hdr.Linkname, ErrUnsafePath)
+	}
+	tfd, tbase, err := x.parent(target)
+	if err != nil {
+		return fmt.Errorf("hardlink to %q: %w", hdr.Linkname, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstatat(tfd, tbase, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("hardlink to %q: target: %w", hdr.Linkname, err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		return fmt.Errorf("hardlink to directory %q refused", hdr.Linkname)
+	}
+	if target == rel {
+		return nil
+	}
+	if err := x.clear(pfd, rel, base, false); err != nil {
+		return err
+	}
+	// Recompute the parent: clear may have dropped cached fds.
+	pfd, base, err = x.parent(rel)
+	if err != nil {
+		return err
+	}
+	tfd, tbase, err = x.parent(target)
+	if err != nil {
+		return err
+	}
+	if err := unix.Linkat(tfd, tbase, pfd, base, 0); err != nil {
+		return fmt.Errorf("hardlink to %q: %w", hdr.Linkname, err)
+	}
+	x.stats.Hardlinks++
+	return nil
+}
+
+// xattrs returns the SCHILY.xattr records of hdr.
+func xattrsOf(hdr *tar.Header) map[string]string {
+	var m map[string]string
+	for k, v := range hdr.PAXRecords {
+		if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
+			if m == nil {
+				m = map[string]string{}
+			}
+			m[name] = v
+		}
+	}
+	return m
+}
+
+// fmeta applies owner, mode, xattrs and times to an open regular file, in
+// the order that keeps each: chown clears setuid and capabilities, so it
+// comes first; times come last.
+func (x *extractor) fmeta(fd int, hdr *tar.Header) error {
+	if !x.opts.NoOwner {
+		if err := unix.Fchown(fd, hdr.Uid, hdr.Gid); err != nil {
+			return fmt.Errorf("chown %d:%d: %w", hdr.Uid, hdr.Gid, err)
+		}
+	}
+	if err := unix.Fchmod(fd, uint32(hdr.Mode&0o7777)); err != nil {
+		return fmt.Errorf("chmod %#o: %w", hdr.Mode&0o7777, err)
+	}
+	if !x.opts.NoXattrs {
+		for name, v := range xattrsOf(hdr) {
+			if err := unix.Fsetxattr(fd, name, []byte(v), 0); err != nil {
+				return fmt.Errorf("set xattr %s: %w", name, err)
+			}
+		}
+	}
+	ts := []unix.Timespec{unix.NsecToTimespec(hdr.ModTime.UnixNano()), unix.NsecToTimespec(hdr.ModTime.UnixNano())}
+	if err := unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH); err != nil {
+		return fmt.Errorf("set mtime: %w", err)
+	}
+	return nil
+}
+
+// meta applies metadata by name for entries that cannot be opened for
+// writing (symlinks, devices, FIFOs, directories).
+func (x *extractor) meta(pfd int, rel, base string, hdr *tar.Header, symlink bool) error {
+	if !x.opts.NoOwner {
+		if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return fmt.Errorf("chown %d:%d: %w", hdr.Uid, hdr.Gid, err)
+		}
+	}
+	if !symlink {
+		if err := unix.Fchmodat(pfd, base, uint32(hdr.Mode&0o7777), 0); err != nil {
+			return fmt.Errorf("chmod %#o: %w", hdr.Mode&0o7777, err)
+		}
+	}
+	if xa := xattrsOf(hdr); len(xa) > 0 && !x.opts.NoXattrs {
+		// The parent path was checked to hold no symlink, so the full path
+		// names the entry just created.
+		full := path.Join(x.root, rel)
+		for name, v := range xa {
+			if err := unix.Lsetxattr(full, name, []byte(v), 0); err != nil {
+				return fmt.Errorf("set xattr %s: %w", name, err)
+			}
+		}
+	}
+	mt := hdr.ModTime
+	if mt.IsZero() {
+		mt = time.Unix(0, 0)
+	}
+	ts := []unix.Timespec{unix.NsecToTimespec(mt.UnixNano()), unix.NsecToTimespec(mt.UnixNano())}
+	if err := unix.UtimesNanoAt(pfd, base, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("set mtime: %w", err)
+	}
+	return nil
+}
+
+// finishDirs applies directory metadata deepest first, after every child
+// exists, so restrictive modes and mtimes survive.
+func (x *extractor) finishDirs() error {
+	for i := len(x.pending) - 1; i >= 0; i-- {
+		d := x.pending[i]
+		if d.name == "." {
+			if err := x.dirMeta(x.rfd, ".", "", d.hdr); err != nil {
+				return fmt.Errorf("extract root directory: %w", err)
+			}
+			continue
+		}
+		pfd, base, err := x.parent(d.name)
+		if err != nil {
+			return fmt.Errorf("extract %q: %w", d.hdr.Name, err)
+		}
+		if err := x.dirMeta(pfd, d.name, base, d.hdr); err != nil {
+			return fmt.Errorf("extract %q: %w", d.hdr.Name, err)
+		}
+	}
+	return nil
+}
+
+func (x *extractor) dirMeta(pfd int, rel, base string, hdr *tar.Header) error {
+	how := &unix.OpenHow{Flags: unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NOFOLLOW | unix.O_CLOEXEC}
+	name := base
+	if rel == "." {
+		name = "."
+	}
+	fd, err := unix.Openat2(pfd, name, how)
+	if err != nil {
+		return fmt.Errorf("open directory: %w", err)
+	}
+	defer unix.Close(fd)
+	return x.fmeta(fd, hdr)
+}
