@@ -30,10 +30,10 @@ type Firmware int
 
 // Firmware kinds.
 const (
-	FirmwareUnknown Firmware = iota
-	FirmwareBIOS             // legacy PXE ROM (arch 0)
-	FirmwareUEFI             // UEFI PXE (arch 7, 9, 11)
-	FirmwareUEFIHTTP         // UEFI HTTP boot (arch 16, 19)
+	FirmwareUnknown  Firmware = iota
+	FirmwareBIOS              // legacy PXE ROM (arch 0)
+	FirmwareUEFI              // UEFI PXE (arch 7, 9, 11)
+	FirmwareUEFIHTTP          // UEFI HTTP boot (arch 16, 19)
 )
 
 // String returns the firmware's short name.

@@ -133,8 +133,8 @@ type Stats struct {
 
 type counters struct {
 	received, malformed, discovers, requests, releases, declines, informs atomic.Int64
-	offers, acks, naks, ignored, unknownArch, exhausted, limited         atomic.Int64
-	policyErrors, sendErrors                                             atomic.Int64
+	offers, acks, naks, ignored, unknownArch, exhausted, limited          atomic.Int64
+	policyErrors, sendErrors                                              atomic.Int64
 }
 
 // Lease is one address handed out, as kept in the lease file.
