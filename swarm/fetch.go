@@ -1,0 +1,386 @@
+package swarm
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/anacrolix/torrent"
+	"github.com/anacrolix/torrent/metainfo"
+
+	"github.com/esir-project/esir/swarm/havewire"
+)
+
+// FetchConfig says what to fetch and how to report.
+type FetchConfig struct {
+	// Server is the ESIR server's base URL (http://host:port).
+	Server string
+	// Image is NAME[:VERSION]; the newest version when omitted.
+	Image string
+	// Out is the file the archive is written to.
+	Out string
+	// Rack labels this node for the tracker's peer selection.
+	Rack string
+	// WebSeedAfter falls back to the server's HTTP web seed when no byte
+	// arrived for this long (10 s when zero; negative: never).
+	WebSeedAfter time.Duration
+	// Progress, when set, receives a report every Every (1 s when zero) and
+	// on every notable event.
+	Progress func(Progress)
+	Every    time.Duration
+	// HTTP is the client for the server's API (http.DefaultClient when nil).
+	HTTP *http.Client
+}
+
+// Progress is one progress report.
+type Progress struct {
+	Image string `json:"image"`
+	// Phase is fetching, verifying, seeding, done or failed.
+	Phase       string        `json:"phase"`
+	Bytes       int64         `json:"bytes"`
+	Total       int64         `json:"total"`
+	Rate        float64       `json:"rate"` // bytes per second over the last interval
+	Peers       int           `json:"peers"`
+	Pieces      int           `json:"pieces"`
+	PiecesTotal int           `json:"pieces_total"`
+	ETA         time.Duration `json:"eta_ns"`
+	Uploaded    int64         `json:"uploaded"`
+	// Have counts this node's HAVE messages on the wire.
+	Have        havewire.Counters `json:"have"`
+	HavePeakSec int64             `json:"have_peak_per_second"`
+	// Event says what happened (a peer banned, the web seed fallback, an error).
+	Event string `json:"event,omitempty"`
+	Err   string `json:"error,omitempty"`
+}
+
+// Result is a finished download.
+type Result struct {
+	Image    Image             `json:"image"`
+	Path     string            `json:"path"`
+	Duration time.Duration     `json:"duration_ns"`
+	From     map[string]int64  `json:"bytes_from"` // useful bytes by remote IP (web seed: "webseed")
+	Have     havewire.Snapshot `json:"have"`
+	Banned   []string          `json:"banned_peers,omitempty"`
+}
+
+// Download is a running fetch; it seeds until closed.
+type Download struct {
+	n     *Node
+	cfg   FetchConfig
+	img   Image
+	t     *torrent.Torrent
+	st    *fileStorage
+	start time.Time
+
+	cancel context.CancelFunc
+	done   chan struct{} // closed when finished (complete and verified, or failed)
+	mu     sync.Mutex
+	err    error
+	took   time.Duration
+	last   Progress
+	phase  string
+}
+
+// Fetch resolves cfg.Image at the server, reserves cfg.Out and starts the
+// download. It returns once the transfer runs; use Wait for the result,
+// Reader to stream the archive in order while it arrives, and Seed/Close to
+// keep seeding and stop.
+func (n *Node) Fetch(ctx context.Context, cfg FetchConfig) (*Download, error) {
+	if cfg.HTTP == nil {
+		cfg.HTTP = http.DefaultClient
+	}
+	if cfg.Every <= 0 {
+		cfg.Every = time.Second
+	}
+	if cfg.WebSeedAfter == 0 {
+		cfg.WebSeedAfter = 10 * time.Second
+	}
+	base := strings.TrimSuffix(cfg.Server, "/")
+	var img Image
+	if err := getJSON(ctx, cfg.HTTP, base+"/swarm/images/"+url.PathEscape(cfg.Image), &img); err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", cfg.Image, err)
+	}
+	tu := base + "/swarm/images/" + url.PathEscape(img.Ref()) + "/torrent"
+	if cfg.Rack != "" {
+		tu += "?rack=" + url.QueryEscape(cfg.Rack)
+	}
+	body, err := get(ctx, cfg.HTTP, tu)
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", img.Ref(), err)
+	}
+	mi, err := metainfo.Load(bytes.NewReader(body))
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: metainfo from %s: %w", img.Ref(), tu, err)
+	}
+	if got := mi.HashInfoBytes().HexString(); got != img.InfoHash {
+		return nil, fmt.Errorf("fetch %s: metainfo from %s has info hash %s, the image says %s", img.Ref(), tu, got, img.InfoHash)
+	}
+	img.MetaInfo = mi
+	img.Path = cfg.Out
+	st, err := createFetchStorage(cfg.Out, img.Size)
+	if err != nil {
+		err = fmt.Errorf("fetch %s on this node: %w", img.Ref(), err)
+		n.log.Error("swarm: fetch failed", "image", img.Ref(), "err", err)
+		if cfg.Progress != nil {
+			cfg.Progress(Progress{Image: img.Ref(), Phase: "failed", Total: img.Size, Event: "cannot store the image", Err: err.Error()})
+		}
+		return nil, err
+	}
+	t, err := n.addTorrent(mi, st, [][]string{{mi.Announce}})
+	if err != nil {
+		st.Close()
+		return nil, fmt.Errorf("fetch %s: %w", img.Ref(), err)
+	}
+	t.DownloadAll()
+	dctx, cancel := context.WithCancel(context.Background())
+	d := &Download{n: n, cfg: cfg, img: img, t: t, st: st, start: time.Now(), cancel: cancel,
+		done: make(chan struct{}), phase: "fetching"}
+	n.log.Info("swarm: fetching image", "image", img.Ref(), "size", img.Size, "info_hash", img.InfoHash, "out", cfg.Out,
+		"have_mode", n.wire.Mode().String())
+	go d.run(dctx)
+	return d, nil
+}
+
+// run watches the transfer until it completes, fails or is closed.
+func (d *Download) run(ctx context.Context) {
+	tick := time.NewTicker(d.cfg.Every)
+	defer tick.Stop()
+	var (
+		lastBytes    int64
+		lastAt       = time.Now()
+		lastProgress = time.Now()
+		webSeed      bool
+		banned       = map[string]bool{}
+		complete     = d.t.Complete().On()
+		finished     bool
+	)
+	for {
+		select {
+		case <-ctx.Done():
+			if !finished {
+				d.finish(fmt.Errorf("fetch %s: stopped before completion: %w", d.img.Ref(), ctx.Err()))
+			}
+			return
+		case <-complete:
+			complete = nil
+			d.setPhase("verifying")
+			d.report("", "")
+			if err := d.verify(); err != nil {
+				d.finish(err)
+				d.report("verification failed", err.Error())
+				return
+			}
+			finished = true
+			d.finish(nil)
+			d.setPhase("seeding")
+			d.n.log.Info("swarm: image complete and verified", "image", d.img.Ref(), "took", d.took.Round(time.Millisecond),
+				"from", d.n.ReceivedBy())
+			d.report("complete and verified", "")
+		case <-tick.C:
+		}
+		if err := d.st.Err(); err != nil && !finished {
+			err = fmt.Errorf("fetch %s on this node: %w", d.img.Ref(), err)
+			d.n.log.Error("swarm: fetch failed", "image", d.img.Ref(), "err", err)
+			d.n.dropTorrent(d.t.InfoHash())
+			d.finish(err)
+			d.report("cannot store the image", err.Error())
+			return
+		}
+		var events []string
+		for _, ip := range d.n.BannedPeers() {
+			if !banned[ip] {
+				banned[ip] = true
+				d.n.log.Warn("swarm: peer banned: it served pieces that failed the hash check; refetching them from others",
+					"image", d.img.Ref(), "peer", ip)
+				events = append(events, "peer "+ip+" banned for corrupt pieces")
+			}
+		}
+		b := d.t.BytesCompleted()
+		now := time.Now()
+		if b != lastBytes {
+			lastProgress = now
+		}
+		if !finished && !webSeed && d.cfg.WebSeedAfter > 0 && now.Sub(lastProgress) > d.cfg.WebSeedAfter && len(d.img.MetaInfo.UrlList) > 0 {
+			webSeed = true
+			d.n.log.Warn("swarm: no data from peers, falling back to the server's web seed", "image", d.img.Ref(),
+				"idle", now.Sub(lastProgress).Round(time.Second), "url", d.img.MetaInfo.UrlList[0])
+			d.t.AddWebSeeds(d.img.MetaInfo.UrlList)
+			events = append(events, "web seed fallback")
+		}
+		rate := float64(b-lastBytes) / now.Sub(lastAt).Seconds()
+		lastBytes, lastAt = b, now
+		d.reportRate(strings.Join(events, "; "), "", rate)
+	}
+}
+
+func (d *Download) setPhase(p string) {
+	d.mu.Lock()
+	d.phase = p
+	d.mu.Unlock()
+}
+
+func (d *Download) finish(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	d.err = err
+	d.took = time.Since(d.start)
+	if err != nil {
+		d.phase = "failed"
+	}
+	close(d.done)
+}
+
+func (d *Download) report(event, errText string) { d.reportRate(event, errText, -1) }
+
+func (d *Download) reportRate(event, errText string, rate float64) {
+	p := d.Progress()
+	if rate >= 0 {
+		p.Rate = rate
+		if rate > 0 {
+			p.ETA = time.Duration(float64(p.Total-p.Bytes) / rate * float64(time.Second))
+		}
+	} else {
+		d.mu.Lock()
+		p.Rate = d.last.Rate
+		d.mu.Unlock()
+	}
+	p.Event, p.Err = event, errText
+	d.mu.Lock()
+	d.last = p
+	d.mu.Unlock()
+	if d.cfg.Progress != nil {
+		d.cfg.Progress(p)
+	}
+}
+
+// Progress returns the download's state now.
+func (d *Download) Progress() Progress {
+	ts := d.t.Stats()
+	snap := d.n.wire.Snapshot()
+	d.mu.Lock()
+	phase := d.phase
+	d.mu.Unlock()
+	return Progress{Image: d.img.Ref(), Phase: phase, Bytes: d.t.BytesCompleted(), Total: d.img.Size,
+		Peers: ts.ActivePeers, Pieces: ts.PiecesComplete, PiecesTotal: d.t.NumPieces(),
+		Uploaded: ts.BytesWrittenData.Int64(), Have: snap.Total, HavePeakSec: snap.PeakPerSecond}
+}
+
+// verify checks the finished file's SHA-256 against the image's digest.
+func (d *Download) verify() error {
+	if d.img.SHA256 == "" {
+		return nil
+	}
+	f, err := os.Open(d.cfg.Out)
+	if err != nil {
+		return fmt.Errorf("fetch %s: verifying: %w", d.img.Ref(), err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return fmt.Errorf("fetch %s: verifying %s: %w", d.img.Ref(), d.cfg.Out, err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != d.img.SHA256 {
+		return fmt.Errorf("fetch %s: %s has sha256 %s, the image's manifest says %s", d.img.Ref(), d.cfg.Out, got, d.img.SHA256)
+	}
+	return nil
+}
+
+// Wait blocks until the image is complete and verified (or failed) and
+// returns the result. The download keeps seeding.
+func (d *Download) Wait(ctx context.Context) (Result, error) {
+	select {
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	case <-d.done:
+	}
+	d.mu.Lock()
+	err, took := d.err, d.took
+	d.mu.Unlock()
+	res := Result{Image: d.img, Path: d.cfg.Out, Duration: took, From: d.n.ReceivedBy(), Have: d.n.wire.Snapshot(),
+		Banned: d.n.BannedPeers()}
+	slices.Sort(res.Banned)
+	return res, err
+}
+
+// Reader returns an in-order reader of the archive that blocks until the
+// next bytes have arrived and been verified, prioritising the pieces just
+// ahead of it. The swarm keeps downloading every piece meanwhile.
+func (d *Download) Reader(ctx context.Context) io.ReadCloser {
+	r := d.t.NewReader()
+	r.SetContext(ctx)
+	r.SetReadahead(32 << 20)
+	return r
+}
+
+// Seed keeps seeding until ctx ends or for at most dur (forever when dur is
+// 0), then stops the download. It reports "done" when it stops.
+func (d *Download) Seed(ctx context.Context, dur time.Duration) {
+	var timeout <-chan time.Time
+	if dur > 0 {
+		tm := time.NewTimer(dur)
+		defer tm.Stop()
+		timeout = tm.C
+	}
+	select {
+	case <-ctx.Done():
+	case <-timeout:
+	}
+	d.Close()
+}
+
+// Close stops downloading and seeding and closes the output file.
+func (d *Download) Close() error {
+	d.cancel()
+	d.n.dropTorrent(d.t.InfoHash())
+	<-d.done
+	d.setPhase("done")
+	d.report("stopped seeding", "")
+	return d.st.Close()
+}
+
+func get(ctx context.Context, c *http.Client, u string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", u, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s: %s", u, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return body, nil
+}
+
+func getJSON(ctx context.Context, c *http.Client, u string, v any) error {
+	body, err := get(ctx, c, u)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("GET %s: %w", u, err)
+	}
+	return nil
+}

@@ -1,0 +1,821 @@
+// Package havewire implements ESIR's adaptive HAVE suppression at the seam
+// between the BitTorrent library and the network: a net.Listener and dialer
+// whose connections parse the plaintext BitTorrent message stream in both
+// directions. Inbound, a connection learns which pieces the remote has
+// (BITFIELD, HAVE, HAVE ALL, HAVE NONE) and whether it speaks ESIR's extension;
+// outbound, it drops HAVE frames for pieces the remote already has, and towards
+// ESIR peers it holds HAVEs for a short window that adapts to the local piece
+// completion rate and sends the held set as one BITFIELD update. Standard
+// BitTorrent clients only ever receive standard, non-redundant HAVEs.
+//
+// Every HAVE is counted on the wire, per connection and per second.
+package havewire
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+	"sync"
+	"time"
+)
+
+// ExtensionName is the LTEP extension name ESIR peers advertise in their
+// extended handshake. A peer that advertises it accepts BITFIELD messages
+// after the first message and applies them as a diff (as anacrolix/torrent
+// does), so held HAVEs may travel to it as one BITFIELD update.
+const ExtensionName = "esir_have_v1"
+
+// Mode selects how much HAVE suppression a node applies.
+type Mode int
+
+const (
+	// Adaptive drops redundant HAVEs and, towards ESIR peers, coalesces HAVEs
+	// of quickly completing pieces for a window no longer than the hard cap.
+	Adaptive Mode = iota
+	// Redundant only drops HAVEs for pieces the remote already has.
+	Redundant
+	// Off forwards every HAVE the library emits.
+	Off
+)
+
+// String returns the mode's flag spelling.
+func (m Mode) String() string {
+	switch m {
+	case Off:
+		return "off"
+	case Redundant:
+		return "redundant"
+	default:
+		return "adaptive"
+	}
+}
+
+// ParseMode parses "off", "redundant" or "adaptive".
+func ParseMode(s string) (Mode, error) {
+	switch s {
+	case "off":
+		return Off, nil
+	case "redundant":
+		return Redundant, nil
+	case "adaptive", "":
+		return Adaptive, nil
+	}
+	return Adaptive, fmt.Errorf("HAVE suppression mode %q: want off, redundant or adaptive", s)
+}
+
+// DefaultMaxHold is the hard cap on how long a HAVE is ever held.
+const DefaultMaxHold = 50 * time.Millisecond
+
+// Config tunes a Wire.
+type Config struct {
+	Mode Mode
+	// MaxHold caps how long any HAVE is held (DefaultMaxHold when zero).
+	MaxHold time.Duration
+	// MinHold is the shortest window worth holding for (MaxHold/10 when zero).
+	MinHold time.Duration
+	// Pieces returns the number of pieces of the torrent with the given info
+	// hash, or 0 when unknown; it lets a connection size BITFIELD updates.
+	Pieces func(infoHash [20]byte) int
+}
+
+// Counters are HAVE counts as seen on the wire.
+type Counters struct {
+	// Emitted counts HAVE frames the library wrote.
+	Emitted int64 `json:"emitted"`
+	// Sent counts HAVE frames that went on the wire unchanged.
+	Sent int64 `json:"sent"`
+	// Redundant counts HAVEs dropped because the remote had the piece.
+	Redundant int64 `json:"suppressed_redundant"`
+	// Coalesced counts HAVEs folded into BITFIELD updates.
+	Coalesced int64 `json:"coalesced"`
+	// Updates counts BITFIELD update messages sent in place of held HAVEs.
+	Updates int64 `json:"bitfield_updates"`
+}
+
+// Messages returns the HAVE-carrying messages put on the wire: plain HAVEs
+// plus BITFIELD updates.
+func (c Counters) Messages() int64 { return c.Sent + c.Updates }
+
+func (c *Counters) add(o Counters) {
+	c.Emitted += o.Emitted
+	c.Sent += o.Sent
+	c.Redundant += o.Redundant
+	c.Coalesced += o.Coalesced
+	c.Updates += o.Updates
+}
+
+// PeerCounters are one connection's counters.
+type PeerCounters struct {
+	Remote   string   `json:"remote"`
+	ESIR     bool     `json:"esir"`
+	Counters Counters `json:"counters"`
+}
+
+// Snapshot is a Wire's counters at one moment.
+type Snapshot struct {
+	Mode  string   `json:"mode"`
+	Total Counters `json:"total"`
+	// PerSecond holds HAVE-carrying messages sent in each second since the
+	// Wire started.
+	PerSecond []int64 `json:"per_second"`
+	// PeakPerSecond is the largest entry of PerSecond.
+	PeakPerSecond int64 `json:"peak_per_second"`
+	// HoldP50 and HoldP99 are quantiles of the time between the library
+	// emitting a non-redundant HAVE and it leaving on the wire.
+	HoldP50 time.Duration `json:"hold_p50_ns"`
+	HoldP99 time.Duration `json:"hold_p99_ns"`
+	HoldMax time.Duration `json:"hold_max_ns"`
+	// Window is the current adaptive hold window (0: send at once).
+	Window time.Duration  `json:"window_ns"`
+	Peers  []PeerCounters `json:"peers"`
+}
+
+// holdBuckets has one bucket per 100 µs up to 200 ms.
+const (
+	holdBucket  = 100 * time.Microsecond
+	holdBuckets = 2001
+)
+
+// Wire holds the state shared by one node's connections: the mode, the
+// measured piece completion rate and the counters.
+type Wire struct {
+	cfg   Config
+	start time.Time
+
+	mu        sync.Mutex
+	completed map[pieceKey]struct{}
+	last      time.Time
+	interval  time.Duration // EWMA of the interval between piece completions
+	closed    Counters      // counters of connections already closed
+	conns     map[*Conn]struct{}
+	perSecond []int64
+	hold      [holdBuckets]int64
+	holdMax   time.Duration
+}
+
+type pieceKey struct {
+	ih    [20]byte
+	piece uint32
+}
+
+// New returns a Wire for one node.
+func New(cfg Config) *Wire {
+	if cfg.MaxHold <= 0 {
+		cfg.MaxHold = DefaultMaxHold
+	}
+	if cfg.MinHold <= 0 {
+		cfg.MinHold = cfg.MaxHold / 10
+	}
+	return &Wire{cfg: cfg, start: time.Now(), completed: map[pieceKey]struct{}{}, conns: map[*Conn]struct{}{}}
+}
+
+// Mode returns the Wire's mode.
+func (w *Wire) Mode() Mode { return w.cfg.Mode }
+
+// pieceEmitted records that the library announced piece completion and
+// returns the hold window to use now (0: send at once).
+func (w *Wire) pieceEmitted(now time.Time, ih [20]byte, piece uint32) time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	k := pieceKey{ih, piece}
+	if _, seen := w.completed[k]; !seen {
+		w.completed[k] = struct{}{}
+		if !w.last.IsZero() {
+			d := now.Sub(w.last)
+			if w.interval == 0 {
+				w.interval = d
+			} else {
+				w.interval = (7*w.interval + d) / 8
+			}
+		}
+		w.last = now
+	}
+	return w.windowLocked(now)
+}
+
+// windowLocked is the adaptive rule: when pieces complete faster than the
+// cap, hold long enough to gather about four of them (never less than MinHold
+// nor more than MaxHold); when they complete slowly, or the last completion
+// is long past, send at once.
+func (w *Wire) windowLocked(now time.Time) time.Duration {
+	if w.cfg.Mode != Adaptive || w.interval == 0 || w.interval >= w.cfg.MaxHold {
+		return 0
+	}
+	if now.Sub(w.last) > w.cfg.MaxHold {
+		return 0
+	}
+	win := 4 * w.interval
+	win = max(win, w.cfg.MinHold)
+	return min(win, w.cfg.MaxHold)
+}
+
+func (w *Wire) wireSent(now time.Time, msgs int64, holds []time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	sec := int(now.Sub(w.start) / time.Second)
+	for len(w.perSecond) <= sec {
+		w.perSecond = append(w.perSecond, 0)
+	}
+	w.perSecond[sec] += msgs
+	for _, h := range holds {
+		b := int(h / holdBucket)
+		if b >= holdBuckets {
+			b = holdBuckets - 1
+		}
+		w.hold[b]++
+		w.holdMax = max(w.holdMax, h)
+	}
+}
+
+func (w *Wire) register(c *Conn) {
+	w.mu.Lock()
+	w.conns[c] = struct{}{}
+	w.mu.Unlock()
+}
+
+func (w *Wire) unregister(c *Conn) {
+	cs := c.counters()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if _, ok := w.conns[c]; ok {
+		delete(w.conns, c)
+		w.closed.add(cs.Counters)
+	}
+}
+
+// Snapshot returns the current counters.
+func (w *Wire) Snapshot() Snapshot {
+	w.mu.Lock()
+	conns := make([]*Conn, 0, len(w.conns))
+	for c := range w.conns {
+		conns = append(conns, c)
+	}
+	s := Snapshot{Mode: w.cfg.Mode.String(), Total: w.closed, PerSecond: append([]int64(nil), w.perSecond...),
+		Window: w.windowLocked(time.Now()), HoldMax: w.holdMax}
+	hold := w.hold
+	w.mu.Unlock()
+	for _, c := range conns {
+		pc := c.counters()
+		s.Total.add(pc.Counters)
+		s.Peers = append(s.Peers, pc)
+	}
+	sort.Slice(s.Peers, func(i, j int) bool { return s.Peers[i].Remote < s.Peers[j].Remote })
+	for _, v := range s.PerSecond {
+		s.PeakPerSecond = max(s.PeakPerSecond, v)
+	}
+	s.HoldP50, s.HoldP99 = quantile(hold[:], 0.50), quantile(hold[:], 0.99)
+	return s
+}
+
+func quantile(h []int64, q float64) time.Duration {
+	var n int64
+	for _, v := range h {
+		n += v
+	}
+	if n == 0 {
+		return 0
+	}
+	want := int64(q*float64(n-1)) + 1
+	var acc int64
+	for i, v := range h {
+		acc += v
+		if acc >= want {
+			return time.Duration(i) * holdBucket
+		}
+	}
+	return time.Duration(len(h)-1) * holdBucket
+}
+
+// Listener wraps l so that accepted connections pass through w.
+func (w *Wire) Listener(l net.Listener) net.Listener { return &listener{Listener: l, w: w} }
+
+type listener struct {
+	net.Listener
+	w *Wire
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return l.w.Wrap(c), nil
+}
+
+// Dialer dials TCP connections that pass through w; it satisfies the
+// anacrolix/torrent Dialer interface.
+type Dialer struct {
+	W      *Wire
+	Dialer net.Dialer
+}
+
+// Dial connects to addr over TCP.
+func (d *Dialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	c, err := d.Dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return d.W.Wrap(c), nil
+}
+
+// DialerNetwork returns "tcp".
+func (d *Dialer) DialerNetwork() string { return "tcp" }
+
+// BitTorrent message ids the wire looks at.
+const (
+	msgHave     = 4
+	msgBitfield = 5
+	msgHaveAll  = 14
+	msgHaveNone = 15
+	msgExtended = 20
+
+	handshakeLen = 68
+	// maxParsedPayload bounds the payloads a connection buffers (BITFIELD,
+	// extended handshake); larger ones pass through unparsed.
+	maxParsedPayload = 1 << 20
+)
+
+// Wrap returns c with HAVE parsing and suppression.
+func (w *Wire) Wrap(c net.Conn) *Conn {
+	x := &Conn{Conn: c, w: w}
+	x.remote = c.RemoteAddr().String()
+	w.register(x)
+	return x
+}
+
+// Conn is a net.Conn that parses the BitTorrent stream in both directions.
+type Conn struct {
+	net.Conn
+	w      *Wire
+	remote string
+
+	rd parser // inbound parser, touched only by Read
+
+	wmu   sync.Mutex // serialises writes to Conn and guards the fields below
+	wr    parser     // outbound parser
+	held  []heldHave
+	timer *time.Timer
+	wErr  error
+
+	mu         sync.Mutex // guards the remote's and our piece knowledge
+	infoHash   [20]byte
+	haveIH     bool
+	remoteHas  bitset
+	remoteAll  bool
+	esir       bool
+	local      bitset // pieces we announced or hold
+	localAll   bool
+	counts     Counters
+	closeOnce  sync.Once
+	unparsable bool
+}
+
+type heldHave struct {
+	piece uint32
+	at    time.Time
+}
+
+// Read reads from the connection and learns from what the remote sends.
+func (c *Conn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.rd.feed(p[:n], c.inbound)
+	}
+	return n, err
+}
+
+// inbound handles one parsed inbound event.
+func (c *Conn) inbound(ev event) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch ev.kind {
+	case evHandshake:
+		if !c.haveIH {
+			c.infoHash, c.haveIH = ev.infoHash, true
+		}
+	case evBad:
+		c.unparsable = true
+	case evMessage:
+		switch ev.id {
+		case msgHave:
+			c.remoteHas.set(ev.index)
+		case msgBitfield:
+			c.remoteHas.setBytes(ev.payload)
+		case msgHaveAll:
+			c.remoteAll = true
+		case msgHaveNone:
+			c.remoteHas = bitset{}
+			c.remoteAll = false
+		case msgExtended:
+			if len(ev.payload) > 0 && ev.payload[0] == 0 && advertises(ev.payload[1:], ExtensionName) {
+				c.esir = true
+			}
+		}
+	}
+}
+
+// advertises reports whether a bencoded extended handshake's "m" dictionary
+// names ext. The check is on the raw bytes: the name as a bencoded string
+// followed by an integer, inside the payload.
+func advertises(payload []byte, ext string) bool {
+	key := fmt.Appendf(nil, "%d:%si", len(ext), ext)
+	return bytes.Contains(payload, key) && bytes.Contains(payload, []byte("1:md"))
+}
+
+// Write parses what the library writes, dropping or holding HAVE frames.
+func (c *Conn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.wErr != nil {
+		return 0, c.wErr
+	}
+	var out [][]byte
+	c.wr.split(p, func(seg []byte, ev *event) {
+		if ev == nil {
+			out = append(out, seg)
+			return
+		}
+		if c.outbound(*ev) {
+			out = append(out, seg)
+		}
+	})
+	for _, seg := range out {
+		if _, err := c.Conn.Write(seg); err != nil {
+			c.wErr = err
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+// outbound handles one outbound frame and reports whether to forward it.
+// The caller holds wmu.
+func (c *Conn) outbound(ev event) bool {
+	switch ev.kind {
+	case evHandshake:
+		c.mu.Lock()
+		if !c.haveIH {
+			c.infoHash, c.haveIH = ev.infoHash, true
+		}
+		c.mu.Unlock()
+		return true
+	case evBad:
+		c.mu.Lock()
+		c.unparsable = true
+		c.mu.Unlock()
+		return true
+	}
+	switch ev.id {
+	case msgBitfield:
+		c.mu.Lock()
+		c.local.setBytes(ev.payload)
+		c.mu.Unlock()
+		return true
+	case msgHaveAll:
+		c.mu.Lock()
+		c.localAll = true
+		c.mu.Unlock()
+		return true
+	case msgHave:
+	default:
+		return true
+	}
+	now := time.Now()
+	c.mu.Lock()
+	c.counts.Emitted++
+	ih := c.infoHash
+	redundant := c.remoteAll || c.remoteHas.has(ev.index)
+	esir, unparsable := c.esir, c.unparsable
+	c.mu.Unlock()
+	win := c.w.pieceEmitted(now, ih, ev.index)
+	mode := c.w.cfg.Mode
+	if mode != Off && redundant && !unparsable {
+		c.mu.Lock()
+		c.counts.Redundant++
+		c.local.set(ev.index)
+		c.mu.Unlock()
+		return false
+	}
+	if mode != Adaptive || !esir || unparsable || win == 0 || c.w.cfg.Pieces == nil || c.w.cfg.Pieces(ih) == 0 {
+		c.mu.Lock()
+		c.counts.Sent++
+		c.local.set(ev.index)
+		c.mu.Unlock()
+		c.w.wireSent(now, 1, []time.Duration{0})
+		return true
+	}
+	c.held = append(c.held, heldHave{ev.index, now})
+	if len(c.held) == 1 {
+		c.timer = time.AfterFunc(win, c.flushTimer)
+	}
+	return false
+}
+
+func (c *Conn) flushTimer() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.wErr != nil {
+		return
+	}
+	if !c.wr.atBoundary() {
+		// The library wrote part of a frame; anacrolix writes whole frames,
+		// so this only happens mid-Write, which cannot hold wmu. Retry soon.
+		c.timer = time.AfterFunc(time.Millisecond, c.flushTimer)
+		return
+	}
+	if err := c.flushLocked(); err != nil {
+		c.wErr = err
+	}
+}
+
+// flushLocked sends the held HAVEs: one HAVE when one is held, else one
+// BITFIELD with every piece announced or held. The caller holds wmu.
+func (c *Conn) flushLocked() error {
+	if len(c.held) == 0 {
+		return nil
+	}
+	now := time.Now()
+	holds := make([]time.Duration, 0, len(c.held))
+	c.mu.Lock()
+	var msg []byte
+	var fresh []heldHave
+	for _, h := range c.held {
+		if c.remoteAll || c.remoteHas.has(h.piece) {
+			// The remote got it meanwhile: still redundant.
+			c.counts.Redundant++
+			c.local.set(h.piece)
+			continue
+		}
+		fresh = append(fresh, h)
+	}
+	switch len(fresh) {
+	case 0:
+	case 1:
+		msg = binary.BigEndian.AppendUint32(nil, 5)
+		msg = append(msg, msgHave)
+		msg = binary.BigEndian.AppendUint32(msg, fresh[0].piece)
+		c.counts.Sent++
+		c.local.set(fresh[0].piece)
+	default:
+		for _, h := range fresh {
+			c.local.set(h.piece)
+		}
+		n := c.w.cfg.Pieces(c.infoHash)
+		bf := c.local.bytes(n)
+		if c.localAll {
+			bf = allBits(n)
+		}
+		msg = binary.BigEndian.AppendUint32(nil, uint32(1+len(bf)))
+		msg = append(msg, msgBitfield)
+		msg = append(msg, bf...)
+		c.counts.Coalesced += int64(len(fresh))
+		c.counts.Updates++
+	}
+	c.mu.Unlock()
+	c.held = c.held[:0]
+	if msg == nil {
+		return nil
+	}
+	for _, h := range fresh {
+		holds = append(holds, now.Sub(h.at))
+	}
+	c.w.wireSent(now, 1, holds)
+	_, err := c.Conn.Write(msg)
+	return err
+}
+
+// Close flushes held HAVEs and closes the connection.
+func (c *Conn) Close() error {
+	c.wmu.Lock()
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.held = nil
+	c.wErr = errors.Join(c.wErr, net.ErrClosed)
+	c.wmu.Unlock()
+	c.closeOnce.Do(func() { c.w.unregister(c) })
+	return c.Conn.Close()
+}
+
+// ESIR reports whether the remote advertised ESIR's extension.
+func (c *Conn) ESIR() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.esir
+}
+
+func (c *Conn) counters() PeerCounters {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return PeerCounters{Remote: c.remote, ESIR: c.esir, Counters: c.counts}
+}
+
+func allBits(n int) []byte {
+	var b bitset
+	for i := 0; i < n; i++ {
+		b.set(uint32(i))
+	}
+	return b.bytes(n)
+}
+
+// bitset is a growable set of piece indexes in BitTorrent bit order.
+type bitset struct{ b []byte }
+
+func (s *bitset) set(i uint32) {
+	for int(i/8) >= len(s.b) {
+		s.b = append(s.b, 0)
+	}
+	s.b[i/8] |= 0x80 >> (i % 8)
+}
+
+func (s *bitset) has(i uint32) bool {
+	return int(i/8) < len(s.b) && s.b[i/8]&(0x80>>(i%8)) != 0
+}
+
+// setBytes ORs a BITFIELD payload into s.
+func (s *bitset) setBytes(p []byte) {
+	for len(s.b) < len(p) {
+		s.b = append(s.b, 0)
+	}
+	for i, v := range p {
+		s.b[i] |= v
+	}
+}
+
+// bytes returns the BITFIELD payload for n pieces.
+func (s *bitset) bytes(n int) []byte {
+	out := make([]byte, (n+7)/8)
+	copy(out, s.b)
+	if n%8 != 0 && len(out) > 0 {
+		out[len(out)-1] &= byte(0xff << (8 - n%8))
+	}
+	return out
+}
+
+type eventKind int
+
+const (
+	evHandshake eventKind = iota
+	evMessage
+	evBad
+)
+
+type event struct {
+	kind     eventKind
+	infoHash [20]byte
+	id       byte
+	index    uint32
+	payload  []byte
+}
+
+// parser follows one direction of a BitTorrent stream across arbitrary read
+// or write boundaries.
+type parser struct {
+	hs      []byte // handshake bytes gathered so far
+	bad     bool   // not a plaintext BitTorrent stream: pass everything
+	hdr     []byte // message header bytes gathered (length + id)
+	left    int    // payload bytes left of the current message
+	id      byte
+	keep    bool   // gather the payload
+	payload []byte // gathered payload
+	frame   []byte // bytes of a held-back frame (HAVE) being gathered
+}
+
+func (p *parser) atBoundary() bool {
+	return p.bad || (len(p.hs) == handshakeLen && len(p.hdr) == 0 && p.left == 0 && len(p.frame) == 0)
+}
+
+// feed parses b and calls on for handshakes and interesting messages.
+func (p *parser) feed(b []byte, on func(event)) {
+	p.split(b, func(_ []byte, ev *event) {
+		if ev != nil {
+			on(*ev)
+		}
+	})
+}
+
+// split walks b, calling emit with consecutive segments of b that together
+// cover it exactly. A segment that is a complete HAVE frame comes with its
+// event so the caller may drop it; other segments pass with nil or with an
+// informational event. A HAVE frame split across calls is buffered and
+// emitted whole (a fresh slice) when complete.
+func (p *parser) split(b []byte, emit func(seg []byte, ev *event)) {
+	for len(b) > 0 {
+		if p.bad {
+			emit(b, nil)
+			return
+		}
+		if len(p.hs) < handshakeLen {
+			n := min(handshakeLen-len(p.hs), len(b))
+			p.hs = append(p.hs, b[:n]...)
+			if p.hs[0] != 19 || (len(p.hs) >= 20 && string(p.hs[1:20]) != "BitTorrent protocol") {
+				p.bad = true
+				emit(b[:n], &event{kind: evBad})
+				b = b[n:]
+				continue
+			}
+			if len(p.hs) == handshakeLen {
+				ev := &event{kind: evHandshake}
+				copy(ev.infoHash[:], p.hs[28:48])
+				emit(b[:n], ev)
+			} else if len(p.hs) >= 48 && len(p.hs)-n < 48 {
+				// The info hash is complete (the peer id may come later).
+				ev := &event{kind: evHandshake}
+				copy(ev.infoHash[:], p.hs[28:48])
+				emit(b[:n], ev)
+			} else {
+				emit(b[:n], nil)
+			}
+			b = b[n:]
+			continue
+		}
+		if p.left > 0 {
+			n := min(p.left, len(b))
+			if p.keep {
+				p.payload = append(p.payload, b[:n]...)
+			}
+			p.left -= n
+			if p.left > 0 || !p.keep {
+				emit(b[:n], nil)
+				b = b[n:]
+				continue
+			}
+			ev := &event{kind: evMessage, id: p.id, payload: p.payload}
+			p.payload, p.keep = nil, false
+			emit(b[:n], ev)
+			b = b[n:]
+			continue
+		}
+		// Gathering a header. A HAVE (length 5, id 4) is held back whole.
+		if len(p.frame) > 0 || (len(p.hdr) == 0 && len(b) < 9 && couldBeHave(b)) {
+			n := min(9-len(p.frame), len(b))
+			p.frame = append(p.frame, b[:n]...)
+			b = b[n:]
+			if len(p.frame) < 5 && couldBeHave(p.frame) {
+				continue
+			}
+			if couldBeHave(p.frame) && len(p.frame) < 9 {
+				continue
+			}
+			// Either a complete HAVE or not a HAVE at all: re-split it.
+			f := p.frame
+			p.frame = nil
+			if isHave(f) {
+				emit(f, &event{kind: evMessage, id: msgHave, index: binary.BigEndian.Uint32(f[5:9])})
+				continue
+			}
+			// Not a HAVE: parse its bytes as ordinary input, then the rest.
+			p.hdr = nil
+			rest := b
+			p.split(f, emit)
+			b = rest
+			continue
+		}
+		if len(p.hdr) == 0 && len(b) >= 9 && isHave(b[:9]) {
+			emit(b[:9], &event{kind: evMessage, id: msgHave, index: binary.BigEndian.Uint32(b[5:9])})
+			b = b[9:]
+			continue
+		}
+		n := min(5-len(p.hdr), len(b))
+		p.hdr = append(p.hdr, b[:n]...)
+		seg := b[:n]
+		b = b[n:]
+		if len(p.hdr) == 4 && binary.BigEndian.Uint32(p.hdr) == 0 {
+			p.hdr = p.hdr[:0] // keep-alive
+			emit(seg, nil)
+			continue
+		}
+		if len(p.hdr) < 5 {
+			emit(seg, nil)
+			continue
+		}
+		length := int(binary.BigEndian.Uint32(p.hdr[:4]))
+		p.id = p.hdr[4]
+		p.hdr = p.hdr[:0]
+		p.left = length - 1
+		switch p.id {
+		case msgBitfield, msgExtended:
+			p.keep = p.left <= maxParsedPayload
+		default:
+			p.keep = false
+		}
+		if p.left == 0 {
+			emit(seg, &event{kind: evMessage, id: p.id})
+			continue
+		}
+		emit(seg, nil)
+	}
+}
+
+// couldBeHave reports whether b is a prefix of a HAVE frame.
+func couldBeHave(b []byte) bool {
+	want := []byte{0, 0, 0, 5, msgHave}
+	n := min(len(b), len(want))
+	return bytes.Equal(b[:n], want[:n])
+}
+
+func isHave(b []byte) bool { return len(b) == 9 && couldBeHave(b) }

@@ -1,0 +1,291 @@
+// Package swarm distributes images peer-to-peer over BitTorrent inside an
+// ESIR cluster. The server side (Server) seeds the store's images, runs a
+// private HTTP tracker, hands out metainfo with the tracker and web seed
+// filled in and serves each archive as a BEP 19 web seed. The agent side
+// (Node.Fetch) downloads an image, verifies it, reports progress and keeps
+// seeding until told to stop.
+//
+// Both sides run anacrolix/torrent tuned for a LAN (no header obfuscation,
+// no uTP, no DHT, unlimited dial rate, hashing on all cores) behind
+// havewire, ESIR's adaptive HAVE suppression.
+package swarm
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/anacrolix/torrent"
+	"github.com/anacrolix/torrent/bencode"
+	"github.com/anacrolix/torrent/metainfo"
+	pp "github.com/anacrolix/torrent/peer_protocol"
+	"golang.org/x/time/rate"
+
+	"github.com/esir-project/esir/swarm/havewire"
+)
+
+// Image is one image archive the swarm distributes.
+type Image struct {
+	Name    string `json:"name"`
+	Version string `json:"version"`
+	// Path is the archive file (read only, never written).
+	Path string `json:"-"`
+	// SHA256 is the archive's digest (hex), checked after download.
+	SHA256 string `json:"sha256"`
+	Size   int64  `json:"size"`
+	// InfoHash is the metainfo's info hash (hex).
+	InfoHash string             `json:"info_hash"`
+	MetaInfo *metainfo.MetaInfo `json:"-"`
+}
+
+// Ref returns NAME:VERSION.
+func (im *Image) Ref() string { return im.Name + ":" + im.Version }
+
+// ImageFromFile describes the archive at path as an image: it hashes the
+// file (SHA-256 and the BitTorrent pieces) and builds a private metainfo
+// without announce URL. pieceLength 0 chooses 1 MiB.
+func ImageFromFile(path, name, version string, pieceLength int64) (*Image, error) {
+	if pieceLength <= 0 {
+		pieceLength = 1 << 20
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("image %s:%s: %w", name, version, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("image %s:%s: %w", name, version, err)
+	}
+	private := true
+	info := metainfo.Info{Name: filepath.Base(path), Length: st.Size(), PieceLength: pieceLength, Private: &private}
+	h := sha256.New()
+	info.Pieces, err = metainfo.GeneratePieces(io.TeeReader(f, h), pieceLength, nil)
+	if err != nil {
+		return nil, fmt.Errorf("image %s:%s: hashing %s: %w", name, version, path, err)
+	}
+	mi := &metainfo.MetaInfo{CreatedBy: "esir", CreationDate: st.ModTime().Unix()}
+	if mi.InfoBytes, err = bencode.Marshal(info); err != nil {
+		return nil, fmt.Errorf("image %s:%s: encoding metainfo: %w", name, version, err)
+	}
+	return &Image{Name: name, Version: version, Path: path, SHA256: hex.EncodeToString(h.Sum(nil)),
+		Size: st.Size(), InfoHash: mi.HashInfoBytes().HexString(), MetaInfo: mi}, nil
+}
+
+// ImageFromTorrent describes the archive at path with an existing metainfo
+// file (an image store's image.torrent) and the archive's known digest.
+func ImageFromTorrent(path, torrentPath, name, version, sha string) (*Image, error) {
+	mi, err := metainfo.LoadFromFile(torrentPath)
+	if err != nil {
+		return nil, fmt.Errorf("image %s:%s: reading %s: %w", name, version, torrentPath, err)
+	}
+	info, err := mi.UnmarshalInfo()
+	if err != nil {
+		return nil, fmt.Errorf("image %s:%s: %s: %w", name, version, torrentPath, err)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("image %s:%s: %w", name, version, err)
+	}
+	if st.Size() != info.TotalLength() {
+		return nil, fmt.Errorf("image %s:%s: %s is %d bytes, its metainfo %s says %d", name, version, path, st.Size(), torrentPath, info.TotalLength())
+	}
+	return &Image{Name: name, Version: version, Path: path, SHA256: sha, Size: st.Size(),
+		InfoHash: mi.HashInfoBytes().HexString(), MetaInfo: mi}, nil
+}
+
+// NodeConfig tunes a Node.
+type NodeConfig struct {
+	// Listen is the TCP address for peer connections (":0" for any port).
+	Listen string
+	// Mode is the HAVE suppression mode (adaptive by default).
+	Mode havewire.Mode
+	// MaxHold caps how long a HAVE is held (havewire.DefaultMaxHold when 0).
+	MaxHold time.Duration
+	// MaxConns bounds established peer connections per image (35 when 0).
+	MaxConns int
+	// MaxUnverified bounds bytes received but not yet hashed (64 MiB when 0).
+	MaxUnverified int64
+	// Seeder marks a node that only uploads (the server).
+	Seeder bool
+	Log    *slog.Logger
+}
+
+// Node is one BitTorrent participant: an anacrolix client behind havewire.
+type Node struct {
+	cfg  NodeConfig
+	cl   *torrent.Client
+	wire *havewire.Wire
+	ln   net.Listener
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	torrents map[metainfo.Hash]*torrent.Torrent
+	received map[string]int64 // useful bytes received by remote IP
+	events   []string         // notable peer events not yet reported
+	closed   map[string]int   // connections closed by remote IP
+}
+
+// NewNode starts a node listening on cfg.Listen.
+func NewNode(cfg NodeConfig) (*Node, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = 35
+	}
+	if cfg.MaxUnverified <= 0 {
+		cfg.MaxUnverified = 64 << 20
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = ":0"
+	}
+	n := &Node{cfg: cfg, log: cfg.Log, torrents: map[metainfo.Hash]*torrent.Torrent{},
+		received: map[string]int64{}, closed: map[string]int{}}
+	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces})
+
+	tc := torrent.NewDefaultClientConfig()
+	tc.Seed = true
+	tc.NoDHT = true
+	tc.DisablePEX = true
+	tc.DisableUTP = true
+	tc.DisableTCP = true // havewire's listener and dialer replace the built-in ones
+	tc.DisableIPv6 = false
+	tc.NoDefaultPortForwarding = true
+	tc.DisableWebtorrent = true
+	tc.HeaderObfuscationPolicy = torrent.HeaderObfuscationPolicy{Preferred: false, RequirePreferred: true}
+	tc.DialRateLimiter = rate.NewLimiter(rate.Inf, 0)
+	tc.PieceHashersPerTorrent = runtime.NumCPU()
+	tc.EstablishedConnsPerTorrent = cfg.MaxConns
+	tc.HalfOpenConnsPerTorrent = cfg.MaxConns
+	tc.TotalHalfOpenConns = 2 * cfg.MaxConns
+	tc.MaxUnverifiedBytes = cfg.MaxUnverified
+	tc.DropMutuallyCompletePeers = true
+	tc.NominalDialTimeout = 5 * time.Second
+	tc.MinDialTimeout = time.Second
+	tc.HandshakesTimeout = 5 * time.Second
+	tc.Slogger = cfg.Log.With("component", "bittorrent")
+	tc.Bep20 = "-ES0100-"
+	tc.ExtendedHandshakeClientVersion = "esir 0.1"
+	tc.DefaultStorage = nil
+	tc.DataDir = os.TempDir() // unused: every image gets its own storage
+	tc.Callbacks.PeerConnAdded = append(tc.Callbacks.PeerConnAdded, func(pc *torrent.PeerConn) {
+		pc.LocalLtepProtocolMap.AddUserProtocol(pp.ExtensionName(havewire.ExtensionName))
+	})
+	tc.Callbacks.ReceivedUsefulData = append(tc.Callbacks.ReceivedUsefulData, func(ev torrent.ReceivedUsefulDataEvent) {
+		ip := remoteIP(ev.Peer.RemoteAddr)
+		n.mu.Lock()
+		n.received[ip] += int64(len(ev.Message.Piece))
+		n.mu.Unlock()
+	})
+	tc.Callbacks.PeerConnClosed = func(pc *torrent.PeerConn) {
+		ip := remoteIP(pc.RemoteAddr)
+		n.mu.Lock()
+		n.closed[ip]++
+		n.mu.Unlock()
+	}
+	if cfg.Seeder {
+		tc.NoUpload = false
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("swarm: listening for peers on %s: %w", cfg.Listen, err)
+	}
+	cl, err := torrent.NewClient(tc)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("swarm: starting BitTorrent client: %w", err)
+	}
+	n.cl, n.ln = cl, ln
+	cl.AddListener(n.wire.Listener(ln))
+	cl.AddDialer(&havewire.Dialer{W: n.wire})
+	return n, nil
+}
+
+func remoteIP(a interface{ String() string }) string {
+	if a == nil {
+		return ""
+	}
+	if host, _, err := net.SplitHostPort(a.String()); err == nil {
+		return host
+	}
+	return a.String()
+}
+
+func (n *Node) pieces(ih [20]byte) int {
+	n.mu.Lock()
+	t := n.torrents[ih]
+	n.mu.Unlock()
+	if t == nil || t.Info() == nil {
+		return 0
+	}
+	return t.NumPieces()
+}
+
+// Addr returns the address peers connect to.
+func (n *Node) Addr() net.Addr { return n.ln.Addr() }
+
+// Port returns the peer listening port.
+func (n *Node) Port() uint16 { return uint16(n.ln.Addr().(*net.TCPAddr).Port) }
+
+// Wire returns the node's HAVE counters and settings.
+func (n *Node) Wire() *havewire.Wire { return n.wire }
+
+// ReceivedBy returns the useful bytes received from each remote IP.
+func (n *Node) ReceivedBy() map[string]int64 {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := make(map[string]int64, len(n.received))
+	for k, v := range n.received {
+		out[k] = v
+	}
+	return out
+}
+
+// BannedPeers returns the IPs banned for serving corrupt data.
+func (n *Node) BannedPeers() []string { return n.cl.BadPeerIPs() }
+
+// Close stops the node: every connection and torrent ends.
+func (n *Node) Close() error {
+	errs := n.cl.Close()
+	errs = append(errs, n.ln.Close())
+	return errors.Join(errs...)
+}
+
+// addTorrent adds mi with storage st, registering it for havewire.
+func (n *Node) addTorrent(mi *metainfo.MetaInfo, st *fileStorage, trackers [][]string) (*torrent.Torrent, error) {
+	spec, err := torrent.TorrentSpecFromMetaInfoErr(mi)
+	if err != nil {
+		return nil, fmt.Errorf("metainfo: %w", err)
+	}
+	spec.Storage = st
+	spec.Trackers = trackers // the server's seeder has none: it is the tracker
+	spec.Webseeds = nil
+	t, _, err := n.cl.AddTorrentSpec(spec)
+	if err != nil {
+		return nil, fmt.Errorf("adding torrent %s: %w", spec.InfoHash.HexString(), err)
+	}
+	n.mu.Lock()
+	n.torrents[spec.InfoHash] = t
+	n.mu.Unlock()
+	return t, nil
+}
+
+func (n *Node) dropTorrent(ih metainfo.Hash) {
+	n.mu.Lock()
+	t := n.torrents[ih]
+	delete(n.torrents, ih)
+	n.mu.Unlock()
+	if t != nil {
+		t.Drop()
+	}
+}
