@@ -35,5 +35,6 @@ func newRootCmd(app *cli.App) *cobra.Command {
 	app.AddLogFlags(root)
 	// Each verb registers here; its code lives in a file named after it.
 	addInitCmd(root, app)
+	root.AddCommand(newModulesCmd(app))
 	return root
 }

@@ -39,5 +39,6 @@ images peer-to-peer over BitTorrent and installs and enrolls the nodes.`,
 	app.AddLogFlags(root)
 	// Each noun registers here; its commands live in a file named after it.
 	root.AddCommand(newImageCmd(app))
+	root.AddCommand(newModulesCmd(app))
 	return root
 }
