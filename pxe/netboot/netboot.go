@@ -474,7 +474,9 @@ func readManifest(p string) (*Manifest, error) {
 }
 
 // ReadManifest reads the netboot.json of a build directory.
-func ReadManifest(dir string) (*Manifest, error) { return readManifest(filepath.Join(dir, ManifestFile)) }
+func ReadManifest(dir string) (*Manifest, error) {
+	return readManifest(filepath.Join(dir, ManifestFile))
+}
 
 func fileExists(p string) bool {
 	st, err := os.Stat(p)
