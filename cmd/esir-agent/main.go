@@ -35,6 +35,7 @@ func newRootCmd(app *cli.App) *cobra.Command {
 	app.AddLogFlags(root)
 	// Each verb registers here; its code lives in a file named after it.
 	addInitCmd(root, app)
+	addInstallCmds(root, app) // after addInitCmd: as PID 1 with the argument "initrd" it selects initrd
 	root.AddCommand(newModulesCmd(app))
 	return root
 }
