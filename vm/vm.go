@@ -82,6 +82,10 @@ type Config struct {
 	NetNS string
 	// WorkDir holds the serial log and the UEFI variable store copy.
 	WorkDir string
+	// Detached lets QEMU outlive the calling process (the lab's VMs keep
+	// running after `esir lab up` returns): a session of its own, no death
+	// signal, and ctx does not kill it.
+	Detached bool
 	// Extra QEMU arguments, appended last.
 	Extra []string
 }
@@ -274,6 +278,9 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	}
 	cmd := exec.Command(name, full...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if cfg.Detached {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	}
 	var stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stderr, &stderr
 	if err := cmd.Start(); err != nil {
@@ -290,15 +297,21 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		v.mu.Unlock()
 		close(v.done)
 	}()
-	go func() {
-		select {
-		case <-ctx.Done():
-			v.Kill()
-		case <-v.done:
-		}
-	}()
+	if !cfg.Detached {
+		go func() {
+			select {
+			case <-ctx.Done():
+				v.Kill()
+			case <-v.done:
+			}
+		}()
+	}
 	return v, nil
 }
+
+// PID returns the QEMU process id (with NetNS, the id of the `ip netns exec`
+// process that became QEMU).
+func (v *VM) PID() int { return v.cmd.Process.Pid }
 
 // Name returns the VM's name.
 func (v *VM) Name() string { return v.cfg.Name }
