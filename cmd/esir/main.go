@@ -40,5 +40,6 @@ images peer-to-peer over BitTorrent and installs and enrolls the nodes.`,
 	// Each noun registers here; its commands live in a file named after it.
 	root.AddCommand(newImageCmd(app))
 	root.AddCommand(newModulesCmd(app))
+	root.AddCommand(newBootCmd(app), newPXECmd(app))
 	return root
 }

@@ -521,3 +521,48 @@ func writeAtomicFrom(dst string, r io.Reader) error {
 	}
 	return nil
 }
+
+// ImageDir is where the netboot environment of an image is kept in a store.
+func ImageDir(storeDir string, m imaging.Manifest) string {
+	return filepath.Join(storeDir, "netboot", m.Name, m.Version)
+}
+
+// ForImage builds the netboot environment of an image (the server calls it
+// when an image is published; `esir boot build --image` by hand). When
+// opts.KernelRoot is empty the kernel and modules come from the image itself;
+// otherwise from opts.KernelRoot. opts.Out defaults to ImageDir. A build
+// directory made for the same image archive and agent is reused without
+// reading the archive again.
+func ForImage(ctx context.Context, store *imaging.Store, img *imaging.Image, opts Options) (*Result, error) {
+	if opts.Out == "" {
+		opts.Out = ImageDir(store.Dir(), img.Manifest)
+	}
+	opts.Source = img.Manifest.Ref() + " sha256:" + img.Manifest.SHA256
+	if opts.KernelRoot != "" {
+		opts.Source += " kernel:" + opts.KernelRoot
+	}
+	if !opts.Force {
+		agentSum, err := checkAgent(opts.Agent)
+		if err != nil {
+			return nil, err
+		}
+		res := &Result{Dir: opts.Out, Kernel: filepath.Join(opts.Out, KernelFile), Initrd: filepath.Join(opts.Out, InitrdFile)}
+		if m, err := ReadManifest(opts.Out); err == nil && m.Format == format && m.Source == opts.Source &&
+			m.AgentSHA256 == agentSum && fileExists(res.Kernel) && fileExists(res.Initrd) {
+			res.Manifest, res.Cached = *m, true
+			return res, nil
+		}
+	}
+	if opts.KernelRoot == "" {
+		tmp, err := os.MkdirTemp(store.Dir(), ".netboot-kernel-*")
+		if err != nil {
+			return nil, fmt.Errorf("netboot: %w", err)
+		}
+		defer os.RemoveAll(tmp)
+		if err := FromImage(ctx, img, tmp); err != nil {
+			return nil, err
+		}
+		opts.KernelRoot = tmp
+	}
+	return Build(ctx, opts)
+}
