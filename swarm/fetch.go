@@ -72,6 +72,8 @@ type Result struct {
 	From     map[string]int64  `json:"bytes_from"` // useful bytes by remote IP (web seed: "webseed")
 	Have     havewire.Snapshot `json:"have"`
 	Banned   []string          `json:"banned_peers,omitempty"`
+	// Uploaded counts piece bytes this node sent to others.
+	Uploaded int64 `json:"uploaded"`
 }
 
 // Download is a running fetch; it seeds until closed.
@@ -312,8 +314,9 @@ func (d *Download) Wait(ctx context.Context) (Result, error) {
 	d.mu.Lock()
 	err, took := d.err, d.took
 	d.mu.Unlock()
+	ts := d.t.Stats()
 	res := Result{Image: d.img, Path: d.cfg.Out, Duration: took, From: d.n.ReceivedBy(), Have: d.n.wire.Snapshot(),
-		Banned: d.n.BannedPeers()}
+		Banned: d.n.BannedPeers(), Uploaded: ts.BytesWrittenData.Int64()}
 	slices.Sort(res.Banned)
 	return res, err
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/anacrolix/torrent"
 	"github.com/anacrolix/torrent/metainfo"
 
+	"github.com/esir-project/esir/imaging"
 	"github.com/esir-project/esir/swarm/tracker"
 )
 
@@ -295,3 +296,35 @@ func writeJSON(w http.ResponseWriter, v any) {
 	enc.SetIndent("", "  ")
 	enc.Encode(v)
 }
+
+// ImageFromStore describes a store image (its archive, stored metainfo and
+// manifest digest) for seeding.
+func ImageFromStore(im *imaging.Image) (*Image, error) {
+	m := im.Manifest
+	return ImageFromTorrent(im.ArchivePath(), im.TorrentPath(), m.Name, m.Version, m.SHA256)
+}
+
+// PublishStore publishes every image in st.
+func (s *Server) PublishStore(st *imaging.Store) (int, error) {
+	ms, err := st.List()
+	if err != nil {
+		return 0, fmt.Errorf("swarm: listing store %s: %w", st.Dir(), err)
+	}
+	for _, m := range ms {
+		im, err := st.Get(m.Ref())
+		if err != nil {
+			return 0, fmt.Errorf("swarm: %w", err)
+		}
+		img, err := ImageFromStore(im)
+		if err != nil {
+			return 0, fmt.Errorf("swarm: %w", err)
+		}
+		if err := s.Publish(img); err != nil {
+			return 0, err
+		}
+	}
+	return len(ms), nil
+}
+
+// Tracker returns the server's tracker.
+func (s *Server) Tracker() *tracker.Tracker { return s.tracker }

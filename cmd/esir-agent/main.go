@@ -37,5 +37,6 @@ func newRootCmd(app *cli.App) *cobra.Command {
 	addInitCmd(root, app)
 	addInstallCmds(root, app) // after addInitCmd: as PID 1 with the argument "initrd" it selects initrd
 	root.AddCommand(newModulesCmd(app))
+	root.AddCommand(newFetchCmd(app))
 	return root
 }

@@ -41,5 +41,7 @@ images peer-to-peer over BitTorrent and installs and enrolls the nodes.`,
 	root.AddCommand(newImageCmd(app))
 	root.AddCommand(newModulesCmd(app))
 	root.AddCommand(newBootCmd(app), newPXECmd(app))
+	root.AddCommand(newSwarmCmd(app))
+	root.AddCommand(newServerCmd(app), newNodeCmd(app), newRolloutCmd(app), newTokenCmd(app))
 	return root
 }

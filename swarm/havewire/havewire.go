@@ -210,7 +210,9 @@ func (w *Wire) windowLocked(now time.Time) time.Duration {
 	}
 	win := 4 * w.interval
 	win = max(win, w.cfg.MinHold)
-	return min(win, w.cfg.MaxHold)
+	// A tenth of the cap is left for timer and scheduling latency, so no
+	// HAVE ever waits longer than the cap.
+	return min(win, w.cfg.MaxHold*9/10)
 }
 
 func (w *Wire) wireSent(now time.Time, msgs int64, holds []time.Duration) {

@@ -37,7 +37,7 @@ type Tracker struct {
 
 	mu     sync.Mutex
 	swarms map[[20]byte]map[string]*peer // info hash -> peer key -> peer
-	self   map[[20]byte]uint16               // info hash -> port of the local seeder
+	self   map[[20]byte]uint16           // info hash -> port of the local seeder
 }
 
 type peer struct {
@@ -131,9 +131,12 @@ func (t *Tracker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	complete, incomplete := t.counts(a.InfoHash)
+	t.mu.Lock()
+	iv := t.cfg.Interval
+	t.mu.Unlock()
 	resp := map[string]any{
-		"interval":     int(t.cfg.Interval / time.Second),
-		"min interval": int(t.cfg.Interval / time.Second / 2),
+		"interval":     int(iv / time.Second),
+		"min interval": int(iv / time.Second / 2),
 		"complete":     complete,
 		"incomplete":   incomplete,
 		"peers":        compact,
@@ -264,4 +267,14 @@ func (t *Tracker) counts(ih [20]byte) (complete, incomplete int) {
 		}
 	}
 	return complete, incomplete
+}
+
+// SetInterval changes the announce interval handed to peers.
+func (t *Tracker) SetInterval(d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	t.mu.Lock()
+	t.cfg.Interval = d
+	t.mu.Unlock()
 }
