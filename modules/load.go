@@ -131,6 +131,27 @@ type Failure struct {
 	Module string `json:"module"`
 	Path   string `json:"path"`
 	Error  string `json:"error"`
+	// NoDevice: the module's init found nothing to drive (ENODEV), as
+	// cpufreq and EDAC drivers do in virtual machines.
+	NoDevice bool `json:"no_device,omitempty"`
+}
+
+// failedDep returns a dependency of module name that failed to load, or "".
+func failedDep(t *Tree, name string, failed map[string]bool) string {
+	if len(failed) == 0 {
+		return ""
+	}
+	m := t.Module(name)
+	if m == nil {
+		return ""
+	}
+	deps, _ := t.Deps(m)
+	for _, d := range deps {
+		if failed[d] {
+			return d
+		}
+	}
+	return ""
 }
 
 // Result is what Load did.
@@ -181,6 +202,7 @@ func Load(ctx context.Context, t *Tree, opts LoadOptions) (*Result, error) {
 	res := &Result{Kernel: t.Version}
 	seenDev := map[string]bool{}
 	done := map[string]bool{}   // modules attempted
+	failed := map[string]bool{}
 	skipped := map[string]int{} // module -> index in res.Skipped
 	unmatched := map[string]bool{}
 	var devs []Device
@@ -236,6 +258,11 @@ func Load(ctx context.Context, t *Tree, opts LoadOptions) (*Result, error) {
 				res.Loaded = append(res.Loaded, Loaded{Step: s, Round: round, Already: true})
 				continue
 			}
+			if dep := failedDep(t, s.Module, failed); dep != "" {
+				res.Failed = append(res.Failed, Failure{Module: s.Module, Path: s.Path, Error: "not loaded: its dependency " + dep + " failed"})
+				failed[s.Module] = true
+				continue
+			}
 			start := time.Now()
 			err := insert(ctx, s)
 			switch {
@@ -246,7 +273,8 @@ func Load(ctx context.Context, t *Tree, opts LoadOptions) (*Result, error) {
 				res.Loaded = append(res.Loaded, Loaded{Step: s, Round: round, Already: true})
 			default:
 				opts.Log.Warn("module failed", "module", s.Module, "path", s.Path, "err", err)
-				res.Failed = append(res.Failed, Failure{Module: s.Module, Path: s.Path, Error: err.Error()})
+				res.Failed = append(res.Failed, Failure{Module: s.Module, Path: s.Path, Error: err.Error(), NoDevice: errors.Is(err, unix.ENODEV)})
+				failed[s.Module] = true
 			}
 		}
 	}

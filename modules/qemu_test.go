@@ -19,9 +19,9 @@ const qemuInit = `#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-echo ESIR-MODULES-BEGIN
+echo "ESIR-MODULES-BEGIN $(cat /proc/uptime)"
 /bin/esir-agent modules load --log-level error --settle 1s
-echo "ESIR-MODULES-RC $?"
+echo "ESIR-MODULES-RC $? $(cat /proc/uptime)"
 for n in /sys/class/net/*; do
   [ "${n##*/}" = lo ] && continue
   drv=$(readlink $n/device/driver)
@@ -74,19 +74,34 @@ func buildQEMUInitramfs(t *testing.T, k vm.Kernel, dir string) string {
 		must(a.Dir(d, 0o755))
 	}
 	must(a.CharDev("dev/console", 0o600, 5, 1))
-	// Parts of Debian's module tree the QEMU test leaves out of its initramfs to
-	// keep it small: classes of drivers none of the test machines has. Modules
-	// matched there (none expected) would fail as missing files, and are
-	// tolerated as such.
-	skipDirs := []string{
-		"kernel/sound", "kernel/fs", "kernel/net/wireless", "kernel/net/mac80211", "kernel/net/bluetooth",
-		"kernel/drivers/gpu", "kernel/drivers/media", "kernel/drivers/staging", "kernel/drivers/infiniband",
-		"kernel/drivers/iio", "kernel/drivers/comedi", "kernel/drivers/net/wireless", "kernel/drivers/isdn",
-		"kernel/drivers/bluetooth", "kernel/drivers/hwmon", "kernel/drivers/video", "kernel/drivers/mtd",
-		"kernel/drivers/target", "kernel/drivers/platform", "kernel/drivers/hid", "kernel/drivers/input",
-		"kernel/drivers/net/can", "kernel/drivers/net/ethernet/mellanox", "kernel/drivers/net/ethernet/chelsio",
+	// The module tree: every index whole, and the module files of the
+	// driver classes a PC has (buses, storage, Intel and Realtek NICs, input,
+	// CPU features). Leaving out graphics, sound, wireless, InfiniBand and
+	// the like keeps the initramfs near 50 MB; a module matched there would
+	// fail as a missing file, which the test tolerates.
+	dirs := []string{"arch", "crypto", "lib", "net/core", "drivers/acpi", "drivers/ata", "drivers/block",
+		"drivers/cdrom", "drivers/char", "drivers/cpufreq", "drivers/edac", "drivers/firmware", "drivers/i2c",
+		"drivers/input", "drivers/hid", "drivers/nvme", "drivers/parport", "drivers/pci", "drivers/usb/core",
+		"drivers/usb/common", "drivers/usb/host", "drivers/usb/storage", "drivers/virtio",
+		"drivers/net/ethernet/intel", "drivers/net/ethernet/realtek", "drivers/net/phy", "drivers/net/mdio"}
+	topOnly := []string{"drivers/scsi", "drivers/net"} // their own files, not subfolders
+	keep := func(rel string) bool {
+		if !strings.HasPrefix(rel, "kernel/") {
+			return true // indices
+		}
+		rel = strings.TrimPrefix(rel, "kernel/")
+		for _, d := range dirs {
+			if strings.HasPrefix(rel, d+"/") {
+				return true
+			}
+		}
+		for _, d := range topOnly {
+			if filepath.Dir(rel) == d {
+				return true
+			}
+		}
+		return false
 	}
-
 	base := filepath.Join("lib/modules", k.Version)
 	files := 0
 	err = filepath.WalkDir(k.ModulesDir, func(p string, d os.DirEntry, err error) error {
@@ -94,25 +109,23 @@ func buildQEMUInitramfs(t *testing.T, k vm.Kernel, dir string) string {
 			return err
 		}
 		rel, _ := filepath.Rel(k.ModulesDir, p)
-		for _, skip := range skipDirs {
-			if rel == skip {
-				return filepath.SkipDir
-			}
-		}
-		if d.Type().IsRegular() {
+		if d.Type().IsRegular() && keep(rel) {
 			files++
 			return a.File(filepath.Join(base, rel), p, 0o644)
 		}
 		return nil
 	})
 	must(err)
-	out := filepath.Join(dir, "initrd.zst")
-	must(a.WriteFile(out))
+	// Uncompressed: the kernel unpacks a plain cpio much faster under TCG.
+	out := filepath.Join(dir, "initrd.cpio")
+	f, err := os.Create(out)
+	must(err)
+	must(a.WriteCPIO(f))
+	must(f.Close())
 	fi, _ := os.Stat(out)
-	t.Logf("initramfs: %d module tree files, %d MiB compressed", files, fi.Size()>>20)
+	t.Logf("initramfs: %d module tree files, %d MiB", files, fi.Size()>>20)
 	return out
 }
-
 // TestQEMULoad boots Debian's kernel in QEMU (TCG) on three machines whose
 // NIC and disk drivers are all modules, with an initramfs holding only the
 // module tree, busybox and esir-agent; the loader must bring up the NIC
@@ -186,9 +199,14 @@ func TestQEMULoad(t *testing.T) {
 					nicOK = true
 				case len(f) == 3 && f[0] == "ESIR-BLOCK" && f[1] == tc.blockPrefix:
 					diskOK = f[2] == fmt.Sprint(32<<20/512)
+				case len(f) >= 2 && (f[0] == "ESIR-MODULES-BEGIN" || f[0] == "ESIR-MODULES-RC"):
+					t.Logf("%s", line)
 				case strings.HasPrefix(line, "modules: FAILED"):
-					if !strings.Contains(line, "no such file") {
-						t.Errorf("a module failed for a reason other than being left out of the test's tree: %s", line)
+					// Tolerated: files left out of the test's tree, drivers
+					// whose init finds no hardware here (cpufreq, EDAC), and
+					// the modules that need those.
+					if !strings.Contains(line, "module file: open") && !strings.Contains(line, "no such device") && !strings.Contains(line, "its dependency") {
+						t.Errorf("a module failed for a reason the test does not expect: %s", line)
 					}
 				}
 			}
