@@ -89,7 +89,7 @@ func (s *Scheduler) Create(ctx context.Context, spec deploy.Spec) (*deploy.Rollo
 	}
 	img, err := s.images.Canonical(ctx, spec.Image)
 	if err != nil {
-		return nil, fmt.Errorf("image %s: %w", spec.Image, err)
+		return nil, err
 	}
 	spec.Image = img
 	now := s.now().UTC()
