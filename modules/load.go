@@ -201,7 +201,7 @@ func Load(ctx context.Context, t *Tree, opts LoadOptions) (*Result, error) {
 	}
 	res := &Result{Kernel: t.Version}
 	seenDev := map[string]bool{}
-	done := map[string]bool{}   // modules attempted
+	done := map[string]bool{} // modules attempted
 	failed := map[string]bool{}
 	skipped := map[string]int{} // module -> index in res.Skipped
 	unmatched := map[string]bool{}

@@ -79,7 +79,7 @@ func buildQEMUInitramfs(t *testing.T, k vm.Kernel, dir string) string {
 	// CPU features). Leaving out graphics, sound, wireless, InfiniBand and
 	// the like keeps the initramfs near 50 MB; a module matched there would
 	// fail as a missing file, which the test tolerates.
-	dirs := []string{"arch", "crypto", "lib", "net/core", "drivers/acpi", "drivers/ata", "drivers/block",
+	dirs := []string{"arch", "block", "crypto", "lib", "virt", "net/core", "drivers/acpi", "drivers/ata", "drivers/block",
 		"drivers/cdrom", "drivers/char", "drivers/cpufreq", "drivers/edac", "drivers/firmware", "drivers/i2c",
 		"drivers/input", "drivers/hid", "drivers/nvme", "drivers/parport", "drivers/pci", "drivers/usb/core",
 		"drivers/usb/common", "drivers/usb/host", "drivers/usb/storage", "drivers/virtio",
@@ -126,6 +126,7 @@ func buildQEMUInitramfs(t *testing.T, k vm.Kernel, dir string) string {
 	t.Logf("initramfs: %d module tree files, %d MiB", files, fi.Size()>>20)
 	return out
 }
+
 // TestQEMULoad boots Debian's kernel in QEMU (TCG) on three machines whose
 // NIC and disk drivers are all modules, with an initramfs holding only the
 // module tree, busybox and esir-agent; the loader must bring up the NIC
