@@ -115,6 +115,8 @@ type NodeConfig struct {
 	MaxConns int
 	// MaxUnverified bounds bytes received but not yet hashed (64 MiB when 0).
 	MaxUnverified int64
+	// UploadRate caps piece upload in bytes per second (0: unlimited).
+	UploadRate int64
 	// Seeder marks a node that only uploads (the server).
 	Seeder bool
 	Log    *slog.Logger
@@ -193,12 +195,21 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		n.closed[ip]++
 		n.mu.Unlock()
 	}
-	if cfg.Seeder {
-		tc.NoUpload = false
+	if cfg.UploadRate > 0 {
+		tc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.UploadRate), 1<<20)
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("swarm: listening for peers on %s: %w", cfg.Listen, err)
+	}
+	// A node bound to one address also dials peers and the tracker from it,
+	// so the addresses others learn are the ones it listens on.
+	dialer := &havewire.Dialer{W: n.wire}
+	if ta, ok := ln.Addr().(*net.TCPAddr); ok && !ta.IP.IsUnspecified() {
+		dialer.Dialer.LocalAddr = &net.TCPAddr{IP: ta.IP}
+		local := &net.Dialer{LocalAddr: &net.TCPAddr{IP: ta.IP}}
+		tc.TrackerDialContext = local.DialContext
+		tc.HTTPDialContext = local.DialContext
 	}
 	cl, err := torrent.NewClient(tc)
 	if err != nil {
@@ -207,7 +218,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	n.cl, n.ln = cl, ln
 	cl.AddListener(n.wire.Listener(ln))
-	cl.AddDialer(&havewire.Dialer{W: n.wire})
+	cl.AddDialer(dialer)
 	return n, nil
 }
 

@@ -1,0 +1,598 @@
+// Command swarm benchmarks ESIR's image distribution: N nodes as network
+// namespaces on a bridge, every link (the server's too) shaped to the same
+// rate, the same image sent by (a) ESIR BitTorrent with adaptive HAVE
+// suppression, (b) ESIR BitTorrent with suppression off, (c) HTTP unicast
+// from the server (every node downloads the whole image with curl) and
+// (d) udpcast reliable multicast, against (e) the bound F/B of one link.
+// It prints a table per N, writes --json and a PNG plot of time against N.
+//
+// Run as root: go run ./benchmarks/swarm --n 8,16,32 --rate 20 --size 32
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/esir-project/esir/imaging"
+	"github.com/esir-project/esir/netlab"
+	"github.com/esir-project/esir/swarm"
+)
+
+type method struct {
+	Name          string  `json:"method"`
+	N             int     `json:"n"`
+	LastSec       float64 `json:"last_node_s"`
+	MedianSec     float64 `json:"median_node_s"`
+	ServerBytes   int64   `json:"server_bytes"`
+	HaveMsgs      int64   `json:"have_messages"`
+	HavePeak      int64   `json:"have_peak_per_s"`
+	HaveEmitted   int64   `json:"have_emitted"`
+	DelayP50Ms    float64 `json:"piece_info_delay_p50_ms"`
+	DelayP99Ms    float64 `json:"piece_info_delay_p99_ms"`
+	HostCPU       float64 `json:"host_cpu_pct"`
+	OwnCPUSec     float64 `json:"own_cpu_s"`
+	HostBound     bool    `json:"host_bound"`
+	FromPeersFrac float64 `json:"bytes_from_peers_frac"`
+	Err           string  `json:"error,omitempty"`
+}
+
+type config struct {
+	ns       []int
+	rateMbit float64
+	size     int64
+	bin      string
+	work     string
+	timeout  time.Duration
+}
+
+func main() {
+	var (
+		nsFlag   = flag.String("n", "8,16,32", "node counts")
+		rateMbit = flag.Float64("rate", 20, "link rate B in Mbit/s (every link, the server's too)")
+		sizeMiB  = flag.Int64("size", 32, "image size in MiB (incompressible)")
+		jsonOut  = flag.String("json", "", "write the results as JSON to this file")
+		pngOut   = flag.String("png", "benchmarks/swarm/time-vs-n.png", "write the plot here (needs gnuplot)")
+		timeout  = flag.Duration("timeout", 5*time.Minute, "hard limit per method and N")
+		methods  = flag.String("methods", "adaptive,off,http,udpcast", "methods to run")
+	)
+	flag.Parse()
+	if err := netlab.Available(); err != nil {
+		fmt.Fprintln(os.Stderr, "swarm benchmark:", err)
+		os.Exit(2)
+	}
+	cfg := config{rateMbit: *rateMbit, size: *sizeMiB << 20, timeout: *timeout}
+	for _, s := range strings.Split(*nsFlag, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 || n > 200 {
+			fmt.Fprintf(os.Stderr, "swarm benchmark: --n %q: want counts between 1 and 200\n", s)
+			os.Exit(2)
+		}
+		cfg.ns = append(cfg.ns, n)
+	}
+	ctx := context.Background()
+	work, err := os.MkdirTemp("", "esir-swarm-bench-")
+	if err != nil {
+		fail(err)
+	}
+	defer os.RemoveAll(work)
+	cfg.work = work
+	cfg.bin = filepath.Join(work, "bin")
+	for _, c := range []string{"esir", "esir-agent"} {
+		cmd := exec.Command("go", "build", "-o", filepath.Join(cfg.bin, c), "./cmd/"+c)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fail(fmt.Errorf("building %s (run from the repository root): %w: %s", c, err, out))
+		}
+	}
+	img, archive := buildImage(ctx, work, cfg.size)
+	fmt.Printf("image %s: %d bytes, piece %d KiB; links %.0f Mbit/s (tbf, no delay: this kernel has no netem); %d CPUs\n",
+		img.Ref(), img.Size, pieceKiB(archive), cfg.rateMbit, cpus())
+	bound := float64(img.Size) * 8 / (cfg.rateMbit * 1e6)
+	var all []method
+	for _, n := range cfg.ns {
+		var rows []method
+		for _, m := range strings.Split(*methods, ",") {
+			r := run(ctx, cfg, m, n, img, archive)
+			rows = append(rows, r)
+			fmt.Fprintf(os.Stderr, "N=%d %s: last %.1fs %s\n", n, m, r.LastSec, r.Err)
+		}
+		rows = append(rows, method{Name: "bound F/B", N: n, LastSec: bound, MedianSec: bound})
+		printTable(n, rows, bound, img.Size)
+		all = append(all, rows...)
+	}
+	printSummary(all, bound)
+	if *jsonOut != "" {
+		b, _ := json.MarshalIndent(map[string]any{"image_bytes": img.Size, "rate_mbit": cfg.rateMbit, "bound_s": bound, "results": all}, "", "  ")
+		if err := os.WriteFile(*jsonOut, b, 0o644); err != nil {
+			fail(err)
+		}
+	}
+	if *pngOut != "" {
+		if err := plot(*pngOut, all); err != nil {
+			fmt.Fprintln(os.Stderr, "swarm benchmark: plot:", err)
+		} else {
+			fmt.Println("plot:", *pngOut)
+		}
+	}
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "swarm benchmark:", err)
+	os.Exit(1)
+}
+
+func cpus() int { return runtime.NumCPU() }
+
+// childCPU returns the CPU time used by waited-for child processes.
+func childCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func pieceKiB(archive string) int64 {
+	st, err := imaging.OpenStore(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Dir(archive)))))
+	if err != nil {
+		return 0
+	}
+	im, err := st.Get("bench:1")
+	if err != nil {
+		return 0
+	}
+	return im.Manifest.PieceLength >> 10
+}
+
+// buildImage builds an image of one incompressible file in a fresh store.
+func buildImage(ctx context.Context, work string, size int64) (*swarm.Image, string) {
+	root := filepath.Join(work, "root", "data")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		fail(err)
+	}
+	f, err := os.Create(filepath.Join(root, "blob"))
+	if err != nil {
+		fail(err)
+	}
+	buf := make([]byte, 1<<20)
+	for left := size; left > 0; left -= int64(len(buf)) {
+		rand.Read(buf)
+		f.Write(buf[:min(int64(len(buf)), left)])
+	}
+	f.Close()
+	st, err := imaging.OpenStore(filepath.Join(work, "store"))
+	if err != nil {
+		fail(err)
+	}
+	im, err := st.Build(ctx, filepath.Join(work, "root"), imaging.BuildOptions{Name: "bench", Version: "1"})
+	if err != nil {
+		fail(err)
+	}
+	img, err := swarm.ImageFromStore(im)
+	if err != nil {
+		fail(err)
+	}
+	return img, im.ArchivePath()
+}
+
+// cpuTicks returns busy and total jiffies from /proc/stat.
+func cpuTicks() (busy, total int64) {
+	b, _ := os.ReadFile("/proc/stat")
+	line, _, _ := strings.Cut(string(b), "\n")
+	for i, f := range strings.Fields(line)[1:] {
+		v, _ := strconv.ParseInt(f, 10, 64)
+		total += v
+		if i != 3 && i != 4 { // idle, iowait
+			busy += v
+		}
+	}
+	return busy, total
+}
+
+type lab struct {
+	l      *netlab.Lab
+	server *netlab.Host
+	nodes  []*netlab.Host
+}
+
+func newLab(ctx context.Context, n int, rate float64) (*lab, error) {
+	l, err := netlab.New(ctx, "swbench")
+	if err != nil {
+		return nil, err
+	}
+	link := netlab.Link{RateMbit: rate}
+	s, err := l.AddHost(ctx, "srv", netip.MustParsePrefix("198.18.0.1/16"), link)
+	if err != nil {
+		l.Close()
+		return nil, err
+	}
+	lb := &lab{l: l, server: s}
+	for i := range n {
+		addr := netip.AddrFrom4([4]byte{198, 18, byte(1 + (i+10)/250), byte((i + 10) % 250)})
+		h, err := l.AddHost(ctx, fmt.Sprintf("n%d", i), netip.PrefixFrom(addr, 16), link)
+		if err != nil {
+			l.Close()
+			return nil, err
+		}
+		lb.nodes = append(lb.nodes, h)
+	}
+	return lb, nil
+}
+
+func run(ctx context.Context, cfg config, name string, n int, img *swarm.Image, archive string) method {
+	m := method{Name: name, N: n}
+	if name == "adaptive" || name == "off" {
+		m.Name = "esir-bt " + name
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+	defer cancel()
+	lb, err := newLab(ctx, n, cfg.rateMbit)
+	if err != nil {
+		m.Err = err.Error()
+		return m
+	}
+	defer lb.l.Close()
+	dir := filepath.Join(cfg.work, fmt.Sprintf("%s-%d", name, n))
+	os.MkdirAll(dir, 0o755)
+	b0, t0 := cpuTicks()
+	c0 := childCPU()
+	var times []float64
+	switch name {
+	case "adaptive", "off":
+		times, err = runESIR(ctx, cfg, lb, name, dir, &m)
+	case "http":
+		times, err = runHTTP(ctx, cfg, lb, dir, img, &m)
+	case "udpcast":
+		times, err = runUDPCast(ctx, cfg, lb, dir, archive, &m)
+	default:
+		err = fmt.Errorf("unknown method %q", name)
+	}
+	b1, t1 := cpuTicks()
+	m.OwnCPUSec = (childCPU() - c0).Seconds()
+	if t1 > t0 {
+		m.HostCPU = 100 * float64(b1-b0) / float64(t1-t0)
+		m.HostBound = m.HostCPU > 85
+	}
+	if err != nil {
+		m.Err = err.Error()
+		return m
+	}
+	// Every node's copy must be byte-identical.
+	want, _ := os.ReadFile(archive)
+	for i := range n {
+		got, err := os.ReadFile(filepath.Join(dir, fmt.Sprintf("out%d", i)))
+		if err != nil || !bytes.Equal(got, want) {
+			m.Err = fmt.Sprintf("node %d: copy differs from the image", i)
+		}
+	}
+	slices.Sort(times)
+	m.LastSec = times[len(times)-1]
+	m.MedianSec = times[len(times)/2]
+	return m
+}
+
+// waitFiles polls until every path exists, returning when each appeared.
+func waitFiles(ctx context.Context, start time.Time, paths []string) ([]float64, error) {
+	times := make([]float64, len(paths))
+	left := len(paths)
+	for left > 0 {
+		for i, p := range paths {
+			if times[i] == 0 {
+				if _, err := os.Stat(p); err == nil {
+					times[i] = time.Since(start).Seconds()
+					left--
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%d of %d nodes unfinished: %w", left, len(paths), ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return times, nil
+}
+
+func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *method) ([]float64, error) {
+	srv := lb.server.Command(ctx, filepath.Join(cfg.bin, "esir"), "swarm", "serve", "--store", filepath.Join(cfg.work, "store"),
+		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--have-mode", mode, "--log-level", "warn")
+	srvLog, _ := os.Create(filepath.Join(dir, "server.log"))
+	srv.Stderr = srvLog
+	if err := srv.Start(); err != nil {
+		return nil, err
+	}
+	defer func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() }()
+	if err := waitHTTP(ctx, lb.nodes[0], "http://198.18.0.1:8080/swarm/images"); err != nil {
+		return nil, err
+	}
+	var agents []*exec.Cmd
+	var results []string
+	start := time.Now()
+	for i, h := range lb.nodes {
+		res := filepath.Join(dir, fmt.Sprintf("result%d.json", i))
+		results = append(results, res)
+		a := h.Command(ctx, filepath.Join(cfg.bin, "esir-agent"), "fetch", "--server", "http://198.18.0.1:8080",
+			"--image", "bench:1", "--out", filepath.Join(dir, fmt.Sprintf("out%d", i)), "--listen", h.IP().String()+":6881",
+			"--have-mode", mode, "--seed-for", "0", "--progress", "none", "--result", res, "--log-level", "warn",
+			"--webseed-after", "-1s")
+		lg, _ := os.Create(filepath.Join(dir, fmt.Sprintf("agent%d.log", i)))
+		a.Stderr = lg
+		if err := a.Start(); err != nil {
+			return nil, err
+		}
+		agents = append(agents, a)
+	}
+	times, err := waitFiles(ctx, start, results)
+	// Server bytes before the agents stop.
+	if out, e := lb.nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/stats"); e == nil {
+		var st swarm.Stats
+		if json.Unmarshal(out, &st) == nil {
+			m.ServerBytes = st.BytesSent
+		}
+	}
+	var wg sync.WaitGroup
+	for _, a := range agents {
+		a.Process.Signal(syscall.SIGTERM)
+		wg.Add(1)
+		go func() { defer wg.Done(); a.Wait() }()
+	}
+	wg.Wait()
+	if err != nil {
+		return nil, err
+	}
+	var perSec []int64
+	var p50s, p99s []float64
+	var fromPeers, total int64
+	for _, res := range results {
+		b, err := os.ReadFile(res)
+		if err != nil {
+			return nil, err
+		}
+		var r swarm.Result
+		if err := json.Unmarshal(b, &r); err != nil {
+			return nil, fmt.Errorf("%s: %w", res, err)
+		}
+		m.HaveMsgs += r.Have.Total.Messages()
+		m.HaveEmitted += r.Have.Total.Emitted
+		for i, v := range r.Have.PerSecond {
+			for len(perSec) <= i {
+				perSec = append(perSec, 0)
+			}
+			perSec[i] += v
+		}
+		p50s = append(p50s, r.Have.HoldP50.Seconds()*1000)
+		p99s = append(p99s, r.Have.HoldP99.Seconds()*1000)
+		for ip, v := range r.From {
+			total += v
+			if ip != "198.18.0.1" {
+				fromPeers += v
+			}
+		}
+	}
+	for _, v := range perSec {
+		m.HavePeak = max(m.HavePeak, v)
+	}
+	slices.Sort(p50s)
+	slices.Sort(p99s)
+	m.DelayP50Ms = p50s[len(p50s)/2]
+	m.DelayP99Ms = p99s[len(p99s)-1]
+	if total > 0 {
+		m.FromPeersFrac = float64(fromPeers) / float64(total)
+	}
+	return times, nil
+}
+
+func waitHTTP(ctx context.Context, h *netlab.Host, url string) error {
+	for {
+		if _, err := h.Run(ctx, "curl", "-sf", "-o", "/dev/null", url); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s never answered: %w", url, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func runHTTP(ctx context.Context, cfg config, lb *lab, dir string, img *swarm.Image, m *method) ([]float64, error) {
+	srv := lb.server.Command(ctx, filepath.Join(cfg.bin, "esir"), "swarm", "serve", "--store", filepath.Join(cfg.work, "store"),
+		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--log-level", "warn")
+	if err := srv.Start(); err != nil {
+		return nil, err
+	}
+	defer func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() }()
+	if err := waitHTTP(ctx, lb.nodes[0], "http://198.18.0.1:8080/swarm/images"); err != nil {
+		return nil, err
+	}
+	info, _ := img.MetaInfo.UnmarshalInfo()
+	url := "http://198.18.0.1:8080/swarm/webseed/" + img.InfoHash + "/" + info.Name
+	times := make([]float64, len(lb.nodes))
+	errs := make([]error, len(lb.nodes))
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i, h := range lb.nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = h.Run(ctx, "curl", "-sf", "-o", filepath.Join(dir, fmt.Sprintf("out%d", i)), url)
+			times[i] = time.Since(start).Seconds()
+		}()
+	}
+	wg.Wait()
+	m.ServerBytes = img.Size * int64(len(lb.nodes))
+	for _, err := range errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return times, nil
+}
+
+func runUDPCast(ctx context.Context, cfg config, lb *lab, dir, archive string, m *method) ([]float64, error) {
+	// Receivers first; the sender starts once all have joined.
+	var recv []*exec.Cmd
+	times := make([]float64, len(lb.nodes))
+	for i, h := range lb.nodes {
+		r := h.Command(ctx, "udp-receiver", "--file", filepath.Join(dir, fmt.Sprintf("out%d", i)), "--interface", "eth0",
+			"--nokbd", "--nosync")
+		if err := r.Start(); err != nil {
+			return nil, err
+		}
+		recv = append(recv, r)
+	}
+	rate := fmt.Sprintf("%dm", int(cfg.rateMbit*0.95))
+	snd := lb.server.Command(ctx, "udp-sender", "--file", archive, "--interface", "eth0", "--nokbd",
+		"--min-receivers", strconv.Itoa(len(lb.nodes)), "--max-bitrate", rate, "--max-wait", "60")
+	var sndOut bytes.Buffer
+	snd.Stderr = &sndOut
+	start := time.Now()
+	if err := snd.Start(); err != nil {
+		return nil, err
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, len(recv))
+	for i, r := range recv {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = r.Wait()
+			times[i] = time.Since(start).Seconds()
+		}()
+	}
+	wg.Wait()
+	snd.Wait()
+	// udpcast sends each block once to the group: the server's link carries F
+	// plus retransmissions; it reports no byte count, so F is the floor.
+	m.ServerBytes = -1
+	for i, err := range errs {
+		if err != nil {
+			return nil, fmt.Errorf("udp-receiver on node %d: %w (sender: %s)", i, err, strings.TrimSpace(sndOut.String()))
+		}
+	}
+	return times, nil
+}
+
+func printTable(n int, rows []method, bound float64, size int64) {
+	fmt.Printf("\nN = %d   (F = %.1f MiB, bound F/B = %.1f s)\n", n, float64(size)/(1<<20), bound)
+	fmt.Printf("%-18s %8s %8s %8s %9s %9s %9s %8s %8s %6s %s\n", "method", "last s", "median s", "x F/B",
+		"server/F", "HAVE msgs", "HAVE pk/s", "d50 ms", "d99 ms", "CPU%", "own CPU s  notes")
+	for _, r := range rows {
+		srv := "-"
+		if r.ServerBytes > 0 {
+			srv = fmt.Sprintf("%.2f", float64(r.ServerBytes)/float64(size))
+		}
+		have, peak, d50, d99 := "-", "-", "-", "-"
+		if strings.HasPrefix(r.Name, "esir") {
+			have, peak = strconv.FormatInt(r.HaveMsgs, 10), strconv.FormatInt(r.HavePeak, 10)
+			d50, d99 = fmt.Sprintf("%.1f", r.DelayP50Ms), fmt.Sprintf("%.1f", r.DelayP99Ms)
+		}
+		note := r.Err
+		if r.HostBound {
+			note = strings.TrimSpace(note + " host CPU-bound (host-wide, other work included)")
+		}
+		if strings.HasPrefix(r.Name, "esir") && r.Err == "" {
+			note = strings.TrimSpace(fmt.Sprintf("%s %.0f%% of bytes from peers", note, 100*r.FromPeersFrac))
+		}
+		cpu := "-"
+		if r.HostCPU > 0 {
+			cpu = fmt.Sprintf("%.0f", r.HostCPU)
+		}
+		fmt.Printf("%-18s %8.1f %8.1f %8.2f %9s %9s %9s %8s %8s %6s %9.1f  %s\n", r.Name, r.LastSec, r.MedianSec, r.LastSec/bound,
+			srv, have, peak, d50, d99, cpu, r.OwnCPUSec, note)
+	}
+}
+
+func find(all []method, name string, n int) *method {
+	for i := range all {
+		if all[i].Name == name && all[i].N == n {
+			return &all[i]
+		}
+	}
+	return nil
+}
+
+func printSummary(all []method, bound float64) {
+	fmt.Printf("\nratios (ESIR adaptive against each baseline, same run)\n")
+	fmt.Printf("%4s %14s %14s %14s %14s %16s\n", "N", "adapt/off t", "adapt/http t", "adapt/udpcast t", "adapt/bound", "HAVE adapt/off")
+	var ns []int
+	for _, m := range all {
+		if !slices.Contains(ns, m.N) {
+			ns = append(ns, m.N)
+		}
+	}
+	ratio := func(a, b *method, f func(*method) float64) string {
+		if a == nil || b == nil || f(b) == 0 || a.Err != "" || b.Err != "" {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f", f(a)/f(b))
+	}
+	last := func(m *method) float64 { return m.LastSec }
+	haves := func(m *method) float64 { return float64(m.HaveMsgs) }
+	for _, n := range ns {
+		a := find(all, "esir-bt adaptive", n)
+		fmt.Printf("%4d %14s %14s %14s %14s %16s\n", n, ratio(a, find(all, "esir-bt off", n), last),
+			ratio(a, find(all, "http", n), last), ratio(a, find(all, "udpcast", n), last),
+			ratio(a, find(all, "bound F/B", n), last), ratio(a, find(all, "esir-bt off", n), haves))
+	}
+	if len(ns) > 1 {
+		a0, a1 := find(all, "esir-bt adaptive", ns[0]), find(all, "esir-bt adaptive", ns[len(ns)-1])
+		fmt.Printf("adaptive: N=%d time / N=%d time = %s\n", ns[len(ns)-1], ns[0], ratio(a1, a0, last))
+	}
+}
+
+func plot(path string, all []method) error {
+	if _, err := exec.LookPath("gnuplot"); err != nil {
+		return fmt.Errorf("gnuplot is not installed (Debian gnuplot-nox)")
+	}
+	dir, err := os.MkdirTemp("", "esir-plot-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	var script strings.Builder
+	fmt.Fprintf(&script, "set terminal png size 900,560\nset output '%s'\nset xlabel 'nodes N'\nset ylabel 'time until the last node has the image (s)'\nset key top left\nset grid\nplot ", path)
+	var names []string
+	for _, m := range all {
+		if !slices.Contains(names, m.Name) {
+			names = append(names, m.Name)
+		}
+	}
+	for i, name := range names {
+		f := filepath.Join(dir, fmt.Sprintf("m%d.dat", i))
+		var b strings.Builder
+		for _, m := range all {
+			if m.Name == name && m.Err == "" {
+				fmt.Fprintf(&b, "%d %f\n", m.N, m.LastSec)
+			}
+		}
+		os.WriteFile(f, []byte(b.String()), 0o644)
+		if i > 0 {
+			script.WriteString(", ")
+		}
+		fmt.Fprintf(&script, "'%s' with linespoints title '%s'", f, name)
+	}
+	script.WriteString("\n")
+	sf := filepath.Join(dir, "plot.gp")
+	if err := os.WriteFile(sf, []byte(script.String()), 0o644); err != nil {
+		return err
+	}
+	out, err := exec.Command("gnuplot", sf).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("gnuplot: %w: %s", err, out)
+	}
+	return nil
+}
