@@ -116,7 +116,7 @@ func Build(ctx context.Context, dir string, opts Options) error {
 	for name, content := range etcFiles(opts.Hostname) {
 		mode := os.FileMode(0o644)
 		switch {
-		case strings.HasPrefix(name, "etc/init.d/"):
+		case strings.HasPrefix(name, "etc/init.d/"), name == "usr/share/udhcpc/default.script":
 			mode = 0o755
 		case name == "etc/shadow":
 			mode = 0o640
@@ -176,6 +176,26 @@ for s in /etc/init.d/S??*; do
 done
 mods=$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ',' | sed 's/,$//')
 echo "` + UpMarker + ` hostname=$(hostname) kernel=$(uname -r) modules=$mods" > /dev/console
+`,
+		"usr/share/udhcpc/default.script": `#!/bin/sh
+# busybox udhcpc event script: configure the interface from the lease.
+case "$1" in
+deconfig)
+	ifconfig "$interface" 0.0.0.0
+	;;
+bound|renew)
+	ifconfig "$interface" "$ip" ${subnet:+netmask $subnet} ${broadcast:+broadcast $broadcast}
+	if [ -n "$router" ]; then
+		while route del default gw 0.0.0.0 dev "$interface" 2>/dev/null; do :; done
+		for r in $router; do route add default gw "$r" dev "$interface"; done
+	fi
+	if [ -n "$dns" ]; then
+		: > /etc/resolv.conf
+		[ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+		for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+	fi
+	;;
+esac
 `,
 		"etc/init.d/rcK": `#!/bin/sh
 # System stop for the ESIR sample image: stop the S??* scripts in reverse.

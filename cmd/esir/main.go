@@ -39,6 +39,7 @@ images peer-to-peer over BitTorrent and installs and enrolls the nodes.`,
 	app.AddLogFlags(root)
 	// Each noun registers here; its commands live in a file named after it.
 	root.AddCommand(newImageCmd(app))
+	addImageSampleCmd(root, app) // esir image sample (after the image noun)
 	root.AddCommand(newModulesCmd(app))
 	root.AddCommand(newBootCmd(app), newPXECmd(app))
 	root.AddCommand(newSwarmCmd(app))

@@ -1,0 +1,299 @@
+// Command agent measures the install pipeline's streaming: the time from the
+// first image byte received over BitTorrent to "installed" (unpacking while
+// pieces arrive), against the pipeline's bound max(download time, disk write
+// time), both measured in the same run: the download alone (the same swarm
+// fetch read to the end, nothing written), and an install from a local copy
+// of the archive (disk write alone). Target: ratio <= 1.15.
+//
+// It needs root (loop devices, mount). Everything runs on loopback: an ESIR
+// seeder server (tracker, metainfo, web seed) with its upload capped to the
+// link rate given, and one agent node per run.
+//
+//	go run ./benchmarks/agent [--rate-mbit 400] [--modules all|storage] [--runs 3] [--json FILE]
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/esir-project/esir/agent/install"
+	"github.com/esir-project/esir/imaging"
+	"github.com/esir-project/esir/modules"
+	"github.com/esir-project/esir/sampleimage"
+	"github.com/esir-project/esir/server/agentapi"
+	"github.com/esir-project/esir/swarm"
+	"github.com/esir-project/esir/vm"
+)
+
+type result struct {
+	Image            string    `json:"image"`
+	ArchiveBytes     int64     `json:"archive_bytes"`
+	UncompressedSize int64     `json:"uncompressed_bytes"`
+	RateMbit         float64   `json:"rate_mbit"`
+	Runs             int       `json:"runs"`
+	StreamSec        []float64 `json:"stream_install_s"` // first byte -> installed, streaming from the swarm
+	DownloadSec      []float64 `json:"download_s"`       // first byte -> last byte, swarm alone
+	LocalSec         []float64 `json:"local_install_s"`  // first byte -> installed, local archive
+	Median           struct {
+		Stream, Download, Local, Bound, Ratio float64
+	} `json:"median"`
+	Target float64 `json:"target_ratio"`
+}
+
+func main() {
+	rate := flag.Float64("rate-mbit", 400, "seeder upload cap in Mbit/s, the emulated link (0: unlimited)")
+	mods := flag.String("modules", "all", "sample image modules: all (Debian's whole tree) or storage")
+	runs := flag.Int("runs", 3, "runs of each measurement (the medians are compared)")
+	jsonOut := flag.String("json", "", "write the figures as JSON to this file")
+	flag.Parse()
+	if err := run(context.Background(), *rate, *mods, *runs, *jsonOut); err != nil {
+		fmt.Fprintln(os.Stderr, "benchmark agent:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut string) error {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (loop devices, mount)")
+	}
+	work, err := os.MkdirTemp("", "esir-bench-agent-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+
+	// The image: the lab's sample tree.
+	k, err := vm.HostDebianKernel()
+	if err != nil {
+		return err
+	}
+	opts := sampleimage.Options{Kernel: k}
+	if mods == "storage" {
+		opts.Modules = sampleimage.StorageNetFS
+	}
+	tree := filepath.Join(work, "tree")
+	if err := sampleimage.Build(ctx, tree, opts); err != nil {
+		return err
+	}
+	st, err := imaging.OpenStore(filepath.Join(work, "store"))
+	if err != nil {
+		return err
+	}
+	img, err := st.Build(ctx, tree, imaging.BuildOptions{Name: "sample", Version: "1"})
+	if err != nil {
+		return err
+	}
+	os.RemoveAll(tree)
+	m := img.Manifest
+
+	// The agent binary the install puts on the disk: this program stands in
+	// for its bytes (the install copies whatever file it is given).
+	agentBin, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	devs, err := modules.ReadDevices("/sys")
+	if err != nil {
+		return err
+	}
+
+	// The seeder server on loopback.
+	srv, err := swarm.NewServer(swarm.ServerConfig{
+		Node: swarm.NodeConfig{Listen: "127.0.0.1:0", UploadRate: int64(rateMbit * 1e6 / 8)}, Log: log})
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	simg, err := swarm.ImageFromTorrent(img.ArchivePath(), img.TorrentPath(), m.Name, m.Version, m.SHA256)
+	if err != nil {
+		return err
+	}
+	if err := srv.Publish(simg); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	hs := &http.Server{Handler: srv.Handler()}
+	go hs.Serve(ln)
+	defer hs.Close()
+	server := "http://" + ln.Addr().String()
+
+	res := result{Image: m.Ref(), ArchiveBytes: m.CompressedSize, UncompressedSize: m.UncompressedSize, RateMbit: rateMbit, Runs: runs, Target: 1.15}
+	for i := 0; i < runs; i++ {
+		d, err := downloadOnly(ctx, server, m.Ref(), filepath.Join(work, fmt.Sprintf("dl%d", i)), log)
+		if err != nil {
+			return fmt.Errorf("download alone: %w", err)
+		}
+		res.DownloadSec = append(res.DownloadSec, d.Seconds())
+
+		local := install.ImageFromStore(&m, img.ArchivePath())
+		d, err = installOnce(ctx, work, i, "local", local, agentBin, devs)
+		if err != nil {
+			return fmt.Errorf("local install: %w", err)
+		}
+		res.LocalSec = append(res.LocalSec, d.Seconds())
+
+		var node *swarm.Node
+		stream := install.ImageFromStore(&m, "")
+		stream.Open = func(ctx context.Context) (io.ReadCloser, error) {
+			n, dl, err := startFetch(ctx, server, m.Ref(), filepath.Join(work, fmt.Sprintf("st%d", i)), log)
+			if err != nil {
+				return nil, err
+			}
+			node = n
+			return &closer{ReadCloser: dl.Reader(ctx), close: func() { dl.Close() }}, nil
+		}
+		d, err = installOnce(ctx, work, i, "stream", stream, agentBin, devs)
+		if node != nil {
+			node.Close()
+		}
+		if err != nil {
+			return fmt.Errorf("streaming install: %w", err)
+		}
+		res.StreamSec = append(res.StreamSec, d.Seconds())
+	}
+	res.Median.Stream, res.Median.Download, res.Median.Local = median(res.StreamSec), median(res.DownloadSec), median(res.LocalSec)
+	res.Median.Bound = max(res.Median.Download, res.Median.Local)
+	res.Median.Ratio = res.Median.Stream / res.Median.Bound
+
+	fmt.Printf("agent install streaming: image %s, archive %.1f MiB (%.1f MiB uncompressed), link %.0f Mbit/s, %d runs (medians)\n",
+		res.Image, float64(res.ArchiveBytes)/(1<<20), float64(res.UncompressedSize)/(1<<20), rateMbit, runs)
+	fmt.Printf("%-44s %10s %10s %8s %8s\n", "measure", "ESIR s", "bound s", "ratio", "target")
+	fmt.Printf("%-44s %10.2f %10.2f %8.2f %8s\n", "first byte -> installed (streaming install)", res.Median.Stream, res.Median.Bound, res.Median.Ratio, "<= 1.15")
+	fmt.Printf("%-44s %10.2f %10s %8.2f\n", "  baseline: download alone (swarm)", res.Median.Download, "", res.Median.Stream/res.Median.Download)
+	fmt.Printf("%-44s %10.2f %10s %8.2f\n", "  baseline: install from a local copy", res.Median.Local, "", res.Median.Stream/res.Median.Local)
+	fmt.Printf("runs (s): stream %v download %v local %v\n", fmtList(res.StreamSec), fmtList(res.DownloadSec), fmtList(res.LocalSec))
+	if jsonOut != "" {
+		b, _ := json.MarshalIndent(res, "", "  ")
+		if err := os.WriteFile(jsonOut, append(b, '\n'), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+type closer struct {
+	io.ReadCloser
+	close func()
+}
+
+func (c *closer) Close() error { err := c.ReadCloser.Close(); c.close(); return err }
+
+func startFetch(ctx context.Context, server, ref, dir string, log *slog.Logger) (*swarm.Node, *swarm.Download, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, nil, err
+	}
+	n, err := swarm.NewNode(swarm.NodeConfig{Listen: "127.0.0.1:0", Log: log})
+	if err != nil {
+		return nil, nil, err
+	}
+	d, err := n.Fetch(ctx, swarm.FetchConfig{Server: server, Image: ref, Out: filepath.Join(dir, "image.tar.zst")})
+	if err != nil {
+		n.Close()
+		return nil, nil, err
+	}
+	return n, d, nil
+}
+
+// downloadOnly fetches the image and reads it in order to the end: the time
+// from the first byte to the last.
+func downloadOnly(ctx context.Context, server, ref, dir string, log *slog.Logger) (time.Duration, error) {
+	n, d, err := startFetch(ctx, server, ref, dir, log)
+	if err != nil {
+		return 0, err
+	}
+	defer n.Close()
+	defer d.Close()
+	r := d.Reader(ctx)
+	defer r.Close()
+	buf := make([]byte, 1<<20)
+	var first time.Time
+	for {
+		k, err := r.Read(buf)
+		if k > 0 && first.IsZero() {
+			first = time.Now()
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return 0, err
+		}
+	}
+	took := time.Since(first)
+	if _, err := d.Wait(ctx); err != nil {
+		return 0, err
+	}
+	return took, nil
+}
+
+// installOnce installs onto a fresh disk file and returns the time from the
+// first archive byte read to the end of the last step.
+func installOnce(ctx context.Context, work string, i int, name string, img install.Image, agentBin string, devs []modules.Device) (time.Duration, error) {
+	file := filepath.Join(work, fmt.Sprintf("%s%d.img", name, i))
+	f, err := os.Create(file)
+	if err != nil {
+		return 0, err
+	}
+	size := 3*img.UncompressedSize + 512<<20
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return 0, err
+	}
+	f.Close()
+	defer os.Remove(file)
+	dev, detach, err := install.AttachFile(ctx, file)
+	if err != nil {
+		return 0, err
+	}
+	defer detach()
+	var first time.Time
+	asg := &agentapi.Assignment{Hostname: "bench", Server: "http://198.18.0.1:8080", Disk: agentapi.DiskLayout{Rule: agentapi.DiskRule{Path: dev}, ESPMiB: 64}}
+	_, err = install.Run(ctx, img, asg, install.Options{MAC: "52:54:00:be:ec:01", Agent: agentBin, Devices: devs,
+		Report: func(e install.Event) {
+			if e.Step == install.StepUnpack && e.Status == install.Progress && e.Bytes > 0 && first.IsZero() {
+				first = time.Now()
+			}
+			if e.Status == install.Done && !first.IsZero() {
+				fmt.Fprintf(os.Stderr, "  %s: %s done at +%.2fs\n", name, e.Step, time.Since(first).Seconds())
+			}
+		}})
+	if err != nil {
+		return 0, err
+	}
+	return time.Since(first), nil
+}
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	if len(s) == 0 {
+		return 0
+	}
+	return s[len(s)/2]
+}
+
+func fmtList(xs []float64) string {
+	out := "["
+	for i, x := range xs {
+		if i > 0 {
+			out += " "
+		}
+		out += fmt.Sprintf("%.2f", x)
+	}
+	return out + "]"
+}
