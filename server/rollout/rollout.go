@@ -190,6 +190,14 @@ func (s *Scheduler) Cancel(ctx context.Context, id int64) (*deploy.Rollout, erro
 				if err != nil && !errors.Is(err, store.ErrNotFound) {
 					return err
 				}
+				if n != nil && n.Rollout == id && (n.State == deploy.Installed || n.State == deploy.Enrolled) {
+					// It finished before the cancel: count it as done.
+					t.Status, t.Finished, t.LastError = deploy.TargetSucceeded, now, ""
+					if err := tx.PutTarget(id, *t); err != nil {
+						return err
+					}
+					continue
+				}
 				if n != nil && n.Rollout == id && n.State.Active() {
 					if err := transition(tx, n, deploy.Failed, reason, now); err != nil {
 						return err
