@@ -82,7 +82,10 @@ func (t *Tree) BootPlan(devs []Device, need BootNeeds) (*Plan, error) {
 			pn.index[s.Module] = i
 		}
 		for _, n := range extra {
-			ms := t.Lookup(n)
+			ms, err := t.Lookup(n)
+			if err != nil {
+				return nil, err
+			}
 			if len(ms) == 0 {
 				return nil, fmt.Errorf("boot modules for kernel %s: no module or alias %q", t.Version, n)
 			}

@@ -7,7 +7,7 @@ import "strings"
 // '*' matches any run of bytes including '/', '?' any one byte, "[...]" a
 // set (with ranges and '!' or '^' to negate), and '\' quotes the next byte.
 // A malformed set ("[" without "]") matches a literal '['.
-func fnmatch(pattern, name string) bool {
+func fnmatch[P ~string | ~[]byte](pattern P, name string) bool {
 	p, n := 0, 0
 	// Backtracking point for the last '*': where the pattern resumes and
 	// which name byte the star will swallow next.
@@ -72,7 +72,7 @@ func fnmatch(pattern, name string) bool {
 // matchSet matches byte c against the set starting at pattern[p] == '['. It
 // returns whether c is in the set, the index after the closing ']', and
 // whether the set is well formed.
-func matchSet(pattern string, p int, c byte) (match bool, next int, valid bool) {
+func matchSet[P ~string | ~[]byte](pattern P, p int, c byte) (match bool, next int, valid bool) {
 	i := p + 1
 	negate := false
 	if i < len(pattern) && (pattern[i] == '!' || pattern[i] == '^') {
@@ -86,8 +86,9 @@ func matchSet(pattern string, p int, c byte) (match bool, next int, valid bool) 
 		}
 		first = false
 		if pattern[i] == '[' && i+1 < len(pattern) && pattern[i+1] == ':' {
-			if end := indexFrom(pattern, i+2, ":]"); end >= 0 {
-				if classMatch(pattern[i+2:end], c) {
+			if end := indexFrom(string(pattern[i+2:]), 0, ":]"); end >= 0 {
+				end += i + 2
+				if classMatch(string(pattern[i+2:end]), c) {
 					match = true
 				}
 				i = end + 2

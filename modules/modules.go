@@ -40,11 +40,13 @@ type Tree struct {
 	byPath  map[string]*Module
 	builtin map[string]bool // built-in module names
 
-	aliases      []alias // modules.alias, file order
-	aliasPrefix  map[string][]int32
-	prefixLens   []int
-	builtinAlias []alias   // from modules.builtin.modinfo
-	softdeps     []softdep // modules.softdep, file order
+	aliasBin     *binIndex        // modules.alias.bin, used instead of the text when present
+	aliases      []alias          // modules.alias, file order
+	aliasHead    map[string]int32 // literal prefix -> 1 + last alias with it
+	aliasNext    []int32          // per alias: 1 + previous alias with its prefix
+	prefixLens   []int            // distinct literal prefix lengths, ascending
+	builtinAlias []alias          // from modules.builtin.modinfo
+	softdeps     []softdep        // modules.softdep, file order
 
 	conf config
 }
@@ -71,6 +73,9 @@ type Options struct {
 	// ROOT/usr/lib/modprobe.d for a tree at ROOT/lib/modules/VERSION); an
 	// empty, non-nil slice means no configuration.
 	ConfigDirs []string
+	// TextIndex reads modules.alias even when modules.alias.bin (kmod's
+	// binary trie of the same aliases, which needs no parsing) is there.
+	TextIndex bool
 	// KernelCmdline, when set, adds module options given on a kernel
 	// command line as MODULE.PARAM=VALUE, as modprobe does with /proc/cmdline.
 	KernelCmdline string
@@ -80,30 +85,40 @@ type Options struct {
 func Open(dir string, opts Options) (*Tree, error) {
 	dir = filepath.Clean(dir)
 	t := &Tree{
-		Dir:         dir,
-		Version:     filepath.Base(dir),
-		mods:        make(map[string]*Module, 4096),
-		byPath:      make(map[string]*Module, 4096),
-		builtin:     map[string]bool{},
-		aliasPrefix: make(map[string][]int32, 16384),
+		Dir:       dir,
+		Version:   filepath.Base(dir),
+		mods:      make(map[string]*Module, 4096),
+		byPath:    make(map[string]*Module, 4096),
+		builtin:   map[string]bool{},
+		aliasHead: make(map[string]int32, 16384),
 	}
-	if err := t.readDep(); err != nil {
-		return nil, err
+	// modules.alias is the big one: parse it beside the rest (it touches
+	// only the alias fields).
+	aliasErr := make(chan error, 1)
+	if bin, err := openBinIndex(filepath.Join(dir, "modules.alias.bin")); err == nil && !opts.TextIndex {
+		t.aliasBin = bin
+		aliasErr <- nil
+	} else {
+		go func() { aliasErr <- t.readAlias() }()
 	}
-	if err := t.readAlias(); err != nil {
-		return nil, err
+	err := t.readDep()
+	if err == nil {
+		err = t.readSoftdep()
 	}
-	if err := t.readSoftdep(); err != nil {
-		return nil, err
-	}
-	if err := t.readBuiltin(); err != nil {
-		return nil, err
+	if err == nil {
+		err = t.readBuiltin()
 	}
 	dirs := opts.ConfigDirs
 	if dirs == nil {
 		dirs = defaultConfigDirs(dir)
 	}
-	conf, err := readConfig(dirs)
+	var conf config
+	if err == nil {
+		conf, err = readConfig(dirs)
+	}
+	if aerr := <-aliasErr; err == nil {
+		err = aerr
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -225,8 +240,13 @@ func (t *Tree) readAlias() error {
 	if err != nil {
 		return fmt.Errorf("module tree %s: read index: %w", t.Dir, err)
 	}
+	n := bytes.Count(data, []byte{'\n'}) + 1
+	t.aliases = make([]alias, 0, n)
+	t.aliasNext = make([]int32, 0, n)
 	first := map[string]int32{}
-	lens := map[int]bool{}
+	lastMod, lastPrio := "", int32(0)
+	var lens [256]bool
+	long := map[int]bool{}
 	err = lines(data, func(n int, line string) error {
 		rest, ok := strings.CutPrefix(line, "alias ")
 		sp := strings.LastIndexByte(rest, ' ')
@@ -234,22 +254,36 @@ func (t *Tree) readAlias() error {
 			return fmt.Errorf("%s:%d: malformed line %q: want \"alias PATTERN MODULE\"", file, n, line)
 		}
 		pattern, mod := normalizeAlias(strings.TrimSpace(rest[:sp])), normalizeName(rest[sp+1:])
-		prio, seen := first[mod]
-		if !seen {
-			prio = int32(len(t.aliases))
-			first[mod] = prio
+		// A module's aliases are usually consecutive: look it up only when it changes.
+		if mod != lastMod {
+			prio, seen := first[mod]
+			if !seen {
+				prio = int32(len(t.aliases))
+				first[mod] = prio
+			}
+			lastMod, lastPrio = mod, prio
 		}
 		i := int32(len(t.aliases))
-		t.aliases = append(t.aliases, alias{pattern: pattern, module: mod, prio: prio})
+		t.aliases = append(t.aliases, alias{pattern: pattern, module: mod, prio: lastPrio})
 		pre := literalPrefix(pattern)
-		t.aliasPrefix[pre] = append(t.aliasPrefix[pre], i)
-		lens[len(pre)] = true
+		t.aliasNext = append(t.aliasNext, t.aliasHead[pre])
+		t.aliasHead[pre] = i + 1
+		if len(pre) < len(lens) {
+			lens[len(pre)] = true
+		} else {
+			long[len(pre)] = true
+		}
 		return nil
 	})
 	if err != nil {
 		return err
 	}
-	for l := range lens {
+	for l, ok := range lens {
+		if ok {
+			t.prefixLens = append(t.prefixLens, l)
+		}
+	}
+	for l := range long {
 		t.prefixLens = append(t.prefixLens, l)
 	}
 	sort.Ints(t.prefixLens)

@@ -333,3 +333,53 @@ func TestReadDevices(t *testing.T) {
 		t.Fatalf("got %+v\nwant %+v", devs, want)
 	}
 }
+
+// TestBinaryIndex: lookups through kmod's modules.alias.bin and through the
+// text modules.alias agree for every recorded device; a corrupt binary index
+// is an error naming the file.
+func TestBinaryIndex(t *testing.T) {
+	tree := debianTree(t)
+	bin, err := Open(tree, Options{ConfigDirs: []string{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	text, err := Open(tree, Options{ConfigDirs: []string{}, TextIndex: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bin.aliasBin == nil || text.aliasBin != nil {
+		t.Fatal("expected one tree on modules.alias.bin and one on the text")
+	}
+	for _, f := range corpusFiles(t) {
+		devs, err := ReadDeviceList(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range devs {
+			a, err := bin.Lookup(d.Modalias)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := text.Lookup(d.Modalias)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(a, b) {
+				t.Errorf("%s: binary index %v, text %v", d.Modalias, a, b)
+			}
+		}
+	}
+
+	dir := writeTree(t, map[string]string{"modules.dep": "kernel/a.ko:\n", "modules.alias": "alias pci:* a\n"})
+	// A valid header whose root points past the end of the file.
+	if err := os.WriteFile(filepath.Join(dir, "modules.alias.bin"), []byte("\xb0\x07\xf4\x57\x00\x02\x00\x01\x20\x00\x40\x00"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tr, err := Open(dir, Options{ConfigDirs: []string{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tr.Lookup("pci:v1"); err == nil || !strings.Contains(err.Error(), "modules.alias.bin") {
+		t.Fatalf("corrupt index: %v", err)
+	}
+}

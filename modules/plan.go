@@ -64,9 +64,11 @@ type Match struct {
 }
 
 // Lookup resolves a name or modalias the way modprobe does: modprobe.d
-// aliases, then a module of that name, then modules.alias, then built-in
-// modules and their aliases. The first source with an answer wins.
-func (t *Tree) Lookup(name string) []Match {
+// aliases, then a module of that name, then modules.alias (its binary trie
+// modules.alias.bin when there is one), then built-in modules and their
+// aliases. The first source with an answer wins. The error is for a corrupt
+// binary index.
+func (t *Tree) Lookup(name string) ([]Match, error) {
 	n := normalizeAlias(name)
 	var out []Match
 	// modprobe.d aliases.
@@ -76,14 +78,26 @@ func (t *Tree) Lookup(name string) []Match {
 		}
 	}
 	if len(out) > 0 {
-		return out
+		return out, nil
 	}
 	mn := normalizeName(name)
 	if _, ok := t.mods[mn]; ok {
-		return []Match{{Module: mn}}
+		return []Match{{Module: mn}}, nil
 	}
 	if _, ok := t.conf.install[mn]; ok {
-		return []Match{{Module: mn}}
+		return []Match{{Module: mn}}, nil
+	}
+	if t.aliasBin != nil {
+		vals, err := t.aliasBin.searchWild(n)
+		if err != nil {
+			return nil, err
+		}
+		for _, v := range vals {
+			out = appendMatch(out, Match{Module: normalizeName(v.value)})
+		}
+		if len(out) > 0 {
+			return out, nil
+		}
 	}
 	// modules.alias: candidates are the patterns whose literal prefix n starts with.
 	var hits []alias
@@ -91,8 +105,8 @@ func (t *Tree) Lookup(name string) []Match {
 		if l > len(n) {
 			break
 		}
-		for _, i := range t.aliasPrefix[n[:l]] {
-			if a := t.aliases[i]; fnmatch(a.pattern, n) {
+		for i := t.aliasHead[n[:l]]; i != 0; i = t.aliasNext[i-1] {
+			if a := t.aliases[i-1]; fnmatch(a.pattern, n) {
 				hits = append(hits, a)
 			}
 		}
@@ -102,17 +116,17 @@ func (t *Tree) Lookup(name string) []Match {
 		for _, a := range hits {
 			out = appendMatch(out, Match{Module: a.module})
 		}
-		return out
+		return out, nil
 	}
 	if t.builtin[mn] {
-		return []Match{{Module: mn, Builtin: true}}
+		return []Match{{Module: mn, Builtin: true}}, nil
 	}
 	for _, a := range t.builtinAlias {
 		if fnmatch(a.pattern, n) {
 			out = appendMatch(out, Match{Module: a.module, Builtin: true})
 		}
 	}
-	return out
+	return out, nil
 }
 
 func appendMatch(out []Match, m Match) []Match {
@@ -168,7 +182,10 @@ func (t *Tree) Plan(devs []Device) (*Plan, error) {
 	for _, d := range devs {
 		ms, ok := cache[d.Modalias]
 		if !ok {
-			ms = t.Lookup(d.Modalias)
+			var err error
+			if ms, err = t.Lookup(d.Modalias); err != nil {
+				return p.plan, err
+			}
 			cache[d.Modalias] = ms
 		}
 		if len(ms) == 0 {
@@ -185,7 +202,10 @@ func (t *Tree) Plan(devs []Device) (*Plan, error) {
 func (t *Tree) PlanNames(names ...string) (*Plan, error) {
 	p := t.newPlanner()
 	for _, n := range names {
-		ms := t.Lookup(n)
+		ms, err := t.Lookup(n)
+		if err != nil {
+			return p.plan, err
+		}
 		if len(ms) == 0 {
 			p.errs = append(p.errs, fmt.Errorf("module tree %s: no module or alias %q", t.Dir, n))
 			continue
@@ -279,7 +299,11 @@ func (p *planner) withSoftdeps(name, reason, of string, visited map[string]bool)
 }
 
 func (p *planner) softdepTargets(target, of string, visited map[string]bool) {
-	for _, m := range p.t.Lookup(target) {
+	ms, err := p.t.Lookup(target)
+	if err != nil {
+		p.errs = append(p.errs, err)
+	}
+	for _, m := range ms {
 		if m.Builtin {
 			p.skip(m.Module, "builtin", Device{})
 			continue
