@@ -208,3 +208,36 @@ func (x *binIndex) wildAll(n binNode, pattern []byte, subkey string, out *[]binV
 	}
 	return nil
 }
+
+// search returns the first value stored under exactly key, as kmod's
+// index_mm_search does (modules.dep.bin: module name -> its modules.dep line).
+func (x *binIndex) search(key string) (string, bool, error) {
+	off := x.root
+	i := 0
+	for off != 0 {
+		n, err := x.node(off)
+		if err != nil {
+			return "", false, fmt.Errorf("%s: %w", x.file, err)
+		}
+		for j := 0; j < len(n.prefix); j++ {
+			if i+j >= len(key) || key[i+j] != n.prefix[j] {
+				return "", false, nil
+			}
+		}
+		i += len(n.prefix)
+		if i == len(key) {
+			if n.nvalues == 0 {
+				return "", false, nil
+			}
+			var vals []binValue
+			n.nvalues = 1
+			if err := x.addValues(n, &vals); err != nil {
+				return "", false, fmt.Errorf("%s: %w", x.file, err)
+			}
+			return vals[0].value, true, nil
+		}
+		off = x.child(n, key[i])
+		i++
+	}
+	return "", false, nil
+}

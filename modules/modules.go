@@ -19,13 +19,14 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 )
 
 // Module is one loadable module of a tree, as modules.dep lists it.
 type Module struct {
 	Name string // kernel name, '-' replaced by '_'
 	Path string // path relative to the tree, as modules.dep lists it
-	Line int    // line in modules.dep
+	Line int    // line in modules.dep (0 when read from modules.dep.bin)
 
 	deps string // the raw dependency list of its modules.dep line
 }
@@ -36,9 +37,10 @@ type Tree struct {
 	Dir     string // the tree's directory
 	Version string // kernel version (the directory's base name)
 
+	mu      sync.Mutex         // guards mods, filled lazily from depBin
 	mods    map[string]*Module // by name
-	byPath  map[string]*Module
-	builtin map[string]bool // built-in module names
+	depBin  *binIndex          // modules.dep.bin, used instead of the text when present
+	builtin map[string]bool    // built-in module names
 
 	aliasBin     *binIndex        // modules.alias.bin, used instead of the text when present
 	aliases      []alias          // modules.alias, file order
@@ -73,8 +75,9 @@ type Options struct {
 	// ROOT/usr/lib/modprobe.d for a tree at ROOT/lib/modules/VERSION); an
 	// empty, non-nil slice means no configuration.
 	ConfigDirs []string
-	// TextIndex reads modules.alias even when modules.alias.bin (kmod's
-	// binary trie of the same aliases, which needs no parsing) is there.
+	// TextIndex reads modules.alias and modules.dep even when
+	// modules.alias.bin and modules.dep.bin (kmod's binary tries of the same
+	// data, which need no parsing) are there.
 	TextIndex bool
 	// KernelCmdline, when set, adds module options given on a kernel
 	// command line as MODULE.PARAM=VALUE, as modprobe does with /proc/cmdline.
@@ -88,7 +91,6 @@ func Open(dir string, opts Options) (*Tree, error) {
 		Dir:       dir,
 		Version:   filepath.Base(dir),
 		mods:      make(map[string]*Module, 4096),
-		byPath:    make(map[string]*Module, 4096),
 		builtin:   map[string]bool{},
 		aliasHead: make(map[string]int32, 16384),
 	}
@@ -101,7 +103,12 @@ func Open(dir string, opts Options) (*Tree, error) {
 	} else {
 		go func() { aliasErr <- t.readAlias() }()
 	}
-	err := t.readDep()
+	var err error
+	if bin, berr := openBinIndex(filepath.Join(dir, "modules.dep.bin")); berr == nil && !opts.TextIndex {
+		t.depBin = bin
+	} else {
+		err = t.readDep()
+	}
 	if err == nil {
 		err = t.readSoftdep()
 	}
@@ -141,21 +148,39 @@ func defaultConfigDirs(dir string) []string {
 	return dirs
 }
 
-// Module returns the module called name ('-' and '_' are the same), or nil.
-func (t *Tree) Module(name string) *Module { return t.mods[normalizeName(name)] }
+// Module returns the module called name ('-' and '_' are the same), or nil
+// when there is none (or the binary index cannot be read).
+func (t *Tree) Module(name string) *Module {
+	m, _ := t.module(normalizeName(name))
+	return m
+}
+
+// module returns the module with the normalized name, reading it from
+// modules.dep.bin on first use when the tree has that index.
+func (t *Tree) module(name string) (*Module, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if m, ok := t.mods[name]; ok {
+		return m, nil
+	}
+	if t.depBin == nil {
+		return nil, nil
+	}
+	line, ok, err := t.depBin.search(name)
+	if err != nil || !ok {
+		return nil, err
+	}
+	p, deps, ok := strings.Cut(line, ":")
+	if !ok || !strings.Contains(p, ".ko") {
+		return nil, fmt.Errorf("%s: module %s: malformed entry %q", t.depBin.file, name, line)
+	}
+	m := &Module{Name: name, Path: strings.TrimSpace(p), deps: deps}
+	t.mods[name] = m
+	return m, nil
+}
 
 // Builtin reports whether name is built into the kernel.
 func (t *Tree) Builtin(name string) bool { return t.builtin[normalizeName(name)] }
-
-// Modules returns every loadable module, in modules.dep order.
-func (t *Tree) Modules() []*Module {
-	out := make([]*Module, 0, len(t.mods))
-	for _, m := range t.mods {
-		out = append(out, m)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Line < out[j].Line })
-	return out
-}
 
 // FilePath is the module file's path on disk.
 func (t *Tree) FilePath(m *Module) string { return filepath.Join(t.Dir, m.Path) }
@@ -167,10 +192,16 @@ func (t *Tree) Deps(m *Module) ([]string, error) {
 	out := make([]string, 0, len(fields))
 	// modules.dep lists the deepest dependency last: load in reverse.
 	for i := len(fields) - 1; i >= 0; i-- {
-		d, ok := t.byPath[fields[i]]
-		if !ok {
-			return nil, fmt.Errorf("%s:%d: %s depends on %s, which has no line of its own",
-				filepath.Join(t.Dir, "modules.dep"), m.Line, m.Name, fields[i])
+		d, err := t.module(nameFromPath(fields[i]))
+		if err != nil {
+			return nil, err
+		}
+		if d == nil || d.Path != fields[i] {
+			where := filepath.Join(t.Dir, "modules.dep.bin")
+			if t.depBin == nil {
+				where = fmt.Sprintf("%s:%d", filepath.Join(t.Dir, "modules.dep"), m.Line)
+			}
+			return nil, fmt.Errorf("%s: %s depends on %s, which has no line of its own", where, m.Name, fields[i])
 		}
 		out = append(out, d.Name)
 	}
@@ -229,7 +260,6 @@ func (t *Tree) readDep() error {
 		if _, dup := t.mods[m.Name]; !dup {
 			t.mods[m.Name] = m
 		}
-		t.byPath[p] = m
 		return nil
 	})
 }

@@ -74,14 +74,20 @@ func (t *Tree) Lookup(name string) ([]Match, error) {
 	// modprobe.d aliases.
 	for _, a := range t.conf.aliases {
 		if fnmatch(a.pattern, n) {
-			out = appendMatch(out, Match{Module: a.module, Builtin: t.mods[a.module] == nil && t.builtin[a.module]})
+			m, err := t.module(a.module)
+			if err != nil {
+				return nil, err
+			}
+			out = appendMatch(out, Match{Module: a.module, Builtin: m == nil && t.builtin[a.module]})
 		}
 	}
 	if len(out) > 0 {
 		return out, nil
 	}
 	mn := normalizeName(name)
-	if _, ok := t.mods[mn]; ok {
+	if m, err := t.module(mn); err != nil {
+		return nil, err
+	} else if m != nil {
 		return []Match{{Module: mn}}, nil
 	}
 	if _, ok := t.conf.install[mn]; ok {
@@ -264,7 +270,11 @@ func (p *planner) probeList(name, reason, of string, visited map[string]bool) {
 		return
 	}
 	visited[name] = true
-	m := p.t.mods[name]
+	m, err := p.t.module(name)
+	if err != nil {
+		p.errs = append(p.errs, err)
+		return
+	}
 	if m == nil {
 		if p.t.builtin[name] {
 			p.skip(name, "builtin", Device{})
@@ -316,7 +326,7 @@ func (p *planner) add(name, reason, of string) {
 	if _, ok := p.index[name]; ok {
 		return
 	}
-	m := p.t.mods[name]
+	m, _ := p.t.module(name) // errors were recorded by probeList
 	if m == nil {
 		if p.t.builtin[name] {
 			p.skip(name, "builtin", Device{})

@@ -2,6 +2,7 @@ package modules
 
 import (
 	"context"
+	"debug/elf"
 	"fmt"
 	"os"
 	"os/exec"
@@ -44,8 +45,13 @@ func buildQEMUInitramfs(t *testing.T, k vm.Kernel, dir string) string {
 	if err != nil {
 		t.Skip("needs busybox-static (package busybox-static)")
 	}
-	if out, err := exec.Command("file", "-L", busybox).Output(); err == nil && strings.Contains(string(out), "dynamically") {
-		t.Skipf("%s is dynamically linked: needs busybox-static", busybox)
+	if ef, err := elf.Open(busybox); err == nil {
+		for _, p := range ef.Progs {
+			if p.Type == elf.PT_INTERP {
+				t.Skipf("%s is dynamically linked: needs busybox-static", busybox)
+			}
+		}
+		ef.Close()
 	}
 	goBin, err := exec.LookPath("go")
 	if err != nil {

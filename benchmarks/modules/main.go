@@ -18,6 +18,7 @@ import (
 	"runtime/pprof"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/esir-project/esir/modules"
@@ -94,9 +95,10 @@ func run(kernel, corpus, conf string, nDev, runs int, jsonOut string) error {
 	opts := modules.Options{ConfigDirs: []string{confAbs}}
 
 	// ESIR: parse the indices and match, from nothing, each run.
-	var parse, match, total []time.Duration
+	var parse, match, total, esirCPU []time.Duration
 	var plan *modules.Plan
 	for i := 0; i < runs; i++ {
+		c0 := cpuSelf()
 		t0 := time.Now()
 		t, err := modules.Open(kernel, opts)
 		if err != nil {
@@ -108,6 +110,7 @@ func run(kernel, corpus, conf string, nDev, runs int, jsonOut string) error {
 			return err
 		}
 		t2 := time.Now()
+		esirCPU = append(esirCPU, cpuSelf()-c0)
 		parse, match, total = append(parse, t1.Sub(t0)), append(match, t2.Sub(t1)), append(total, t2.Sub(t0))
 	}
 
@@ -121,12 +124,17 @@ func run(kernel, corpus, conf string, nDev, runs int, jsonOut string) error {
 	if kmodRuns < 3 {
 		kmodRuns = 3
 	}
-	var perAlias, oneCall []time.Duration
+	var perAlias, oneCall, perAliasCPU, oneCallCPU []time.Duration
 	kmodSet := map[string]bool{}
 	for i := 0; i < kmodRuns; i++ {
 		t0 := time.Now()
+		var cpu time.Duration
 		for _, d := range devs {
-			out, err := exec.Command("modprobe", args(d.Modalias)...).Output()
+			cmd := exec.Command("modprobe", args(d.Modalias)...)
+			out, err := cmd.Output()
+			if cmd.ProcessState != nil {
+				cpu += cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+			}
 			if err != nil && i == 0 && len(out) == 0 {
 				continue // "not found" for devices no module claims
 			}
@@ -140,6 +148,7 @@ func run(kernel, corpus, conf string, nDev, runs int, jsonOut string) error {
 			}
 		}
 		perAlias = append(perAlias, time.Since(t0))
+		perAliasCPU = append(perAliasCPU, cpu)
 	}
 	// Baseline 2: one modprobe for all aliases.
 	all := make([]string, len(devs))
@@ -151,6 +160,7 @@ func run(kernel, corpus, conf string, nDev, runs int, jsonOut string) error {
 		cmd := exec.Command("modprobe", append([]string{"-a"}, args(all...)...)...)
 		_ = cmd.Run() // non-zero when some alias has no module
 		oneCall = append(oneCall, time.Since(t0))
+		oneCallCPU = append(oneCallCPU, cmd.ProcessState.UserTime()+cmd.ProcessState.SystemTime())
 	}
 
 	esirSet := map[string]bool{}
@@ -163,6 +173,8 @@ func run(kernel, corpus, conf string, nDev, runs int, jsonOut string) error {
 		{Measure: "parse+match (60 devices)", ESIRMs: esirMs, Baseline: "modprobe --show-depends per alias", BaselineMs: ms(median(perAlias)), Target: ">=10x faster"},
 		{Measure: "parse+match (60 devices)", ESIRMs: esirMs, Baseline: "modprobe -a --show-depends, one call", BaselineMs: ms(median(oneCall)), Target: "(reference)"},
 		{Measure: "parse+match absolute", ESIRMs: esirMs, Baseline: "-", Target: "<20 ms"},
+		{Measure: "CPU time (user+sys)", ESIRMs: ms(median(esirCPU)), Baseline: "modprobe --show-depends per alias", BaselineMs: ms(median(perAliasCPU)), Target: ">=10x faster"},
+		{Measure: "CPU time (user+sys)", ESIRMs: ms(median(esirCPU)), Baseline: "modprobe -a --show-depends, one call", BaselineMs: ms(median(oneCallCPU)), Target: "(reference)"},
 		{Measure: "  of which parse indices", ESIRMs: ms(median(parse)), Baseline: "-"},
 		{Measure: "  of which match+plan", ESIRMs: ms(median(match)), Baseline: "-"},
 	}
@@ -178,8 +190,8 @@ func run(kernel, corpus, conf string, nDev, runs int, jsonOut string) error {
 			r.Met = r.ESIRMs < 20
 		}
 	}
-	fmt.Printf("modules: kernel %s, %d devices, %d modules planned, ESIR median of %d runs, kmod median of %d runs; module sets agree: %v\n",
-		ver, len(devs), len(plan.Steps), runs, kmodRuns, rep.Agree)
+	fmt.Printf("modules: kernel %s, %d devices, %d modules planned, ESIR median of %d runs, kmod median of %d runs; module sets agree: %v; load average %s\n",
+		ver, len(devs), len(plan.Steps), runs, kmodRuns, rep.Agree, loadavg())
 	fmt.Printf("%-28s %10s  %-38s %12s %9s  %-14s %s\n", "measure", "ESIR ms", "baseline", "baseline ms", "ratio", "target", "met")
 	for _, r := range rep.Rows {
 		bms, ratio, met := "-", "-", "-"
@@ -234,6 +246,15 @@ func machine(dir string, n int) ([]modules.Device, error) {
 	return out, nil
 }
 
+// cpuSelf is the CPU time (user+system) this process has used so far.
+func cpuSelf() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 func median(d []time.Duration) time.Duration {
 	s := append([]time.Duration(nil), d...)
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
@@ -252,4 +273,16 @@ func equalSets(a, b map[string]bool) bool {
 		}
 	}
 	return true
+}
+
+func loadavg() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
 }
