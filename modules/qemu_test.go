@@ -1,9 +1,12 @@
 package modules
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"debug/elf"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +17,8 @@ import (
 
 	"github.com/esir-project/esir/initramfs"
 	"github.com/esir-project/esir/vm"
+	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
 )
 
 const qemuInit = `#!/bin/sh
@@ -110,18 +115,65 @@ func buildQEMUInitramfs(t *testing.T, k vm.Kernel, dir string) string {
 	}
 	base := filepath.Join("lib/modules", k.Version)
 	files := 0
+	// The NIC and disk drivers go in compressed (xz, zstd, gzip), as
+	// Fedora and Ubuntu ship them: Debian's kernel cannot decompress
+	// modules itself, so they load only through the loader's own
+	// decompression and init_module. modules.dep is rewritten to name the
+	// compressed files, and modules.dep.bin left out so the loader reads it.
+	compress := map[string]string{}
+	for _, c := range []struct{ dir, suffix string }{
+		{"kernel/drivers/net/", ".xz"}, {"kernel/drivers/virtio/", ".zst"},
+		{"kernel/drivers/nvme/", ".zst"}, {"kernel/drivers/ata/", ".gz"}, {"kernel/drivers/scsi/", ".xz"},
+	} {
+		ms, _ := filepath.Glob(filepath.Join(k.ModulesDir, c.dir, "*.ko"))
+		more, _ := filepath.Glob(filepath.Join(k.ModulesDir, c.dir, "*", "*.ko"))
+		more2, _ := filepath.Glob(filepath.Join(k.ModulesDir, c.dir, "*", "*", "*", "*.ko"))
+		for _, m := range append(append(ms, more...), more2...) {
+			rel, _ := filepath.Rel(k.ModulesDir, m)
+			if keep(rel) {
+				compress[rel] = c.suffix
+			}
+		}
+	}
 	err = filepath.WalkDir(k.ModulesDir, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
 		rel, _ := filepath.Rel(k.ModulesDir, p)
-		if d.Type().IsRegular() && keep(rel) {
-			files++
-			return a.File(filepath.Join(base, rel), p, 0o644)
+		if !d.Type().IsRegular() || !keep(rel) || rel == "modules.dep.bin" {
+			return nil
 		}
-		return nil
+		files++
+		if suf, ok := compress[rel]; ok {
+			return a.Bytes(filepath.Join(base, rel+suf), compressFile(t, p, suf), 0o644)
+		}
+		if rel == "modules.dep" {
+			data, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			var b strings.Builder
+			for _, line := range strings.Split(strings.TrimRight(string(data), "\n"), "\n") {
+				f := strings.Fields(line)
+				if len(f) == 0 {
+					continue
+				}
+				f[0] = strings.TrimSuffix(f[0], ":")
+				for i := range f {
+					f[i] += compress[f[i]]
+				}
+				b.WriteString(f[0] + ":")
+				for _, dep := range f[1:] {
+					b.WriteString(" " + dep)
+				}
+				b.WriteString("\n")
+			}
+			return a.Bytes(filepath.Join(base, rel), []byte(b.String()), 0o644)
+		}
+		return a.File(filepath.Join(base, rel), p, 0o644)
 	})
 	must(err)
+	t.Logf("initramfs: %d modules compressed", len(compress))
 	// Uncompressed: the kernel unpacks a plain cpio much faster under TCG.
 	out := filepath.Join(dir, "initrd.cpio")
 	f, err := os.Create(out)
@@ -236,4 +288,33 @@ func tailLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// compressFile returns file compressed the way suffix says.
+func compressFile(t *testing.T, file, suffix string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	var w io.WriteCloser
+	switch suffix {
+	case ".xz":
+		w, err = xz.NewWriter(&buf)
+	case ".zst":
+		w, err = zstd.NewWriter(&buf)
+	case ".gz":
+		w = gzip.NewWriter(&buf)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }
