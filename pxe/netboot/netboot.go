@@ -210,6 +210,34 @@ func wanted(p string) bool {
 	return false
 }
 
+// wantedModules lists the names of the modules in a modules.dep that wanted
+// selects.
+func wantedModules(depFile string) ([]string, error) {
+	f, err := os.Open(depFile)
+	if err != nil {
+		return nil, fmt.Errorf("netboot: %w", err)
+	}
+	defer f.Close()
+	var names []string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	for sc.Scan() {
+		p, _, ok := strings.Cut(sc.Text(), ":")
+		if !ok || !wanted(p) {
+			continue
+		}
+		n := path.Base(p)
+		for _, ext := range []string{".xz", ".zst", ".gz"} {
+			n = strings.TrimSuffix(n, ext)
+		}
+		names = append(names, strings.ReplaceAll(strings.TrimSuffix(n, ".ko"), "-", "_"))
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("netboot: read %s: %w", depFile, err)
+	}
+	return names, nil
+}
+
 // Build builds (or reuses) the netboot environment in opts.Out.
 func Build(ctx context.Context, opts Options) (*Result, error) {
 	log := opts.Log
@@ -237,11 +265,9 @@ func Build(ctx context.Context, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("netboot: kernel %s modules: %w", k.Version, err)
 	}
-	var names []string
-	for _, m := range tree.Modules() {
-		if wanted(m.Path) {
-			names = append(names, m.Name)
-		}
+	names, err := wantedModules(filepath.Join(k.ModulesDir, "modules.dep"))
+	if err != nil {
+		return nil, err
 	}
 	plan, err := tree.PlanNames(names...)
 	if err != nil {
