@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -84,7 +85,10 @@ func main() {
 		}
 		cfg.ns = append(cfg.ns, n)
 	}
-	ctx := context.Background()
+	// On SIGINT/SIGTERM the running method's context ends and its lab is
+	// torn down before exit.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	work, err := os.MkdirTemp("", "esir-swarm-bench-")
 	if err != nil {
 		fail(err)
@@ -107,6 +111,9 @@ func main() {
 	for _, n := range cfg.ns {
 		var rows []method
 		for _, m := range strings.Split(*methods, ",") {
+			if ctx.Err() != nil {
+				break
+			}
 			r := run(ctx, cfg, m, n, img, archive)
 			rows = append(rows, r)
 			fmt.Fprintf(os.Stderr, "N=%d %s: last %.1fs %s\n", n, m, r.LastSec, r.Err)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -94,7 +95,9 @@ written to --result (atomically) as soon as the image is verified.`,
 				}
 			}
 			d.Seed(ctx, seedFor)
-			res, _ = d.Wait(ctx)
+			// ctx may be cancelled by now (SIGTERM ends seeding): the download
+			// is finished, so Wait returns at once.
+			res, _ = d.Wait(context.WithoutCancel(ctx))
 			if resultFile != "" {
 				if err := writeResult(resultFile, res); err != nil {
 					return err

@@ -782,7 +782,12 @@ func (p *parser) split(b []byte, emit func(seg []byte, ev *event)) {
 			b = b[9:]
 			continue
 		}
-		n := min(5-len(p.hdr), len(b))
+		// The length first (a zero length is a keep-alive), then the id.
+		want := 4
+		if len(p.hdr) >= 4 {
+			want = 5
+		}
+		n := min(want-len(p.hdr), len(b))
 		p.hdr = append(p.hdr, b[:n]...)
 		seg := b[:n]
 		b = b[n:]

@@ -1,0 +1,264 @@
+package havewire
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+func handshake(ih byte) []byte {
+	b := []byte{19}
+	b = append(b, "BitTorrent protocol"...)
+	b = append(b, make([]byte, 8)...)
+	b = append(b, bytes.Repeat([]byte{ih}, 20)...)
+	return append(b, bytes.Repeat([]byte{'p'}, 20)...)
+}
+
+func msg(id byte, payload ...byte) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(1+len(payload)))
+	return append(append(b, id), payload...)
+}
+
+func have(i uint32) []byte { return msg(msgHave, binary.BigEndian.AppendUint32(nil, i)...) }
+
+func extHandshake(names ...string) []byte {
+	d := "d1:md"
+	for i, n := range names {
+		d += fmt.Sprintf("%d:%si%de", len(n), n, i+1)
+	}
+	d += "ee"
+	return msg(msgExtended, append([]byte{0}, d...)...)
+}
+
+// frames splits a BitTorrent stream (after the handshake) into messages.
+func frames(t *testing.T, b []byte) [][]byte {
+	t.Helper()
+	var out [][]byte
+	for len(b) > 0 {
+		if len(b) < 4 {
+			t.Fatalf("truncated frame header: %x", b)
+		}
+		n := int(binary.BigEndian.Uint32(b))
+		if len(b) < 4+n {
+			t.Fatalf("truncated frame: want %d bytes, have %d", n, len(b)-4)
+		}
+		out = append(out, b[:4+n])
+		b = b[4+n:]
+	}
+	return out
+}
+
+// pair wraps one end of a pipe and returns what the other end reads.
+type pair struct {
+	c    *Conn
+	peer net.Conn
+	mu   sync.Mutex
+	got  bytes.Buffer
+	done chan struct{}
+}
+
+func newPair(t *testing.T, w *Wire) *pair {
+	a, b := net.Pipe()
+	p := &pair{c: w.Wrap(a), peer: b, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		buf := make([]byte, 4096)
+		for {
+			n, err := b.Read(buf)
+			p.mu.Lock()
+			p.got.Write(buf[:n])
+			p.mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { p.c.Close(); b.Close() })
+	return p
+}
+
+// remoteSends makes the Conn read b as if the remote sent it.
+func (p *pair) remoteSends(t *testing.T, b []byte) {
+	t.Helper()
+	go p.peer.Write(b)
+	buf := make([]byte, len(b))
+	for n := 0; n < len(b); {
+		m, err := p.c.Read(buf[n:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += m
+	}
+}
+
+func (p *pair) received() []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]byte(nil), p.got.Bytes()...)
+}
+
+func TestParserSplitsAcrossWrites(t *testing.T) {
+	stream := append(handshake(7), msg(msgBitfield, 0xf0)...)
+	stream = append(stream, have(3)...)
+	stream = append(stream, 0, 0, 0, 0) // keep-alive
+	stream = append(stream, msg(7, make([]byte, 100)...)...)
+	stream = append(stream, have(9)...)
+	stream = append(stream, msg(msgHaveAll)...)
+	for _, chunk := range []int{1, 2, 3, 5, 7, 9, 64, len(stream)} {
+		var p parser
+		var got []byte
+		var haves []uint32
+		var ids []byte
+		for b := stream; len(b) > 0; {
+			n := min(chunk, len(b))
+			p.split(b[:n], func(seg []byte, ev *event) {
+				got = append(got, seg...)
+				if ev != nil && ev.kind == evMessage {
+					ids = append(ids, ev.id)
+					if ev.id == msgHave {
+						haves = append(haves, ev.index)
+					}
+				}
+			})
+			b = b[n:]
+		}
+		if !bytes.Equal(got, stream) {
+			t.Errorf("chunk %d: segments do not reassemble the stream", chunk)
+		}
+		if len(haves) != 2 || haves[0] != 3 || haves[1] != 9 {
+			t.Errorf("chunk %d: HAVEs %v, want [3 9]", chunk, haves)
+		}
+		if !bytes.Equal(ids, []byte{msgBitfield, msgHave, msgHave, msgHaveAll}) {
+			t.Errorf("chunk %d: message ids %v", chunk, ids)
+		}
+	}
+}
+
+func TestParserGivesUpOnObfuscatedStream(t *testing.T) {
+	var p parser
+	var got []byte
+	in := bytes.Repeat([]byte{0xde, 0xad}, 100)
+	p.split(in, func(seg []byte, ev *event) { got = append(got, seg...) })
+	if !p.bad || !bytes.Equal(got, in) {
+		t.Fatal("a non-BitTorrent stream must pass through untouched")
+	}
+}
+
+func TestSuppression(t *testing.T) {
+	tests := []struct {
+		name         string
+		mode         Mode
+		esir         bool
+		remoteHas    []byte // remote BITFIELD payload
+		fast         bool   // pieces complete 1 ms apart
+		wantHaves    []uint32
+		wantUpdate   bool // a BITFIELD update arrives
+		wantCounters Counters
+	}{
+		{"off forwards everything", Off, true, []byte{0xff}, true,
+			[]uint32{1, 2, 3}, false, Counters{Emitted: 3, Sent: 3}},
+		{"redundant drops pieces the remote has", Redundant, true, []byte{0x40}, true,
+			[]uint32{2, 3}, false, Counters{Emitted: 3, Sent: 2, Redundant: 1}},
+		{"adaptive coalesces fast pieces for ESIR peers", Adaptive, true, []byte{0x40}, true,
+			nil, true, Counters{Emitted: 3, Redundant: 1, Coalesced: 2, Updates: 1}},
+		{"adaptive never holds for standard peers", Adaptive, false, []byte{0x40}, true,
+			[]uint32{2, 3}, false, Counters{Emitted: 3, Sent: 2, Redundant: 1}},
+		{"adaptive sends slow pieces at once", Adaptive, true, []byte{0x00}, false,
+			[]uint32{1, 2, 3}, false, Counters{Emitted: 3, Sent: 3}},
+		{"seeders get no HAVE at all", Adaptive, true, nil, true,
+			nil, false, Counters{Emitted: 3, Redundant: 3}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			w := New(Config{Mode: tt.mode, MaxHold: 50 * time.Millisecond, Pieces: func([20]byte) int { return 8 }})
+			p := newPair(t, w)
+			if _, err := p.c.Write(handshake(1)); err != nil {
+				t.Fatal(err)
+			}
+			in := handshake(1)
+			if tt.esir {
+				in = append(in, extHandshake("ut_pex", ExtensionName)...)
+			} else {
+				in = append(in, extHandshake("ut_pex")...)
+			}
+			if tt.remoteHas == nil {
+				in = append(in, msg(msgHaveAll)...)
+			} else {
+				in = append(in, msg(msgBitfield, tt.remoteHas...)...)
+			}
+			p.remoteSends(t, in)
+			if tt.fast {
+				// Teach the Wire a fast completion rate first (other torrent).
+				for i := range 4 {
+					w.pieceEmitted(time.Now(), [20]byte{9}, uint32(i))
+					time.Sleep(time.Millisecond)
+				}
+			}
+			for _, i := range []uint32{1, 2, 3} {
+				if _, err := p.c.Write(have(i)); err != nil {
+					t.Fatal(err)
+				}
+				if !tt.fast {
+					time.Sleep(60 * time.Millisecond)
+				}
+			}
+			time.Sleep(120 * time.Millisecond) // past the hard cap
+			got := p.received()[68:]
+			var haves []uint32
+			update := false
+			for _, f := range frames(t, got) {
+				switch f[4] {
+				case msgHave:
+					haves = append(haves, binary.BigEndian.Uint32(f[5:]))
+				case msgBitfield:
+					update = true
+					if f[5] != 0x70 { // pieces 1, 2, 3 of 8
+						t.Errorf("BITFIELD update %08b, want 01110000", f[5])
+					}
+				}
+			}
+			if !equalU32(haves, tt.wantHaves) || update != tt.wantUpdate {
+				t.Errorf("wire got HAVEs %v update %v, want %v update %v", haves, update, tt.wantHaves, tt.wantUpdate)
+			}
+			if c := p.c.counters().Counters; c != tt.wantCounters {
+				t.Errorf("counters %+v, want %+v", c, tt.wantCounters)
+			}
+			s := w.Snapshot()
+			if s.HoldMax > 50*time.Millisecond {
+				t.Errorf("a HAVE was held %v, longer than the 50 ms cap", s.HoldMax)
+			}
+		})
+	}
+}
+
+func equalU32(a, b []uint32) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestParseMode(t *testing.T) {
+	for _, tt := range []struct {
+		in   string
+		want Mode
+		err  bool
+	}{{"off", Off, false}, {"redundant", Redundant, false}, {"adaptive", Adaptive, false}, {"", Adaptive, false}, {"fast", Adaptive, true}} {
+		got, err := ParseMode(tt.in)
+		if (err != nil) != tt.err || (!tt.err && got != tt.want) {
+			t.Errorf("ParseMode(%q) = %v, %v", tt.in, got, err)
+		}
+		if !tt.err && tt.in != "" && got.String() != tt.in {
+			t.Errorf("%v.String() = %q", got, got.String())
+		}
+	}
+}
