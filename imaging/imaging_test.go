@@ -971,3 +971,68 @@ func TestRefsAndVersions(t *testing.T) {
 		}
 	}
 }
+
+// TestUnreadableRoot builds, as an unprivileged user (setpriv), a tree
+// holding a file only root can read: the build fails naming the file and
+// leaves nothing in the store.
+func TestUnreadableRoot(t *testing.T) {
+	needRoot(t)
+	setpriv := needTool(t, "setpriv")
+	dir, err := os.MkdirTemp("", "esir-unreadable-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	src, store := filepath.Join(dir, "src"), filepath.Join(dir, "store")
+	secret := filepath.Join(src, "etc", "shadow")
+	for _, d := range []string{dir, src, filepath.Join(src, "etc"), store} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(d, 0o755)
+	}
+	if err := os.WriteFile(secret, []byte("root only"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(store, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(filepath.Dir(exe), 0o755)
+	cmd := exec.Command(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+		exe, "-test.run=^TestBuildHelper$", "-test.v")
+	cmd.Env = append(os.Environ(), "ESIR_TEST_BUILD_SRC="+src, "ESIR_TEST_BUILD_STORE="+store)
+	out, err := cmd.CombinedOutput()
+	if !strings.Contains(string(out), "BUILD ERROR:") {
+		t.Fatalf("helper did not run (%v):\n%s", err, out)
+	}
+	if !strings.Contains(string(out), secret) || !strings.Contains(string(out), "permission denied") {
+		t.Errorf("error does not name %s and the cause:\n%s", secret, out)
+	}
+	s, err := OpenStore(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := s.List(); len(l) != 0 {
+		t.Errorf("store holds %v", l)
+	}
+	assertNoWork(t, s)
+}
+
+// TestBuildHelper is TestUnreadableRoot's unprivileged half; it does
+// nothing unless that test runs it.
+func TestBuildHelper(t *testing.T) {
+	src, store := os.Getenv("ESIR_TEST_BUILD_SRC"), os.Getenv("ESIR_TEST_BUILD_STORE")
+	if src == "" {
+		t.Skip("run by TestUnreadableRoot")
+	}
+	s, err := OpenStore(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Build(context.Background(), src, BuildOptions{Name: "u", Version: "1"})
+	fmt.Printf("BUILD ERROR: %v\n", err)
+}
