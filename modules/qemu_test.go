@@ -120,20 +120,25 @@ func buildQEMUInitramfs(t *testing.T, k vm.Kernel, dir string) string {
 	// modules itself, so they load only through the loader's own
 	// decompression and init_module. modules.dep is rewritten to name the
 	// compressed files, and modules.dep.bin left out so the loader reads it.
+	suffixOf := map[string]string{
+		"virtio_net": ".xz", "net_failover": ".xz", "failover": ".xz", "sd_mod": ".xz",
+		"e1000": ".zst", "e1000e": ".zst", "virtio_pci": ".zst", "virtio_ring": ".zst", "virtio": ".zst",
+		"virtio_blk": ".zst", "nvme": ".zst", "nvme_core": ".zst",
+		"ahci": ".gz", "libahci": ".gz", "libata": ".gz",
+	}
 	compress := map[string]string{}
-	for _, c := range []struct{ dir, suffix string }{
-		{"kernel/drivers/net/", ".xz"}, {"kernel/drivers/virtio/", ".zst"},
-		{"kernel/drivers/nvme/", ".zst"}, {"kernel/drivers/ata/", ".gz"}, {"kernel/drivers/scsi/", ".xz"},
-	} {
-		ms, _ := filepath.Glob(filepath.Join(k.ModulesDir, c.dir, "*.ko"))
-		more, _ := filepath.Glob(filepath.Join(k.ModulesDir, c.dir, "*", "*.ko"))
-		more2, _ := filepath.Glob(filepath.Join(k.ModulesDir, c.dir, "*", "*", "*", "*.ko"))
-		for _, m := range append(append(ms, more...), more2...) {
-			rel, _ := filepath.Rel(k.ModulesDir, m)
-			if keep(rel) {
-				compress[rel] = c.suffix
-			}
+	must(filepath.WalkDir(filepath.Join(k.ModulesDir, "kernel"), func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
 		}
+		rel, _ := filepath.Rel(k.ModulesDir, p)
+		if suf, ok := suffixOf[nameFromPath(rel)]; ok && d.Type().IsRegular() && keep(rel) {
+			compress[rel] = suf
+		}
+		return nil
+	}))
+	if len(compress) != len(suffixOf) {
+		t.Fatalf("found %d of the %d modules to compress: %v", len(compress), len(suffixOf), compress)
 	}
 	err = filepath.WalkDir(k.ModulesDir, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
