@@ -164,6 +164,7 @@ func (d *Download) run(ctx context.Context) {
 		lastProgress = time.Now()
 		webSeed      bool
 		banned       = map[string]bool{}
+		gone         = map[string]int{}
 		complete     = d.t.Complete().On()
 		finished     bool
 	)
@@ -206,6 +207,15 @@ func (d *Download) run(ctx context.Context) {
 				d.n.log.Warn("swarm: peer banned: it served pieces that failed the hash check; refetching them from others",
 					"image", d.img.Ref(), "peer", ip)
 				events = append(events, "peer "+ip+" banned for corrupt pieces")
+			}
+		}
+		if !finished {
+			for ip, c := range d.n.Disconnects() {
+				if c > gone[ip] {
+					gone[ip] = c
+					d.n.log.Info("swarm: peer disconnected; its pieces are requested from others", "image", d.img.Ref(), "peer", ip)
+					events = append(events, "peer "+ip+" disconnected")
+				}
 			}
 		}
 		b := d.t.BytesCompleted()

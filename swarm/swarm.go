@@ -18,6 +18,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"slices"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -133,7 +135,6 @@ type Node struct {
 	mu       sync.Mutex
 	torrents map[metainfo.Hash]*torrent.Torrent
 	received map[string]int64 // useful bytes received by remote IP
-	events   []string         // notable peer events not yet reported
 	closed   map[string]int   // connections closed by remote IP
 }
 
@@ -262,8 +263,30 @@ func (n *Node) ReceivedBy() map[string]int64 {
 	return out
 }
 
+// Disconnects returns how many peer connections closed, by remote IP.
+func (n *Node) Disconnects() map[string]int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := make(map[string]int, len(n.closed))
+	for k, v := range n.closed {
+		out[k] = v
+	}
+	return out
+}
+
 // BannedPeers returns the IPs banned for serving corrupt data.
-func (n *Node) BannedPeers() []string { return n.cl.BadPeerIPs() }
+func (n *Node) BannedPeers() []string {
+	var out []string
+	for _, s := range n.cl.BadPeerIPs() {
+		if a, err := netip.ParseAddr(s); err == nil {
+			s = a.Unmap().String()
+		}
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
 
 // Close stops the node: every connection and torrent ends.
 func (n *Node) Close() error {

@@ -57,9 +57,14 @@ func startServer(t *testing.T, imgs ...*Image) (*Server, string) {
 			t.Fatal(err)
 		}
 	}
+	return s, serveHTTP(t, s)
+}
+
+// serveHTTP serves s's handler on loopback and returns the base URL.
+func serveHTTP(t *testing.T, s *Server) string {
 	hs := httptest.NewServer(s.Handler())
 	t.Cleanup(hs.Close)
-	return s, hs.URL
+	return hs.URL
 }
 
 func startNode(t *testing.T, mode havewire.Mode) *Node {
