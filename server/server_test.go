@@ -288,7 +288,10 @@ func TestKill9Resume(t *testing.T) {
 	p := startServer(t, bin, "-c", conf)
 	base := "http://" + addr
 	ctx := context.Background()
-	waitFor(t, func() bool { r, err := http.Get(base + "/healthz"); return err == nil && r.Body.Close() == nil && r.StatusCode == 200 })
+	waitFor(t, func() bool {
+		r, err := http.Get(base + "/healthz")
+		return err == nil && r.Body.Close() == nil && r.StatusCode == 200
+	})
 	tok, _ := os.ReadFile(filepath.Join(dir, "token"))
 	c := &client.Client{Server: base, Token: strings.TrimSpace(string(tok))}
 	var agents []*fleet.Agent
@@ -333,7 +336,10 @@ func TestKill9Resume(t *testing.T) {
 	p.cmd.Wait()
 
 	p2 := startServer(t, bin, "-c", conf)
-	waitFor(t, func() bool { r, err := http.Get(base + "/healthz"); return err == nil && r.Body.Close() == nil && r.StatusCode == 200 })
+	waitFor(t, func() bool {
+		r, err := http.Get(base + "/healthz")
+		return err == nil && r.Body.Close() == nil && r.StatusCode == 200
+	})
 	// Same admin token (not recreated), same node token key, same state.
 	got, err := c.Rollout(ctx, v.ID)
 	if err != nil {
