@@ -26,6 +26,7 @@ import (
 	"github.com/esir-project/esir/server/rollout"
 	"github.com/esir-project/esir/server/store"
 	"github.com/esir-project/esir/swarm"
+	"github.com/esir-project/esir/web"
 	"github.com/labstack/echo/v4"
 	"golang.org/x/sync/errgroup"
 )
@@ -103,6 +104,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 		s.publish()
 	}
 	if err := s.mountBoot(); err != nil {
+		return nil, err
+	}
+	if _, err := web.Mount(ctx, s.echo, web.Options{API: s.api, Images: s.images, Seeder: s.swarm, DataDir: cfg.DataDir, Notice: os.Stderr, Log: log}); err != nil {
 		return nil, err
 	}
 	if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
