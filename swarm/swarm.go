@@ -19,10 +19,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"slices"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
