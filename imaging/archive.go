@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -81,6 +82,13 @@ type archiver struct {
 // stream (PAX headers, entries sorted, no build time inside) compressed with
 // zstd on all cores. The same tree always gives the same bytes.
 func WriteArchive(ctx context.Context, w io.Writer, root string, opts ArchiveOptions) (ArchiveStats, error) {
+	// The root itself may be a symlink (/srv/rootfs -> /data/rootfs); what
+	// lies below it is never followed.
+	resolved, err := filepath.EvalSymlinks(root)
+	if err != nil {
+		return ArchiveStats{}, fmt.Errorf("source tree: %w", err)
+	}
+	root = resolved
 	fi, err := os.Lstat(root)
 	if err != nil {
 		return ArchiveStats{}, fmt.Errorf("source tree: %w", err)

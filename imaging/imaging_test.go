@@ -1036,3 +1036,43 @@ func TestBuildHelper(t *testing.T) {
 	_, err = s.Build(context.Background(), src, BuildOptions{Name: "u", Version: "1"})
 	fmt.Printf("BUILD ERROR: %v\n", err)
 }
+
+// TestStoreInsideTree builds a tree that holds the store itself (building
+// "/" with the store under /var/lib/esir): the store stays out of the image.
+func TestStoreInsideTree(t *testing.T) {
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "hello"), []byte("hello"), 0o644)
+	s, err := OpenStore(filepath.Join(src, "var/lib/esir[1]"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(t.TempDir(), "rootfs")
+	if err := os.Symlink(src, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{"1", "2"} {
+		if _, err := s.Build(context.Background(), link, BuildOptions{Name: "self", Version: v}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img, _ := s.Get("self:2")
+	f, _ := os.Open(img.ArchivePath())
+	defer f.Close()
+	dec, _ := zstd.NewReader(f)
+	defer dec.Close()
+	tr := tar.NewReader(dec)
+	var names []string
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, h.Name)
+	}
+	if want := "./,hello,var/,var/lib/"; strings.Join(names, ",") != want {
+		t.Errorf("entries %v, want %s", names, want)
+	}
+}

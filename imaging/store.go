@@ -193,6 +193,7 @@ func (s *Store) Build(ctx context.Context, src string, opts BuildOptions) (*Imag
 		return nil, err
 	}
 	defer os.RemoveAll(work)
+	opts.Exclude = append(opts.Exclude, s.excludeSelf(src)...)
 	var m *Manifest
 	if opts.Mode == ModePartition {
 		m, err = buildPartition(ctx, work, src, opts)
@@ -203,6 +204,32 @@ func (s *Store) Build(ctx context.Context, src string, opts BuildOptions) (*Imag
 		return nil, fmt.Errorf("build image %s:%s from %s: %w", opts.Name, opts.Version, src, err)
 	}
 	return s.commit(ctx, work, m)
+}
+
+// excludeSelf returns an exclude pattern for the store when it lies inside
+// the tree being built (building "/" with the store in /var/lib/esir), so the
+// build never reads its own output.
+func (s *Store) excludeSelf(src string) []string {
+	abs := func(p string) string {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			p = r
+		}
+		a, _ := filepath.Abs(p)
+		return a
+	}
+	rel, err := filepath.Rel(abs(src), abs(s.dir))
+	if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, "../") {
+		return nil
+	}
+	// Escape glob characters: the pattern must name exactly this path.
+	var b strings.Builder
+	for _, c := range filepath.ToSlash(rel) {
+		if strings.ContainsRune(`*?[\`, c) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(c)
+	}
+	return []string{b.String()}
 }
 
 // BuildFromTar is Build for a root filesystem tarball (plain, gzip, xz,
