@@ -15,6 +15,7 @@ type config struct {
 	blacklist map[string]bool
 	softdeps  []softdep         // first match wins, as in kmod
 	install   map[string]string // "install MODULE COMMAND"
+	warnings  []string          // lines ignored, as kmod ignores them
 }
 
 // readConfig reads every *.conf file of dirs (a directory or a single file
@@ -134,7 +135,9 @@ func (c *config) parseLine(file string, n int, line string) error {
 		// Removal commands do not matter for loading; include and
 		// weakdep are newer kmod features Debian 12's kmod lacks.
 	default:
-		return fmt.Errorf("%s:%d: unknown command %q", file, n, f[0])
+		// kmod ignores commands it does not know (newer or older
+		// syntax); so do we, and say so.
+		c.warnings = append(c.warnings, fmt.Sprintf("%s:%d: unknown command %q ignored", file, n, f[0]))
 	}
 	return nil
 }

@@ -163,6 +163,19 @@ type Result struct {
 	Skipped   []Skip    `json:"skipped,omitempty"`
 	Devices   []Device  `json:"devices"`             // every device seen, at the end
 	Unmatched []Device  `json:"unmatched,omitempty"` // devices no module claims
+	// Profile is the hardware profile of what was loaded, for the node's
+	// inventory.
+	Profile Profile `json:"profile"`
+}
+
+// Plan returns the plan Load followed, as one plan: the modules loaded (or
+// found loaded) and the failed ones, in order, with what was skipped.
+func (r *Result) Plan() *Plan {
+	p := &Plan{Kernel: r.Kernel, Skipped: r.Skipped, Unmatched: r.Unmatched}
+	for _, l := range r.Loaded {
+		p.Steps = append(p.Steps, l.Step)
+	}
+	return p
 }
 
 // Err joins the failures into one error, or returns nil.
@@ -279,6 +292,7 @@ func Load(ctx context.Context, t *Tree, opts LoadOptions) (*Result, error) {
 		}
 	}
 	res.Devices = devs
+	res.Profile = t.Profile(res.Plan())
 	return res, nil
 }
 

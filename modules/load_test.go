@@ -268,6 +268,15 @@ func testLoadRescan(t *testing.T, dir string) {
 	if res.Rounds != 2 {
 		t.Errorf("rounds %d, want 2 (the third finds nothing new)", res.Rounds)
 	}
+	var nets []string
+	for _, m := range res.Profile.Modules {
+		if m.Class == "network" {
+			nets = append(nets, m.Module)
+		}
+	}
+	if !reflect.DeepEqual(nets, []string{"virtio_net"}) {
+		t.Errorf("profile's network modules %v, want [virtio_net]", nets)
+	}
 	if len(res.Failed) != 1 || res.Failed[0].Module != "bochs" || res.Failed[0].Path != brokenPath {
 		t.Fatalf("failures %+v, want bochs alone with its path", res.Failed)
 	}

@@ -36,6 +36,9 @@ type Module struct {
 type Tree struct {
 	Dir     string // the tree's directory
 	Version string // kernel version (the directory's base name)
+	// Warnings are configuration lines Open ignored (unknown commands), as
+	// "FILE:LINE: ..." for the caller to log.
+	Warnings []string
 
 	mu      sync.Mutex         // guards mods, filled lazily from depBin
 	mods    map[string]*Module // by name
@@ -133,6 +136,7 @@ func Open(dir string, opts Options) (*Tree, error) {
 		conf.addCmdline(opts.KernelCmdline)
 	}
 	t.conf = conf
+	t.Warnings = conf.warnings
 	return t, nil
 }
 

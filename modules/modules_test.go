@@ -250,7 +250,7 @@ func TestBadIndex(t *testing.T) {
 		{"softdep bad", map[string]string{"modules.dep": "kernel/a.ko:\n", "modules.alias": "", "modules.softdep": "softdep\n"}, "modules.softdep:1: malformed"},
 		{"builtin bad", map[string]string{"modules.dep": "kernel/a.ko:\n", "modules.alias": "", "modules.builtin": "kernel/x.ko\nnot a module\n"}, "modules.builtin:2: malformed"},
 		{"config bad", map[string]string{"modules.dep": "kernel/a.ko:\n", "modules.alias": "", "conf/x.conf": "# hi\noptions\n"}, "x.conf:2: malformed"},
-		{"config unknown", map[string]string{"modules.dep": "kernel/a.ko:\n", "modules.alias": "", "conf/x.conf": "options a \\\n  x=1\nfrobnicate a\n"}, "x.conf:3: unknown command"},
+		{"config options bad after continuation", map[string]string{"modules.dep": "kernel/a.ko:\n", "modules.alias": "", "conf/x.conf": "options a \\\n  x=1\nblacklist\n"}, "x.conf:3: malformed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := writeTree(t, tc.files)
@@ -259,6 +259,20 @@ func TestBadIndex(t *testing.T) {
 				t.Fatalf("Open: %v, want an error containing %q", err, tc.wantErr)
 			}
 		})
+	}
+}
+
+func TestConfigWarnings(t *testing.T) {
+	dir := writeTree(t, map[string]string{"modules.dep": "kernel/a.ko:\n", "modules.alias": "", "conf/x.conf": "options a \\\n  x=1\nfrobnicate a\n"})
+	tr, err := Open(dir, Options{ConfigDirs: []string{filepath.Join(dir, "conf")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tr.Warnings) != 1 || !strings.Contains(tr.Warnings[0], "x.conf:3: unknown command") {
+		t.Errorf("warnings %q", tr.Warnings)
+	}
+	if got := tr.Options("a"); got != "x=1" {
+		t.Errorf("options across a continuation line: %q", got)
 	}
 }
 

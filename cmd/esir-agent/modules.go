@@ -57,6 +57,9 @@ still load; the exit status is non-zero when any failed.`,
 			if err != nil {
 				return err
 			}
+			for _, w := range t.Warnings {
+				app.Log.Warn("modprobe config", "warning", w)
+			}
 			res, err := modules.Load(cmd.Context(), t, modules.LoadOptions{Sysfs: sysfs, Settle: settle, Log: app.Log})
 			if err != nil {
 				return err

@@ -31,7 +31,7 @@ func (f *modulesFlags) register(cmd *cobra.Command) {
 	cmd.Flags().BoolVar(&f.asJSON, "json", false, "print JSON")
 }
 
-func (f *modulesFlags) open() (*modules.Tree, []modules.Device, error) {
+func (f *modulesFlags) open(app *cli.App) (*modules.Tree, []modules.Device, error) {
 	kernel := f.kernel
 	if kernel == "" {
 		var u unix.Utsname
@@ -47,6 +47,9 @@ func (f *modulesFlags) open() (*modules.Tree, []modules.Device, error) {
 	t, err := modules.Open(kernel, opts)
 	if err != nil {
 		return nil, nil, err
+	}
+	for _, w := range t.Warnings {
+		app.Log.Warn("modprobe config", "warning", w)
 	}
 	var devs []modules.Device
 	if f.devices != "" {
@@ -83,7 +86,7 @@ func newModulesMatchCmd(app *cli.App) *cobra.Command {
 		Short: "Print the ordered module load plan for a machine's devices, with the reason for each module",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			t, devs, err := f.open()
+			t, devs, err := f.open(app)
 			if err != nil {
 				return err
 			}
@@ -145,7 +148,7 @@ func newModulesProfileCmd(app *cli.App) *cobra.Command {
 		Short: "Summarise a machine's hardware by the modules that drive it",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			t, devs, err := f.open()
+			t, devs, err := f.open(app)
 			if err != nil {
 				return err
 			}
@@ -181,7 +184,7 @@ those module files and their load list (lib/modules/VERSION/esir-boot.load);
 with --list it prints a modules-load.d / initramfs-tools module list.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			t, devs, err := f.open()
+			t, devs, err := f.open(app)
 			if err != nil {
 				return err
 			}
