@@ -212,18 +212,18 @@ func (h *ScriptHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	d, err := h.Policy.Boot(r.Context(), m)
 	if err != nil {
-		log.Error("boot policy failed", "mac", mac, "err", err)
+		log.Error("boot policy failed", "mac", mac.String(), "err", err)
 		http.Error(w, "boot policy failed", http.StatusInternalServerError)
 		return
 	}
 	s, err := Script(d)
 	if err != nil {
-		log.Error("boot script", "mac", mac, "err", err)
+		log.Error("boot script", "mac", mac.String(), "err", err)
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
 	h.served.Add(1)
-	log.Info("boot script", "mac", mac, "action", d.Action)
+	log.Info("boot script", "mac", mac.String(), "action", d.Action)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	io.WriteString(w, s)

@@ -82,7 +82,7 @@ server), or not at all (--dhcp off). TFTP serves only the iPXE binaries.`,
 	fl.StringVar(&f.leaseFile, "lease-file", "", "file the leases persist in (full mode)")
 	fl.StringSliceVar(&f.reserve, "reserve", nil, "static reservation MAC=IP[/HOSTNAME] (repeatable)")
 	fl.StringVar(&f.tftpListen, "tftp-listen", ":69", "TFTP address (empty: no TFTP)")
-	fl.StringVar(&f.tftpRoot, "tftp-root", tftp.DefaultRoot, "directory with the iPXE binaries")
+	fl.StringVar(&f.tftpRoot, "tftp-root", "", "directory with the iPXE binaries (default: Debian's ipxe package, "+tftp.DefaultRoot+")")
 	fl.StringVar(&f.undiFile, "bios-file", "undionly.kpxe", "iPXE binary for BIOS PXE")
 	fl.StringVar(&f.efiFile, "efi-file", "ipxe.efi", "iPXE binary for UEFI x86-64 (ipxe.efi or snponly.efi)")
 	fl.StringVar(&f.httpListen, "http-listen", ":8080", "HTTP address for scripts, kernel and initramfs")

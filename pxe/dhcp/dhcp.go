@@ -543,25 +543,25 @@ func (s *Server) boot(ctx context.Context, req *dhcpv4.DHCPv4) (bootInfo, bool) 
 		arch = uint16(archs[0])
 	} else if req.Options.Has(dhcpv4.OptionClientSystemArchitectureType) {
 		s.c.unknownArch.Add(1)
-		s.log.Warn("dhcp: malformed client architecture, no offer", "mac", req.ClientHWAddr)
+		s.log.Warn("dhcp: malformed client architecture, no offer", "mac", req.ClientHWAddr.String())
 		return bootInfo{}, false
 	}
 	fw, ok := pxe.FirmwareOf(arch)
 	if !ok {
 		s.c.unknownArch.Add(1)
-		s.log.Warn("dhcp: unknown client architecture, no offer", "mac", req.ClientHWAddr, "arch", iana.Arch(arch).String())
+		s.log.Warn("dhcp: unknown client architecture, no offer", "mac", req.ClientHWAddr.String(), "arch", iana.Arch(arch).String())
 		return bootInfo{}, false
 	}
 	m := pxe.Machine{MAC: req.ClientHWAddr, Arch: arch, Firmware: fw, IPXE: ipxe}
 	d, err := s.cfg.Policy.Boot(ctx, m)
 	if err != nil {
 		s.c.policyErrors.Add(1)
-		s.log.Error("dhcp: boot policy", "mac", req.ClientHWAddr, "err", err)
+		s.log.Error("dhcp: boot policy", "mac", req.ClientHWAddr.String(), "err", err)
 		return bootInfo{}, false
 	}
 	if d.Action == pxe.Ignore {
 		s.c.ignored.Add(1)
-		s.log.Debug("dhcp: policy ignores machine", "mac", req.ClientHWAddr)
+		s.log.Debug("dhcp: policy ignores machine", "mac", req.ClientHWAddr.String())
 		return bootInfo{}, false
 	}
 	bi := bootInfo{class: "PXEClient", option43: true}
@@ -699,7 +699,7 @@ func (s *Server) handleFull(ctx context.Context, req *dhcpv4.DHCPv4) *dhcpv4.DHC
 		n, _ := ip4(g)
 		if !s.inSubnet(n) {
 			s.c.ignored.Add(1)
-			s.log.Warn("dhcp: relayed request from a subnet without a pool", "relay", g, "mac", req.ClientHWAddr)
+			s.log.Warn("dhcp: relayed request from a subnet without a pool", "relay", g, "mac", req.ClientHWAddr.String())
 			return nil
 		}
 	}

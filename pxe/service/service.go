@@ -34,7 +34,9 @@ type Config struct {
 	DHCP *dhcp.Config
 	// TFTPListen is the TFTP address (":69"); empty disables TFTP.
 	TFTPListen string
-	TFTPRoot   string // iPXE binaries; default tftp.DefaultRoot
+	// TFTPRoot is a directory of iPXE binaries; empty serves Debian's
+	// (tftp.DebianFiles).
+	TFTPRoot string
 	// HTTPListen is the HTTP address (":8080").
 	HTTPListen string
 	// HTTPURL is the base URL nodes reach the HTTP server at
@@ -65,9 +67,21 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Policy == nil {
 		return errors.New("pxe service: no boot policy")
 	}
+	var ts *tftp.Server
+	var err error
 	if cfg.TFTPRoot == "" {
-		cfg.TFTPRoot = tftp.DefaultRoot
+		files, ferr := tftp.DebianFiles()
+		if ferr != nil {
+			return ferr
+		}
+		ts, err = tftp.NewFiles(files, log)
+	} else {
+		ts, err = tftp.New(cfg.TFTPRoot, log)
 	}
+	if err != nil {
+		return err
+	}
+	defer ts.Close()
 	base := strings.TrimSuffix(cfg.HTTPURL, "/")
 
 	mux := http.NewServeMux()
@@ -79,25 +93,15 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		mux.Handle(FilesPath, http.StripPrefix(FilesPath, h))
 	}
-	ih, err := pxe.FileHandler(cfg.TFTPRoot, log)
-	if err != nil {
-		return err
-	}
-	mux.Handle(IPXEPath, http.StripPrefix(IPXEPath, ih))
+	mux.Handle(IPXEPath, http.StripPrefix(IPXEPath, ipxeHandler(ts, log)))
 	hl, err := net.Listen("tcp", cfg.HTTPListen)
 	if err != nil {
 		return fmt.Errorf("pxe service: HTTP listen %s: %w", cfg.HTTPListen, err)
 	}
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
-	var ts *tftp.Server
 	var tconn net.PacketConn
 	if cfg.TFTPListen != "" {
-		if ts, err = tftp.New(cfg.TFTPRoot, log); err != nil {
-			hl.Close()
-			return err
-		}
-		defer ts.Close()
 		if tconn, err = net.ListenPacket("udp4", cfg.TFTPListen); err != nil {
 			hl.Close()
 			return fmt.Errorf("pxe service: TFTP listen %s: %w", cfg.TFTPListen, err)
@@ -158,7 +162,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		errc <- err
 	}()
-	if ts != nil {
+	if tconn != nil {
 		n++
 		go func() { errc <- ts.Serve(ctx, tconn) }()
 	}
@@ -186,4 +190,23 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 	return first
+}
+
+// ipxeHandler serves the TFTP server's files over HTTP (UEFI HTTP boot).
+func ipxeHandler(ts *tftp.Server, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f, err := ts.Open(r.URL.Path)
+		if err != nil {
+			log.Info("iPXE binary over HTTP: not served", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
+			http.NotFound(w, r)
+			return
+		}
+		defer f.Close()
+		st, err := f.Stat()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		http.ServeContent(w, r, st.Name(), st.ModTime(), f)
+	})
 }

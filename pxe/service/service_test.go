@@ -261,7 +261,7 @@ func TestFullModeWithRealClients(t *testing.T) {
 		PoolStart: "198.18.10.100", PoolEnd: "198.18.10.110", MaskBits: 24,
 		Router: "198.18.10.254", DNS: "198.18.10.53", Domain: "lab.test", NTP: "198.18.10.123", MTU: 1400,
 		LeaseFile: leases, Reserve: map[string]string{"52:54:00:aa:00:02": "198.18.10.105/node05"},
-		TFTPRoot: "/usr/lib/ipxe", BootDir: fakeBootDir(t), HTTPPort: 8080, Discovery: true}
+		BootDir: fakeBootDir(t), HTTPPort: 8080, Discovery: true}
 	startServer(t, ctx, srv, hc)
 
 	dir := t.TempDir()
@@ -347,6 +347,14 @@ func TestFullModeWithRealClients(t *testing.T) {
 		if len(b) == 0 || !bytes.Equal(a, b) {
 			t.Fatalf("TFTP copy differs (%d vs %d bytes)", len(a), len(b))
 		}
+		efi := filepath.Join(dir, "ipxe.efi")
+		if out, err := cli.Run(ctx, "curl", "-sS", "-f", "-o", efi, "http://198.18.10.1:8080/pxe/ipxe/ipxe.efi"); err != nil {
+			t.Fatalf("%v %s", err, out)
+		}
+		real, _ := filepath.EvalSymlinks("/usr/lib/ipxe/ipxe.efi")
+		if a, b := mustRead(t, efi), mustRead(t, real); len(b) == 0 || !bytes.Equal(a, b) {
+			t.Fatalf("ipxe.efi over HTTP differs (%d vs %d bytes)", len(a), len(b))
+		}
 		out, err := cli.Run(ctx, "curl", "-sS", "-r", "100-199", "http://198.18.10.1:8080/pxe/files/vmlinuz")
 		k, _ := os.ReadFile(filepath.Join(hc.BootDir, "vmlinuz"))
 		if err != nil || !bytes.Equal(out, k[100:200]) {
@@ -426,7 +434,7 @@ func TestRelayedRequestGoesToRelay(t *testing.T) {
 	// The pool is the relay's subnet (a remote segment in real life).
 	startServer(t, ctx, srv, helperConfig{DHCPMode: "full", Iface: "eth0", ServerIP: "198.18.11.1",
 		PoolStart: "198.18.11.100", PoolEnd: "198.18.11.110", MaskBits: 24, Router: "198.18.11.254",
-		DNS: "198.18.11.1", NTP: "198.18.11.1", TFTPRoot: "/usr/lib/ipxe", BootDir: fakeBootDir(t), HTTPPort: 8080, Discovery: true})
+		DNS: "198.18.11.1", NTP: "198.18.11.1", BootDir: fakeBootDir(t), HTTPPort: 8080, Discovery: true})
 	var replies []*dhcpv4.DHCPv4
 	d := pxeDiscover(t, net.HardwareAddr{0x52, 0x54, 0, 0xbb, 0, 1}, net.ParseIP("198.18.11.254"))
 	d.HopCount = 1
@@ -495,7 +503,7 @@ func TestProxyBesideDnsmasq(t *testing.T) {
 		}
 	})
 	startServer(t, ctx, srv, helperConfig{DHCPMode: "proxy", Iface: "eth0", ServerIP: "198.18.12.1",
-		TFTPRoot: "/usr/lib/ipxe", BootDir: fakeBootDir(t), HTTPPort: 8080, Discovery: true})
+		BootDir: fakeBootDir(t), HTTPPort: 8080, Discovery: true})
 	time.Sleep(300 * time.Millisecond) // dnsmasq's socket
 
 	mac := net.HardwareAddr{0x52, 0x54, 0, 0xcc, 0, 1}
@@ -565,4 +573,15 @@ func TestProxyBesideDnsmasq(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func mustRead(t *testing.T, p string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

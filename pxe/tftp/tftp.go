@@ -15,14 +15,40 @@ import (
 	"net"
 	"os"
 	"path"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 
 	"github.com/pin/tftp/v3"
 )
 
-// DefaultRoot is where Debian's ipxe package puts the iPXE binaries.
+// DefaultRoot is where Debian's ipxe package puts the iPXE binaries. Some of
+// them are symbolic links out of it (ipxe.efi -> /boot/ipxe.efi), which a
+// rooted server refuses: serve Debian's files with DebianFiles and NewFiles.
 const DefaultRoot = "/usr/lib/ipxe"
+
+// BootFiles are the iPXE binaries ESIR hands out.
+func BootFiles() []string { return []string{"undionly.kpxe", "ipxe.efi", "snponly.efi"} }
+
+// DebianFiles resolves BootFiles in DefaultRoot (following the package's
+// symbolic links) into a catalogue for NewFiles. Missing files are left out;
+// none at all is an error.
+func DebianFiles() (map[string]string, error) {
+	files := map[string]string{}
+	for _, n := range BootFiles() {
+		p, err := filepath.EvalSymlinks(filepath.Join(DefaultRoot, n))
+		if err != nil {
+			continue
+		}
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			files[n] = p
+		}
+	}
+	if len(files) == 0 {
+		return nil, fmt.Errorf("tftp: no iPXE binaries in %s (Debian package ipxe)", DefaultRoot)
+	}
+	return files, nil
+}
 
 // Stats counts the server's transfers since start.
 type Stats struct {
@@ -36,12 +62,13 @@ type Stats struct {
 	Datagrams int64 // data datagrams sent by completed transfers
 }
 
-// Server serves files from a root directory over TFTP.
+// Server serves files from a root directory, or a fixed catalogue of files,
+// over TFTP.
 type Server struct {
-	root *os.Root
-	dir  string
-	log  *slog.Logger
-	srv  *tftp.Server
+	root  *os.Root          // directory mode
+	files map[string]string // catalogue mode: name -> file
+	log   *slog.Logger
+	srv   *tftp.Server
 
 	requests, completed, failed, aborted, notFound, refused, bytes, datagrams atomic.Int64
 }
@@ -55,11 +82,65 @@ func New(dir string, log *slog.Logger) (*Server, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{root: root, dir: dir, log: log}
+	return newServer(&Server{root: root, log: log}), nil
+}
+
+// NewFiles returns a server for a fixed catalogue: exactly these names
+// (cleaned as Clean does) map to these files; nothing else is served.
+func NewFiles(files map[string]string, log *slog.Logger) (*Server, error) {
+	cat := map[string]string{}
+	for n, p := range files {
+		c, err := Clean(n)
+		if err != nil {
+			return nil, fmt.Errorf("tftp: catalogue: %w", err)
+		}
+		cat[c] = p
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return newServer(&Server{files: cat, log: log}), nil
+}
+
+func newServer(s *Server) *Server {
 	s.srv = tftp.NewServer(s.read, s.write)
 	s.srv.SetHook(hook{s})
-	return s, nil
+	return s
 }
+
+// Open opens a requested name for reading: the name is cleaned (traversal is
+// an error) and opened inside the root, or looked up in the catalogue. The
+// errors say why, for the client; callers count and log them.
+func (s *Server) Open(requested string) (*os.File, error) {
+	name, err := Clean(requested)
+	if err != nil {
+		return nil, refusal{err.Error()}
+	}
+	var f *os.File
+	if s.root != nil {
+		f, err = s.root.Open(name)
+	} else if p, ok := s.files[name]; ok {
+		f, err = os.Open(p)
+	} else {
+		err = os.ErrNotExist
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, notFound{name}
+		}
+		return nil, refusal{fmt.Sprintf("file %s refused: %v", name, err)}
+	}
+	st, err := f.Stat()
+	if err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil, refusal{fmt.Sprintf("%s is not a file", name)}
+	}
+	return f, nil
+}
+
+type notFound struct{ name string }
+
+func (n notFound) Error() string { return "file " + n.name + " not found" }
 
 // Clean maps a requested file name to a name inside the root, or an error
 // when it would leave the root. Leading slashes are dropped (clients ask for
@@ -97,29 +178,22 @@ func remote(rf any) string {
 func (s *Server) read(filename string, rf io.ReaderFrom) error {
 	s.requests.Add(1)
 	from := remote(rf)
-	name, err := Clean(filename)
+	f, err := s.Open(filename)
 	if err != nil {
-		s.refused.Add(1)
-		s.log.Warn("tftp: refused", "file", filename, "remote", from, "err", err)
-		return refusal{err.Error()}
-	}
-	f, err := s.root.Open(name)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
+		var nf notFound
+		if errors.As(err, &nf) {
 			s.notFound.Add(1)
 			s.log.Info("tftp: not found", "file", filename, "remote", from)
-			return refusal{fmt.Sprintf("file %s not found", name)}
+			return refusal{err.Error()}
 		}
 		s.refused.Add(1)
 		s.log.Warn("tftp: refused", "file", filename, "remote", from, "err", err)
-		return refusal{fmt.Sprintf("file %s refused", name)}
+		return err
 	}
 	defer f.Close()
 	st, err := f.Stat()
-	if err != nil || !st.Mode().IsRegular() {
-		s.refused.Add(1)
-		s.log.Warn("tftp: refused, not a regular file", "file", filename, "remote", from)
-		return refusal{fmt.Sprintf("%s is not a file", name)}
+	if err != nil {
+		return err
 	}
 	if ot, ok := rf.(tftp.OutgoingTransfer); ok {
 		ot.SetSize(st.Size())
@@ -205,4 +279,9 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string) error {
 }
 
 // Close releases the root directory.
-func (s *Server) Close() error { return s.root.Close() }
+func (s *Server) Close() error {
+	if s.root != nil {
+		return s.root.Close()
+	}
+	return nil
+}

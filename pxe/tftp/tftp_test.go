@@ -199,3 +199,32 @@ func TestTraversalAndWritesRefused(t *testing.T) {
 		t.Fatal("write created a file")
 	}
 }
+
+func TestDebianCatalogue(t *testing.T) {
+	files, err := DebianFiles()
+	if err != nil {
+		t.Skip(err)
+	}
+	s, err := NewFiles(files, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, p := range files {
+		f, err := s.Open("/" + name)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		got, _ := io.ReadAll(f)
+		f.Close()
+		if want, _ := os.ReadFile(p); !bytes.Equal(got, want) {
+			t.Errorf("%s: content differs from %s", name, p)
+		}
+	}
+	// Only catalogued names: the package's other files and traversal are not served.
+	for _, name := range []string{"ipxe.iso", "../ipxe/ipxe.efi", "qemu/pxe-virtio.rom"} {
+		if f, err := s.Open(name); err == nil {
+			f.Close()
+			t.Errorf("%s served", name)
+		}
+	}
+}
