@@ -99,7 +99,7 @@ func (a *API) assign(c echo.Context, mac string, inv *agentapi.Inventory) error 
 			if n.State != deploy.Assigned {
 				reason = fmt.Sprintf("agent registered again during %s (node rebooted): fresh assignment", n.State)
 			}
-			asg, err := a.buildAssignment(c, n)
+			asg, err := a.buildAssignment(c, tx, n)
 			if err != nil {
 				ev, terr := n.Transition(deploy.Failed, err.Error(), now)
 				if terr != nil {
@@ -137,19 +137,18 @@ func (a *API) assign(c echo.Context, mac string, inv *agentapi.Inventory) error 
 	return c.JSON(http.StatusOK, resp)
 }
 
-func (a *API) buildAssignment(c echo.Context, n *deploy.Node) (*agentapi.Assignment, error) {
+func (a *API) buildAssignment(c echo.Context, tx store.Tx, n *deploy.Node) (*agentapi.Assignment, error) {
 	img, err := a.images.Assign(c.Request().Context(), n.Image, a.cfg.PublicURL)
 	if err != nil {
 		return nil, fmt.Errorf("image %s unavailable: %w", n.Image, err)
 	}
 	disk := a.cfg.Disk
-	var r *deploy.Rollout
 	// The rollout's disk layout overrides the server's default.
-	if err := a.st.View(c.Request().Context(), func(tx store.Tx) error {
-		var err error
-		r, err = tx.Rollout(n.Rollout)
-		return err
-	}); err == nil && r.Spec.Disk != nil {
+	r, err := tx.RolloutInfo(n.Rollout)
+	if err != nil {
+		return nil, err
+	}
+	if r.Spec.Disk != nil {
 		disk = *r.Spec.Disk
 	}
 	exp := a.now().Add(a.cfg.EnrollTokenTTL)
@@ -271,17 +270,18 @@ func (a *API) events(c echo.Context) error {
 	ctx := c.Request().Context()
 	a.metrics.agentEvents.Add(int64(len(b.Events)))
 	// Fast path: progress within the current phase needs no write.
-	var n *deploy.Node
+	var ns *store.NodeStatus
 	if err := a.st.View(ctx, func(tx store.Tx) error {
 		var err error
-		n, err = tx.Node(mac)
+		ns, err = tx.NodeStatus(mac)
 		return err
 	}); err != nil {
 		return err
 	}
-	if err := current(n, b.Assignment); err != nil {
+	if err := current(&deploy.Node{MAC: mac, Assignment: ns.Assignment}, b.Assignment); err != nil {
 		return err
 	}
+	n := &deploy.Node{MAC: mac, State: ns.State, Assignment: ns.Assignment}
 	needWrite := false
 	applied := false
 	for _, ev := range b.Events {

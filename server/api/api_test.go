@@ -65,7 +65,7 @@ func (i images) Assign(ctx context.Context, ref, base string) (agentapi.Image, e
 }
 
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	url    string
 	admin  string
 	clock  *clock
@@ -74,7 +74,7 @@ type env struct {
 	signer *auth.Signer
 }
 
-func newEnv(t *testing.T, discovery bool) *env {
+func newEnv(t testing.TB, discovery bool) *env {
 	t.Helper()
 	ctx := context.Background()
 	st, err := store.OpenSQLite(ctx, filepath.Join(t.TempDir(), "esir.db"))
@@ -150,7 +150,7 @@ func (e *env) step() {
 	}
 }
 
-func decode[T any](t *testing.T, b []byte) T {
+func decode[T any](t testing.TB, b []byte) T {
 	t.Helper()
 	var v T
 	if err := json.Unmarshal(b, &v); err != nil {
@@ -504,4 +504,49 @@ func TestAgentProtocol(t *testing.T) {
 	if len(d.LogTail) == 0 || d.LogTail[0] != "mkfs.ext4 /dev/vda2" {
 		t.Fatalf("log tail %q", d.LogTail)
 	}
+}
+
+// BenchmarkAgentLoad measures the server side of the hot paths: progress
+// reports from 1,000 assigned agents, and listing those 1,000 nodes.
+func BenchmarkAgentLoad(b *testing.B) {
+	e := newEnv(b, true)
+	ctx := context.Background()
+	var agents []*fleet.Agent
+	var names []string
+	for i := 1; i <= 1000; i++ {
+		a := e.agent(i)
+		if _, err := a.Register(ctx); err != nil {
+			b.Fatal(err)
+		}
+		agents = append(agents, a)
+		names = append(names, a.MAC)
+	}
+	e.admin_("POST", "/api/v1/rollouts", deploy.Spec{Image: "img", Selector: deploy.Selector{Names: names}, BatchSize: 1000}, 201)
+	e.step()
+	for _, a := range agents {
+		if _, err := a.Register(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run("report", func(b *testing.B) {
+		b.RunParallel(func(pb *testing.PB) {
+			i := 0
+			for pb.Next() {
+				i++
+				if _, err := agents[i%len(agents)].Progress(ctx, agentapi.PhaseBooting, 0, 0); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	})
+	b.Run("list", func(b *testing.B) {
+		for b.Loop() {
+			e.admin_("GET", "/api/v1/nodes", nil, 200)
+		}
+	})
+	b.Run("step", func(b *testing.B) {
+		for b.Loop() {
+			e.step()
+		}
+	})
 }

@@ -286,13 +286,22 @@ func (s *Scheduler) stepOne(tx store.Tx, id int64) error {
 	}
 	now := s.now().UTC()
 	orig := *r
+	// The nodes this rollout holds, read once.
+	held, err := tx.NodeStatuses(r.ID)
+	if err != nil {
+		return err
+	}
+	nodes := make(map[string]*store.NodeStatus, len(held))
+	for i := range held {
+		nodes[held[i].MAC] = &held[i]
+	}
 	// 1. Follow the nodes in flight.
 	for i := range r.Targets {
 		t := &r.Targets[i]
 		before := *t
 		switch t.Status {
 		case deploy.TargetActive:
-			if err := s.follow(tx, r, t, now); err != nil {
+			if err := s.follow(tx, r, t, nodes[t.MAC], now); err != nil {
 				return err
 			}
 		case deploy.TargetRetrying:
@@ -379,24 +388,33 @@ func allDone(ts []deploy.Target) bool {
 }
 
 // follow updates an active target from its node's state.
-func (s *Scheduler) follow(tx store.Tx, r *deploy.Rollout, t *deploy.Target, now time.Time) error {
-	n, err := tx.Node(t.MAC)
-	if errors.Is(err, store.ErrNotFound) {
-		t.Status, t.Finished, t.LastError = deploy.TargetFailed, now, "node removed"
-		return nil
-	}
-	if err != nil {
-		return err
+// n is the node's status when this rollout holds it, nil otherwise.
+func (s *Scheduler) follow(tx store.Tx, r *deploy.Rollout, t *deploy.Target, n *store.NodeStatus, now time.Time) error {
+	if n == nil {
+		var err error
+		n, err = tx.NodeStatus(t.MAC)
+		if errors.Is(err, store.ErrNotFound) {
+			t.Status, t.Finished, t.LastError = deploy.TargetFailed, now, "node removed"
+			return nil
+		}
+		if err != nil {
+			return err
+		}
 	}
 	if n.Rollout != r.ID {
 		t.Status, t.Finished, t.LastError = deploy.TargetFailed, now, fmt.Sprintf("node taken by rollout %d", n.Rollout)
 		return nil
 	}
 	if n.State.Active() && now.Sub(n.Changed) > time.Duration(r.Spec.NodeTimeout) {
-		reason := fmt.Sprintf("timeout: %s for more than %s", n.State, time.Duration(r.Spec.NodeTimeout))
-		if err := transition(tx, n, deploy.Failed, reason, now); err != nil {
+		full, err := tx.Node(t.MAC)
+		if err != nil {
 			return err
 		}
+		reason := fmt.Sprintf("timeout: %s for more than %s", n.State, time.Duration(r.Spec.NodeTimeout))
+		if err := transition(tx, full, deploy.Failed, reason, now); err != nil {
+			return err
+		}
+		n.State, n.Reason = full.State, full.Reason
 	}
 	switch n.State {
 	case deploy.Installed, deploy.Enrolled:

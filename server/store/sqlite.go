@@ -252,6 +252,47 @@ func (t *sqlTx) Node(mac string) (*deploy.Node, error) {
 	return n, nil
 }
 
+const statusCols = `mac, state, reason, rollout, assignment, changed`
+
+func scanStatus(row scanner) (*NodeStatus, error) {
+	var st NodeStatus
+	var state string
+	var changed int64
+	if err := row.Scan(&st.MAC, &state, &st.Reason, &st.Rollout, &st.Assignment, &changed); err != nil {
+		return nil, err
+	}
+	st.State, st.Changed = deploy.State(state), fromNS(changed)
+	return &st, nil
+}
+
+func (t *sqlTx) NodeStatus(mac string) (*NodeStatus, error) {
+	st, err := scanStatus(t.tx.QueryRow(`SELECT `+statusCols+` FROM nodes WHERE mac = ?`, mac))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("node %s: %w", mac, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("node %s: read: %w", mac, err)
+	}
+	return st, nil
+}
+
+func (t *sqlTx) NodeStatuses(rollout int64) ([]NodeStatus, error) {
+	rows, err := t.tx.Query(`SELECT `+statusCols+` FROM nodes WHERE rollout = ?`, rollout)
+	if err != nil {
+		return nil, fmt.Errorf("rollout %d: node states: %w", rollout, err)
+	}
+	defer rows.Close()
+	var out []NodeStatus
+	for rows.Next() {
+		st, err := scanStatus(rows)
+		if err != nil {
+			return nil, fmt.Errorf("rollout %d: node states: %w", rollout, err)
+		}
+		out = append(out, *st)
+	}
+	return out, rows.Err()
+}
+
 func (t *sqlTx) Nodes(f NodeFilter) ([]*deploy.Node, error) {
 	q := `SELECT ` + nodeCols + ` FROM nodes WHERE 1=1`
 	var args []any
@@ -440,13 +481,21 @@ func scanRollout(row scanner) (*deploy.Rollout, error) {
 	return &r, nil
 }
 
-func (t *sqlTx) Rollout(id int64) (*deploy.Rollout, error) {
+func (t *sqlTx) RolloutInfo(id int64) (*deploy.Rollout, error) {
 	r, err := scanRollout(t.tx.QueryRow(`SELECT `+rolloutCols+` FROM rollouts WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("rollout %d: %w", id, ErrNotFound)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("rollout %d: read: %w", id, err)
+	}
+	return r, nil
+}
+
+func (t *sqlTx) Rollout(id int64) (*deploy.Rollout, error) {
+	r, err := t.RolloutInfo(id)
+	if err != nil {
+		return nil, err
 	}
 	rows, err := t.tx.Query(`SELECT mac, batch, status, attempts, next_try, started, finished, last_error FROM targets WHERE rollout = ? ORDER BY batch, mac`, id)
 	if err != nil {

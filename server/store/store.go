@@ -46,10 +46,25 @@ type Token struct {
 	LastUsed time.Time `json:"last_used,omitzero"`
 }
 
+// NodeStatus is the part of a node that changes during a deployment, cheap
+// to read on hot paths (agent reports, scheduler steps).
+type NodeStatus struct {
+	MAC        string
+	State      deploy.State
+	Reason     string
+	Rollout    int64
+	Assignment string
+	Changed    time.Time
+}
+
 // Tx is one transaction's view of the store.
 type Tx interface {
 	// Node returns the node with that MAC or an ErrNotFound.
 	Node(mac string) (*deploy.Node, error)
+	// NodeStatus returns a node's status or an ErrNotFound.
+	NodeStatus(mac string) (*NodeStatus, error)
+	// NodeStatuses returns the status of the nodes a rollout holds.
+	NodeStatuses(rollout int64) ([]NodeStatus, error)
 	// Nodes lists nodes ordered by number.
 	Nodes(f NodeFilter) ([]*deploy.Node, error)
 	// CountNodes counts nodes by state.
@@ -69,6 +84,8 @@ type Tx interface {
 	CreateRollout(r *deploy.Rollout) error
 	// Rollout returns a rollout with its targets.
 	Rollout(id int64) (*deploy.Rollout, error)
+	// RolloutInfo returns a rollout without its targets.
+	RolloutInfo(id int64) (*deploy.Rollout, error)
 	// Rollouts lists rollouts, newest first, without targets; states filter
 	// when given.
 	Rollouts(states ...deploy.RolloutState) ([]*deploy.Rollout, error)
