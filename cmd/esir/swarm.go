@@ -97,6 +97,6 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 	cmd.Flags().StringVar(&peerListen, "peer-listen", ":6881", "BitTorrent peer address")
 	cmd.Flags().StringVar(&mode, "have-mode", "adaptive", "HAVE suppression: off, redundant or adaptive")
 	cmd.Flags().IntVar(&maxConns, "max-conns", 0, "peer connections per image (0: default)")
-	cmd.Flags().DurationVar(&interval, "announce-interval", 30*time.Second, "announce interval handed to peers")
+	cmd.Flags().DurationVar(&interval, "announce-interval", 10*time.Second, "announce interval handed to peers")
 	return cmd
 }

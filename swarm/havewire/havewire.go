@@ -130,9 +130,13 @@ type Snapshot struct {
 	HoldP99 time.Duration `json:"hold_p99_ns"`
 	HoldMax time.Duration `json:"hold_max_ns"`
 	// Window is the current adaptive hold window (0: send at once).
-	Window time.Duration  `json:"window_ns"`
-	Peers  []PeerCounters `json:"peers"`
+	Window time.Duration `json:"window_ns"`
+	// Peers lists open connections and the most recently closed ones.
+	Peers []PeerCounters `json:"peers"`
 }
+
+// maxGone bounds the closed connections a Snapshot still lists.
+const maxGone = 256
 
 // holdBuckets has one bucket per 100 µs up to 200 ms.
 const (
@@ -149,8 +153,9 @@ type Wire struct {
 	mu        sync.Mutex
 	completed map[pieceKey]struct{}
 	last      time.Time
-	interval  time.Duration // EWMA of the interval between piece completions
-	closed    Counters      // counters of connections already closed
+	interval  time.Duration  // EWMA of the interval between piece completions
+	closed    Counters       // counters of connections already closed
+	gone      []PeerCounters // per-peer counters of closed connections (the last maxGone)
 	conns     map[*Conn]struct{}
 	perSecond []int64
 	hold      [holdBuckets]int64
@@ -246,6 +251,12 @@ func (w *Wire) unregister(c *Conn) {
 	if _, ok := w.conns[c]; ok {
 		delete(w.conns, c)
 		w.closed.add(cs.Counters)
+		if cs.Counters != (Counters{}) {
+			w.gone = append(w.gone, cs)
+			if len(w.gone) > maxGone {
+				w.gone = w.gone[len(w.gone)-maxGone:]
+			}
+		}
 	}
 }
 
@@ -257,7 +268,7 @@ func (w *Wire) Snapshot() Snapshot {
 		conns = append(conns, c)
 	}
 	s := Snapshot{Mode: w.cfg.Mode.String(), Total: w.closed, PerSecond: append([]int64(nil), w.perSecond...),
-		Window: w.windowLocked(time.Now()), HoldMax: w.holdMax}
+		Window: w.windowLocked(time.Now()), HoldMax: w.holdMax, Peers: append([]PeerCounters(nil), w.gone...)}
 	hold := w.hold
 	w.mu.Unlock()
 	for _, c := range conns {

@@ -125,7 +125,7 @@ func TestHTTP(t *testing.T) {
 				}
 				return
 			}
-			if r.Failure != "" || r.Interval != 30 || len(r.Peers) != 6*tt.peers {
+			if r.Failure != "" || r.Interval != 10 || len(r.Peers) != 6*tt.peers {
 				t.Errorf("response %+v", r)
 			}
 			if tt.peers > 0 && fmt.Sprintf("%d.%d.%d.%d:%d", r.Peers[0], r.Peers[1], r.Peers[2], r.Peers[3], int(r.Peers[4])<<8|int(r.Peers[5])) != "198.18.0.5:7000" {
