@@ -180,6 +180,7 @@ func HostTools() []string {
 // Result describes a finished install.
 type Result struct {
 	Device       string   // the disk installed onto
+	RootDevice   string   // the root partition's device
 	RootPartUUID string   // PARTUUID of the root partition
 	ESPPartUUID  string   // PARTUUID of the EFI system partition
 	Kernel       string   // kernel version booted
@@ -303,6 +304,7 @@ func (r *run) chooseDisk() (string, error) {
 	r.disk = d
 	r.res.Device = d.Path
 	r.rootDev = disk.PartitionPath(d.Path, rootPart)
+	r.res.RootDevice = r.rootDev
 	return fmt.Sprintf("%s (%s, model %q, serial %q)", d.Path, disk.HumanSize(d.Size), d.Model, d.Serial), nil
 }
 

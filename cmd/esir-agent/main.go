@@ -38,5 +38,6 @@ func newRootCmd(app *cli.App) *cobra.Command {
 	addInstallCmds(root, app) // after addInitCmd: as PID 1 with the argument "initrd" it selects initrd
 	root.AddCommand(newModulesCmd(app))
 	root.AddCommand(newFetchCmd(app))
+	root.AddCommand(newRunCmd(app))
 	return root
 }
