@@ -44,5 +44,6 @@ images peer-to-peer over BitTorrent and installs and enrolls the nodes.`,
 	root.AddCommand(newBootCmd(app), newPXECmd(app))
 	root.AddCommand(newSwarmCmd(app))
 	root.AddCommand(newServerCmd(app), newNodeCmd(app), newRolloutCmd(app), newTokenCmd(app))
+	root.AddCommand(newLabCmd(app))
 	return root
 }
