@@ -214,14 +214,4 @@ func labelString(m map[string]string) string {
 	return strings.Join(l, ",")
 }
 
-func hardware(n api.NodeView) string {
-	inv := n.Inventory
-	if inv == nil {
-		return "-"
-	}
-	var disk int64
-	for _, d := range inv.Disks {
-		disk += d.SizeBytes
-	}
-	return fmt.Sprintf("%dc %s RAM, %d disk(s) %s", max(inv.CPU.Threads, inv.CPU.Cores), progress.Bytes(inv.MemoryBytes), len(inv.Disks), progress.Bytes(disk))
-}
+func hardware(n api.NodeView) string { return dash(n.Hardware) }

@@ -120,6 +120,13 @@ func (a *API) listNodes(c echo.Context) error {
 		}
 		f.Labels = m
 	}
+	switch c.QueryParam("inventory") {
+	case "", "false", "0":
+		f.Brief = true
+	case "true", "1":
+	default:
+		return badRequest("inventory", "want true or false, got %q", c.QueryParam("inventory"))
+	}
 	var nodes []*deploy.Node
 	if err := a.st.View(c.Request().Context(), func(tx store.Tx) error {
 		var err error

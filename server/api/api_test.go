@@ -419,6 +419,15 @@ func TestAgentProtocol(t *testing.T) {
 	if d.Inventory == nil || d.Inventory.Disks[0].Serial != "SIM-"+a.MAC {
 		t.Fatalf("inventory not stored: %+v", d.Inventory)
 	}
+	brief := decode[[]api.NodeView](t, e.admin_("GET", "/api/v1/nodes", nil, 200))
+	if brief[0].Inventory != nil || brief[0].Hardware != "2 CPUs, 4.0 GiB RAM, 1 disks 20.0 GiB" {
+		t.Fatalf("brief listing: %+v %q", brief[0].Inventory, brief[0].Hardware)
+	}
+	full := decode[[]api.NodeView](t, e.admin_("GET", "/api/v1/nodes?inventory=true", nil, 200))
+	if full[0].Inventory == nil || full[0].Inventory.MemoryBytes != 4<<30 {
+		t.Fatalf("full listing: %+v", full[0].Inventory)
+	}
+	wantMsg(t, e.admin_("GET", "/api/v1/nodes?inventory=maybe", nil, 400), "inventory")
 	// Validation of agent messages.
 	tok := a.Client.Token
 	wantMsg(t, e.call("POST", "/agent/v1/register", tok, `{"mac":"`+a.MAC+`","inventory":{"memory_bytes":-1}}`, 400), "inventory.memory_bytes")

@@ -116,21 +116,23 @@ type Event struct {
 
 // Node is a machine ESIR knows, identified by the MAC address it boots from.
 type Node struct {
-	MAC        string              `json:"mac"`
-	Hostname   string              `json:"hostname"`
-	Number     int                 `json:"number"`
-	Labels     map[string]string   `json:"labels"`
-	State      State               `json:"state"`
-	Reason     string              `json:"reason,omitempty"`
-	Inventory  *agentapi.Inventory `json:"inventory,omitempty"`
-	Image      string              `json:"image,omitempty"`
-	Rollout    int64               `json:"rollout,omitempty"`
-	Assignment string              `json:"assignment,omitempty"`
-	Phase      string              `json:"phase,omitempty"`
-	LogTail    []string            `json:"log_tail,omitempty"`
-	Created    time.Time           `json:"created"`
-	Updated    time.Time           `json:"updated"`
-	Changed    time.Time           `json:"changed"`
+	MAC       string              `json:"mac"`
+	Hostname  string              `json:"hostname"`
+	Number    int                 `json:"number"`
+	Labels    map[string]string   `json:"labels"`
+	State     State               `json:"state"`
+	Reason    string              `json:"reason,omitempty"`
+	Inventory *agentapi.Inventory `json:"inventory,omitempty"`
+	// Hardware summarises Inventory in one line (see HardwareSummary).
+	Hardware   string    `json:"hardware,omitempty"`
+	Image      string    `json:"image,omitempty"`
+	Rollout    int64     `json:"rollout,omitempty"`
+	Assignment string    `json:"assignment,omitempty"`
+	Phase      string    `json:"phase,omitempty"`
+	LogTail    []string  `json:"log_tail,omitempty"`
+	Created    time.Time `json:"created"`
+	Updated    time.Time `json:"updated"`
+	Changed    time.Time `json:"changed"`
 }
 
 // Transition moves the node to state to, recording reason, and returns the
@@ -149,6 +151,32 @@ func (n *Node) Transition(to State, reason string, now time.Time) (Event, error)
 	n.Updated = now
 	n.Changed = now
 	return ev, nil
+}
+
+// HardwareSummary describes an inventory in one line, e.g.
+// "4 CPUs, 16.0 GiB RAM, 2 disks 1.8 TiB".
+func HardwareSummary(inv *agentapi.Inventory) string {
+	if inv == nil {
+		return ""
+	}
+	var disk int64
+	for _, d := range inv.Disks {
+		disk += d.SizeBytes
+	}
+	return fmt.Sprintf("%d CPUs, %s RAM, %d disks %s", max(inv.CPU.Threads, inv.CPU.Cores), size(inv.MemoryBytes), len(inv.Disks), size(disk))
+}
+
+func size(n int64) string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
+	f, i := float64(n), 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d B", n)
+	}
+	return fmt.Sprintf("%.1f %s", f, units[i])
 }
 
 // NormalizeMAC parses a MAC address (any form net.ParseMAC accepts, 6 bytes)

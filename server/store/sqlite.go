@@ -79,6 +79,7 @@ var migrations = []string{
 		last_used INTEGER NOT NULL DEFAULT 0
 	);
 	CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
+	`ALTER TABLE nodes ADD COLUMN hardware TEXT NOT NULL DEFAULT '';`,
 }
 
 // SQLite is the embedded SQLite backend. Writes go through one connection
@@ -209,7 +210,10 @@ func fromNS(v int64) time.Time {
 	return time.Unix(0, v).UTC()
 }
 
-const nodeCols = `mac, hostname, number, labels, state, reason, inventory, image, rollout, assignment, phase, log_tail, created, updated, changed`
+const nodeCols = `mac, hostname, number, labels, state, reason, inventory, image, rollout, assignment, phase, log_tail, created, updated, changed, hardware`
+
+// briefCols is nodeCols without the inventory and log tail.
+const briefCols = `mac, hostname, number, labels, state, reason, '', image, rollout, assignment, phase, '[]', created, updated, changed, hardware`
 
 type scanner interface{ Scan(...any) error }
 
@@ -218,7 +222,7 @@ func scanNode(row scanner) (*deploy.Node, error) {
 	var labels, inv, logTail string
 	var created, updated, changed int64
 	var state string
-	if err := row.Scan(&n.MAC, &n.Hostname, &n.Number, &labels, &state, &n.Reason, &inv, &n.Image, &n.Rollout, &n.Assignment, &n.Phase, &logTail, &created, &updated, &changed); err != nil {
+	if err := row.Scan(&n.MAC, &n.Hostname, &n.Number, &labels, &state, &n.Reason, &inv, &n.Image, &n.Rollout, &n.Assignment, &n.Phase, &logTail, &created, &updated, &changed, &n.Hardware); err != nil {
 		return nil, err
 	}
 	n.State = deploy.State(state)
@@ -294,7 +298,11 @@ func (t *sqlTx) NodeStatuses(rollout int64) ([]NodeStatus, error) {
 }
 
 func (t *sqlTx) Nodes(f NodeFilter) ([]*deploy.Node, error) {
-	q := `SELECT ` + nodeCols + ` FROM nodes WHERE 1=1`
+	cols := nodeCols
+	if f.Brief {
+		cols = briefCols
+	}
+	q := `SELECT ` + cols + ` FROM nodes WHERE 1=1`
 	var args []any
 	if f.State != "" {
 		q += ` AND state = ?`
@@ -355,6 +363,7 @@ func (t *sqlTx) PutNode(n *deploy.Node) error {
 		labels = []byte("{}")
 	}
 	inv := ""
+	n.Hardware = deploy.HardwareSummary(n.Inventory)
 	if n.Inventory != nil {
 		b, err := json.Marshal(n.Inventory)
 		if err != nil {
@@ -369,13 +378,13 @@ func (t *sqlTx) PutNode(n *deploy.Node) error {
 	if n.LogTail == nil {
 		logTail = []byte("[]")
 	}
-	_, err = t.tx.Exec(`INSERT INTO nodes (`+nodeCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+	_, err = t.tx.Exec(`INSERT INTO nodes (`+nodeCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 		ON CONFLICT(mac) DO UPDATE SET hostname=excluded.hostname, number=excluded.number, labels=excluded.labels,
 		state=excluded.state, reason=excluded.reason, inventory=excluded.inventory, image=excluded.image,
 		rollout=excluded.rollout, assignment=excluded.assignment, phase=excluded.phase, log_tail=excluded.log_tail,
-		updated=excluded.updated, changed=excluded.changed`,
+		updated=excluded.updated, changed=excluded.changed, hardware=excluded.hardware`,
 		n.MAC, n.Hostname, n.Number, string(labels), string(n.State), n.Reason, inv, n.Image, n.Rollout, n.Assignment,
-		n.Phase, string(logTail), ns(n.Created), ns(n.Updated), ns(n.Changed))
+		n.Phase, string(logTail), ns(n.Created), ns(n.Updated), ns(n.Changed), n.Hardware)
 	if err != nil {
 		return fmt.Errorf("node %s: write: %w", n.MAC, err)
 	}

@@ -35,6 +35,10 @@ type NodeFilter struct {
 	Labels map[string]string
 	// Rollout lists the nodes currently assigned by that rollout.
 	Rollout int64
+	// Brief leaves out the inventory and log tail (Hardware still
+	// summarises the inventory): for listings. Never write back a node read
+	// this way.
+	Brief bool
 }
 
 // Token is an administrator API token; only its hash is stored.
