@@ -7,6 +7,7 @@
 package tftp
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -198,7 +199,8 @@ func (s *Server) read(filename string, rf io.ReaderFrom) error {
 	if ot, ok := rf.(tftp.OutgoingTransfer); ok {
 		ot.SetSize(st.Size())
 	}
-	if _, err := rf.ReadFrom(f); err != nil {
+	// One read per block would cost a system call per datagram.
+	if _, err := rf.ReadFrom(bufio.NewReaderSize(f, 256<<10)); err != nil {
 		return err
 	}
 	s.bytes.Add(st.Size())
