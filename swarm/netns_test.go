@@ -77,10 +77,11 @@ func TestNetnsSwarmProcesses(t *testing.T) {
 	if err := netlab.Available(); err != nil {
 		t.Skip("needs root and network namespaces:", err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
 	bin := buildBinaries(t)
 	st, im := buildStore(t, 16<<20)
+	// The hard limit covers the namespaces and processes, not the build.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
 	lab, err := netlab.New(ctx, "swt")
 	if err != nil {
 		t.Fatal(err)
@@ -104,16 +105,18 @@ func TestNetnsSwarmProcesses(t *testing.T) {
 	srv := srvHost.Command(ctx, filepath.Join(bin, "esir"), "swarm", "serve", "--store", st.Dir(),
 		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881")
 	srv.Stderr = srvLog
+	keepArtifacts(t, logs[0])
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() })
 	for {
-		if _, err := nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/images"); err == nil {
+		out, err := nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/images")
+		if err == nil {
 			break
 		}
 		if ctx.Err() != nil {
-			t.Fatal("server never answered")
+			t.Fatalf("server never answered: %v %s", err, out)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -132,7 +135,7 @@ func TestNetnsSwarmProcesses(t *testing.T) {
 		}
 		agents = append(agents, a)
 	}
-	keepArtifacts(t, logs...)
+	keepArtifacts(t, logs[1:]...)
 	// Wait for every node to be verified, then stop them (the rollout is
 	// done) so the final results carry the whole run's counters.
 	for i := range nodes {
