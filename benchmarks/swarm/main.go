@@ -59,6 +59,8 @@ type config struct {
 	bin      string
 	work     string
 	timeout  time.Duration
+	// serverConns bounds the server seeder's peer connections (0: default).
+	serverConns int
 }
 
 func main() {
@@ -70,13 +72,14 @@ func main() {
 		pngOut   = flag.String("png", "benchmarks/swarm/time-vs-n.png", "write the plot here (needs gnuplot)")
 		timeout  = flag.Duration("timeout", 5*time.Minute, "hard limit per method and N")
 		methods  = flag.String("methods", "adaptive,off,http,udpcast", "methods to run")
+		srvConns = flag.Int("server-conns", 0, "bound the server seeder's peer connections (0: the default)")
 	)
 	flag.Parse()
 	if err := netlab.Available(); err != nil {
 		fmt.Fprintln(os.Stderr, "swarm benchmark:", err)
 		os.Exit(2)
 	}
-	cfg := config{rateMbit: *rateMbit, size: *sizeMiB << 20, timeout: *timeout}
+	cfg := config{rateMbit: *rateMbit, size: *sizeMiB << 20, timeout: *timeout, serverConns: *srvConns}
 	for _, s := range strings.Split(*nsFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 || n > 200 {
@@ -315,7 +318,8 @@ func waitFiles(ctx context.Context, start time.Time, paths []string) ([]float64,
 
 func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *method) ([]float64, error) {
 	srv := lb.server.Command(ctx, filepath.Join(cfg.bin, "esir"), "swarm", "serve", "--store", filepath.Join(cfg.work, "store"),
-		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--have-mode", mode, "--log-level", "warn")
+		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--have-mode", mode, "--log-level", "warn",
+		"--max-conns", strconv.Itoa(cfg.serverConns))
 	srvLog, _ := os.Create(filepath.Join(dir, "server.log"))
 	srv.Stderr = srvLog
 	if err := srv.Start(); err != nil {
