@@ -18,6 +18,7 @@
 //	store/          image store (kept by Down: a cache of the sample image)
 //	server/         the server's data directory (database, leases)
 //	server.yaml     the server's configuration; server.log its output
+//	tftp/           copies of Debian's iPXE boot files
 //	admin-token     the admin API token (0600)
 //	vms/            serial logs and UEFI variable stores
 //	disks/          the nodes' disk files
@@ -35,6 +36,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -120,6 +122,9 @@ type State struct {
 }
 
 const stateFile = "state.json"
+
+// ipxeDir holds Debian's iPXE boot files (package ipxe).
+const ipxeDir = "/usr/lib/ipxe"
 
 func (st *State) vmDir() string   { return filepath.Join(st.Dir, "vms") }
 func (st *State) diskDir() string { return filepath.Join(st.Dir, "disks") }
@@ -213,8 +218,8 @@ func Available() error {
 	if err := vm.Available(vm.UEFI); err != nil {
 		return err
 	}
-	for _, f := range []string{"/usr/lib/ipxe/undionly.kpxe", "/usr/lib/ipxe/ipxe.efi"} {
-		if _, err := os.Stat(f); err != nil {
+	for _, f := range []string{"undionly.kpxe", "ipxe.efi"} {
+		if _, err := os.Stat(filepath.Join(ipxeDir, f)); err != nil {
 			return fmt.Errorf("lab: %s missing (Debian package ipxe)", f)
 		}
 	}
@@ -348,6 +353,9 @@ func Up(ctx context.Context, opts Options) (st *State, err error) {
 
 	// 3. The server, detached, inside the switch namespace; the console on
 	// a loopback port of the host.
+	if err := st.copyIPXE(); err != nil {
+		return nil, err
+	}
 	if err := st.writeServerConfig(); err != nil {
 		return nil, err
 	}
@@ -471,7 +479,7 @@ func (st *State) writeServerConfig() error {
 		"dhcp_server_ip":   ip,
 		"dhcp_range":       dhcpRange,
 		"tftp_listen":      net.JoinHostPort(ip, "69"),
-		"tftp_dir":         "/usr/lib/ipxe",
+		"tftp_dir":         st.tftpDir(),
 		"hostname_pattern": "node%02d",
 		"scheduler_tick":   "1s",
 	}
@@ -483,6 +491,30 @@ func (st *State) writeServerConfig() error {
 		fmt.Fprintf(&b, "%s: %s\n", k, strconv.Quote(cfg[k]))
 	}
 	return writeAtomic(st.serverConfig(), []byte(b.String()), 0o644)
+}
+
+func (st *State) tftpDir() string { return filepath.Join(st.Dir, "tftp") }
+
+// copyIPXE copies Debian's iPXE boot files into the lab's TFTP directory.
+// Debian's /usr/lib/ipxe/ipxe.efi is a symlink to /boot/ipxe.efi, which a
+// TFTP server rooted at /usr/lib/ipxe rightly refuses to follow.
+func (st *State) copyIPXE() error {
+	if err := os.MkdirAll(st.tftpDir(), 0o755); err != nil {
+		return fmt.Errorf("lab: %w", err)
+	}
+	for _, name := range []string{"undionly.kpxe", "ipxe.efi", "snponly.efi"} {
+		b, err := os.ReadFile(filepath.Join(ipxeDir, name))
+		if errors.Is(err, os.ErrNotExist) && name == "snponly.efi" {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("lab: iPXE boot file (Debian package ipxe): %w", err)
+		}
+		if err := writeAtomic(filepath.Join(st.tftpDir(), name), b, 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (st *State) serverConfig() string { return filepath.Join(st.Dir, "server.yaml") }
@@ -713,7 +745,7 @@ func Down(ctx context.Context, dir, name string) error {
 	if err := netlab.Available(); err == nil {
 		errs = append(errs, netlab.Purge(ctx, name))
 	}
-	for _, p := range []string{"disks", "vms", "server", "server.yaml", "admin-token", stateFile} {
+	for _, p := range []string{"disks", "vms", "server", "tftp", "server.yaml", "server.log", "forwarder.log", "admin-token", stateFile} {
 		if err := os.RemoveAll(filepath.Join(dir, p)); err != nil {
 			errs = append(errs, fmt.Errorf("lab: %w", err))
 		}
@@ -796,4 +828,41 @@ func Inspect(st *State) Status {
 		}
 	}
 	return s
+}
+
+// WaitConsole watches a node's serial log from byte offset from until a line
+// matches re, and returns the line and the offset just past it. The error
+// names the node and carries the console's tail.
+func (st *State) WaitConsole(ctx context.Context, name string, re *regexp.Regexp, from int64) (string, int64, error) {
+	nd, err := st.Node(name)
+	if err != nil {
+		return "", from, err
+	}
+	for {
+		b, err := os.ReadFile(nd.Serial)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return "", from, fmt.Errorf("lab: console of %s: %w", nd.Name, err)
+		}
+		if int64(len(b)) < from {
+			from = 0 // the VM was restarted: its log starts again
+		}
+		off := from
+		for off < int64(len(b)) {
+			i := strings.IndexByte(string(b[off:]), '\n')
+			if i < 0 {
+				break
+			}
+			line := strings.TrimRight(string(b[off:off+int64(i)]), "\r")
+			off += int64(i) + 1
+			if re.MatchString(line) {
+				return line, off, nil
+			}
+		}
+		from = off
+		select {
+		case <-ctx.Done():
+			return "", from, fmt.Errorf("lab: %s: waiting for %q on the console: %w; console tail:\n%s", nd.Name, re, ctx.Err(), tailFile(nd.Serial, 25))
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
