@@ -298,12 +298,12 @@ func (c *Console) dashboard(ec echo.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.render(ec, http.StatusOK, "dashboard", page{Title: "Dashboard", Nav: "dash", Topic: "dash", Data: dashView{dashData: d, Chart: chartSVG(d.Chart)}})
+	return c.render(ec, http.StatusOK, "dashboard", page{Title: "Dashboard", Nav: "dash", Topic: "dash", Data: dashView{dashData: d, SVG: chartSVG(d.Chart)}})
 }
 
 type dashView struct {
 	dashData
-	Chart template.HTML
+	SVG template.HTML
 }
 
 // chartSVG draws the transfer-rate history; the page's script redraws it
