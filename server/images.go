@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 
 	"github.com/esir-project/esir/imaging"
@@ -16,6 +17,23 @@ import (
 // follow the swarm package's routes (mounted on the same listener).
 type images struct {
 	st *imaging.Store
+	// published is called after a push to seed the new image.
+	published func()
+}
+
+// Push implements api.Images.
+func (im images) Push(ctx context.Context, r io.Reader) (api.ImageInfo, error) {
+	img, err := im.st.Import(ctx, r)
+	if errors.Is(err, imaging.ErrExists) {
+		return api.ImageInfo{}, fmt.Errorf("push: %w: %v", api.ErrImageExists, err)
+	}
+	if err != nil {
+		return api.ImageInfo{}, fmt.Errorf("push image: %w", err)
+	}
+	if im.published != nil {
+		im.published()
+	}
+	return info(img.Manifest), nil
 }
 
 func (im images) get(ref string) (*imaging.Image, error) {

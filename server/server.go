@@ -82,7 +82,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 	if err := s.firstToken(ctx); err != nil {
 		return nil, err
 	}
-	imgs := images{st: s.images}
+	imgs := images{st: s.images, published: s.publish}
 	s.sched = rollout.New(s.db, imgs, log, nil)
 	s.sched.Interval = cfg.SchedulerTick
 	s.api, err = api.New(s.db, s.sched, signer, imgs, api.Config{

@@ -23,8 +23,11 @@ import (
 	"github.com/esir-project/esir/server/fleet"
 )
 
-// buildImage makes a tiny file-mode image in a new store.
-func buildImage(t *testing.T) string {
+// buildImage makes a tiny file-mode image base:1.0 in a new store.
+func buildImage(t *testing.T) string { return buildImageNamed(t, "base", "1.0") }
+
+// buildImageNamed makes a tiny file-mode image in a new store.
+func buildImageNamed(t *testing.T, name, version string) string {
 	t.Helper()
 	root := t.TempDir()
 	for name, data := range map[string]string{"etc/hostname": "template\n", "usr/bin/hello": "#!/bin/sh\necho hi\n", "boot/vmlinuz-6.1.0-test": "kernel"} {
@@ -39,7 +42,7 @@ func buildImage(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := st.Build(context.Background(), root, imaging.BuildOptions{Name: "base", Version: "1.0", Arch: "x86_64"}); err != nil {
+	if _, err := st.Build(context.Background(), root, imaging.BuildOptions{Name: name, Version: version, Arch: "x86_64"}); err != nil {
 		t.Fatal(err)
 	}
 	return dir
@@ -136,6 +139,35 @@ func TestServerInProcess(t *testing.T) {
 	if err != nil || len(imgs) != 1 || imgs[0].Ref != "base:1.0" || imgs[0].Kernels[0] != "6.1.0-test" {
 		t.Fatalf("images %+v %v", imgs, err)
 	}
+	// Push a second image (an export from another store) over the API.
+	other, err := imaging.OpenStore(buildImage(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var exp bytes.Buffer
+	if err := other.Export(ctx, "base:1.0", &exp); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.PushImage(ctx, bytes.NewReader(exp.Bytes())); !agentapi.IsStatus(err, 409) {
+		t.Fatalf("pushing an image the store holds: %v", err)
+	}
+	if _, err := c.PushImage(ctx, strings.NewReader("not a tar")); err == nil {
+		t.Fatal("garbage push accepted")
+	}
+	extra, err := imaging.OpenStore(buildImageNamed(t, "extra", "2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp.Reset()
+	if err := extra.Export(ctx, "extra:2", &exp); err != nil {
+		t.Fatal(err)
+	}
+	if in, err := c.PushImage(ctx, &exp); err != nil || in.Ref != "extra:2" {
+		t.Fatalf("push: %+v %v", in, err)
+	}
+	if imgs, err := c.Images(ctx); err != nil || len(imgs) != 2 {
+		t.Fatalf("images after push: %+v %v", imgs, err)
+	}
 	// The seeder published the image.
 	resp, err := http.Get(base + "/swarm/images")
 	if err != nil {
@@ -143,7 +175,7 @@ func TestServerInProcess(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(string(body), "base") {
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "base") || !strings.Contains(string(body), "extra") {
 		t.Fatalf("swarm images %d %s", resp.StatusCode, body)
 	}
 	// An unknown machine's iPXE script boots the agent in inventory mode

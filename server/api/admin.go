@@ -381,6 +381,17 @@ func (a *API) getImage(c echo.Context) error {
 	return c.JSON(http.StatusOK, info)
 }
 
+func (a *API) pushImage(c echo.Context) error {
+	if c.Request().ContentLength == 0 {
+		return echo.NewHTTPError(http.StatusBadRequest, "body: an image export stream (esir image export) is required")
+	}
+	info, err := a.images.Push(c.Request().Context(), c.Request().Body)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusCreated, info)
+}
+
 func idParam(c echo.Context) (int64, error) {
 	id, err := strconv.ParseInt(c.Param("id"), 10, 64)
 	if err != nil || id < 1 {

@@ -57,7 +57,14 @@ type Images interface {
 	// Assign describes an image for an agent's assignment, with the URLs
 	// (metainfo, web seed, tracker) under base, the server's public URL.
 	Assign(ctx context.Context, ref, base string) (agentapi.Image, error)
+	// Push imports an image export stream (imaging's Export format) and
+	// publishes it; an existing NAME:VERSION is a conflict.
+	Push(ctx context.Context, r io.Reader) (ImageInfo, error)
 }
+
+// ErrImageExists is returned (wrapped) by Images.Push for an image the
+// store already holds.
+var ErrImageExists = errors.New("image already exists")
 
 // Config is the policy the API applies.
 type Config struct {
@@ -142,7 +149,9 @@ func (a *API) Echo(health func(ctx context.Context) error) *echo.Echo {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = a.errorHandler
-	e.Use(middleware.BodyLimit("8M"))
+	e.Use(middleware.BodyLimitWithConfig(middleware.BodyLimitConfig{Limit: "8M", Skipper: func(c echo.Context) bool {
+		return c.Request().Method == http.MethodPost && c.Path() == Prefix+"/images" // image uploads stream
+	}}))
 	e.Use(a.metrics.Middleware)
 	e.GET("/healthz", func(c echo.Context) error {
 		if health != nil {
@@ -169,6 +178,7 @@ func (a *API) Mount(e *echo.Echo) {
 	g.POST("/nodes/:mac/boot-token", a.bootToken)
 	g.GET("/images", a.listImages)
 	g.GET("/images/:ref", a.getImage)
+	g.POST("/images", a.pushImage)
 	g.GET("/rollouts", a.listRollouts)
 	g.POST("/rollouts", a.createRollout)
 	g.GET("/rollouts/:id", a.getRollout)
@@ -242,7 +252,7 @@ func (a *API) errorHandler(err error, c echo.Context) {
 		status, msg = http.StatusBadRequest, "selector: "+err.Error()
 	case errors.Is(err, store.ErrNotFound):
 		status = http.StatusNotFound
-	case errors.Is(err, rollout.ErrConflict), errors.As(err, &te):
+	case errors.Is(err, rollout.ErrConflict), errors.Is(err, ErrImageExists), errors.As(err, &te):
 		status = http.StatusConflict
 	case errors.Is(err, context.Canceled):
 		status = 499

@@ -163,6 +163,39 @@ func (c *Client) Images(ctx context.Context) ([]api.ImageInfo, error) {
 	return out, c.Do(ctx, http.MethodGet, "/images", nil, &out)
 }
 
+// PushImage uploads an image export stream (imaging's Export format).
+func (c *Client) PushImage(ctx context.Context, r io.Reader) (*api.ImageInfo, error) {
+	u := strings.TrimRight(c.Server, "/") + api.Prefix + "/images"
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, r)
+	if err != nil {
+		return nil, fmt.Errorf("push image: %w", err)
+	}
+	req.Header.Set("Content-Type", "application/x-tar")
+	req.Header.Set("Authorization", "Bearer "+c.Token)
+	hc := c.HTTP
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("push image to %s: %w", u, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode/100 != 2 {
+		var e agentapi.Error
+		if json.Unmarshal(data, &e) != nil || e.Message == "" {
+			e.Message = strings.TrimSpace(string(data))
+		}
+		return nil, &agentapi.StatusError{Status: resp.StatusCode, Message: e.Message}
+	}
+	var out api.ImageInfo
+	if err := json.Unmarshal(data, &out); err != nil {
+		return nil, fmt.Errorf("push image: decode answer: %w", err)
+	}
+	return &out, nil
+}
+
 // CreateRollout starts a rollout.
 func (c *Client) CreateRollout(ctx context.Context, spec deploy.Spec) (*api.RolloutView, error) {
 	var out api.RolloutView
