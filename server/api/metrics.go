@@ -14,11 +14,16 @@ import (
 	"github.com/labstack/echo/v4"
 )
 
-// buckets are the request-duration histogram bounds, in seconds.
-var buckets = [...]float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}
+// nBuckets is the number of request-duration histogram bounds.
+const nBuckets = 11
+
+// buckets returns the request-duration histogram bounds, in seconds.
+func buckets() [nBuckets]float64 {
+	return [nBuckets]float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}
+}
 
 type histogram struct {
-	counts [len(buckets) + 1]int64
+	counts [nBuckets + 1]int64
 	sum    float64
 	n      int64
 }
@@ -68,7 +73,8 @@ func (m *Metrics) Middleware(next echo.HandlerFunc) echo.HandlerFunc {
 			h = &histogram{}
 			m.durations[route] = h
 		}
-		i := sort.SearchFloat64s(buckets[:], d)
+		b := buckets()
+		i := sort.SearchFloat64s(b[:], d)
 		h.counts[i]++
 		h.sum += d
 		h.n++
@@ -146,7 +152,7 @@ func (a *API) handleMetrics(c echo.Context) error {
 	for _, r := range routes {
 		h := m.durations[r]
 		var cum int64
-		for i, le := range buckets {
+		for i, le := range buckets() {
 			cum += h.counts[i]
 			fmt.Fprintf(&b, "esir_http_request_duration_seconds_bucket{route=\"%s\",le=\"%g\"} %d\n", esc(r), le, cum)
 		}

@@ -19,8 +19,9 @@ import (
 
 // migrations are applied in order; each runs once, in its own transaction.
 // Never edit one that has shipped: append a new one.
-var migrations = []string{
-	`CREATE TABLE nodes (
+func migrations() []string {
+	return []string{
+		`CREATE TABLE nodes (
 		mac TEXT PRIMARY KEY,
 		hostname TEXT NOT NULL,
 		number INTEGER NOT NULL UNIQUE,
@@ -79,7 +80,8 @@ var migrations = []string{
 		last_used INTEGER NOT NULL DEFAULT 0
 	);
 	CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
-	`ALTER TABLE nodes ADD COLUMN hardware TEXT NOT NULL DEFAULT '';`,
+		`ALTER TABLE nodes ADD COLUMN hardware TEXT NOT NULL DEFAULT '';`,
+	}
 }
 
 // SQLite is the embedded SQLite backend. Writes go through one connection
@@ -134,15 +136,16 @@ func (s *SQLite) migrate(ctx context.Context) error {
 	if err := s.w.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&have); err != nil {
 		return fmt.Errorf("database %s: read schema version: %w", s.path, err)
 	}
-	if have > len(migrations) {
-		return fmt.Errorf("database %s: schema version %d is newer than this server (%d)", s.path, have, len(migrations))
+	all := migrations()
+	if have > len(all) {
+		return fmt.Errorf("database %s: schema version %d is newer than this server (%d)", s.path, have, len(all))
 	}
-	for v := have + 1; v <= len(migrations); v++ {
+	for v := have + 1; v <= len(all); v++ {
 		tx, err := s.w.BeginTx(ctx, nil)
 		if err != nil {
 			return fmt.Errorf("database %s: migration %d: %w", s.path, v, err)
 		}
-		if _, err := tx.ExecContext(ctx, migrations[v-1]); err != nil {
+		if _, err := tx.ExecContext(ctx, all[v-1]); err != nil {
 			tx.Rollback()
 			return fmt.Errorf("database %s: migration %d: %w", s.path, v, err)
 		}

@@ -27,7 +27,7 @@ func TestOpenMigrateReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "sub", "esir.db")
 	s := open(t, path)
 	v, err := s.SchemaVersion(ctx)
-	if err != nil || v != len(migrations) {
+	if err != nil || v != len(migrations()) {
 		t.Fatalf("schema version %d, %v", v, err)
 	}
 	fi, err := os.Stat(path)
@@ -43,7 +43,7 @@ func TestOpenMigrateReopen(t *testing.T) {
 	}
 	s.Close()
 	s2 := open(t, path)
-	if v, _ := s2.SchemaVersion(ctx); v != len(migrations) {
+	if v, _ := s2.SchemaVersion(ctx); v != len(migrations()) {
 		t.Fatalf("reopened schema version %d", v)
 	}
 	s2.View(ctx, func(tx Tx) error {
