@@ -3,10 +3,18 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -407,4 +415,54 @@ func TestKill9Resume(t *testing.T) {
 	if err := c.Do(ctx, "GET", "/nodes?state=installed", nil, &nodes); err != nil || len(nodes) != 4 {
 		t.Fatalf("installed nodes: %d %v", len(nodes), err)
 	}
+}
+
+// TestTLS serves the API over HTTPS when a certificate is configured.
+func TestTLS(t *testing.T) {
+	dir := t.TempDir()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "esir.test"},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, _ := x509.MarshalECPrivateKey(key)
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600)
+	cfg := DefaultConfig()
+	cfg.Listen, cfg.DataDir, cfg.ImageStore, cfg.SwarmListen = freePort(t), filepath.Join(dir, "data"), filepath.Join(dir, "store"), ""
+	cfg.TLSCert, cfg.TLSKey = certFile, keyFile
+	ctx, cancel := context.WithCancel(context.Background())
+	srv, err := New(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(srv.Config().PublicURL, "https://") {
+		t.Fatalf("public URL %s", srv.Config().PublicURL)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	pool := x509.NewCertPool()
+	pool.AddCert(must(x509.ParseCertificate(der)))
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	waitFor(t, func() bool {
+		r, err := hc.Get("https://" + cfg.Listen + "/healthz")
+		return err == nil && r.Body.Close() == nil && r.StatusCode == 200
+	})
+	if r, err := http.Get("http://" + cfg.Listen + "/healthz"); err == nil && r.StatusCode == 200 {
+		t.Fatal("plain HTTP served with TLS configured")
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }
