@@ -215,6 +215,20 @@ func (x *extractor) forget(rel string) {
 	}
 }
 
+// create runs mk, which makes base in pfd exclusively; when something is
+// already there, it clears it (keeping a directory when keepDir) and runs mk
+// again. Trying first saves a stat per entry on an empty target.
+func (x *extractor) create(pfd int, rel, base string, keepDir bool, mk func() error) error {
+	err := mk()
+	if !errors.Is(err, unix.EEXIST) {
+		return err
+	}
+	if err := x.clear(pfd, rel, base, keepDir); err != nil {
+		return err
+	}
+	return mk()
+}
+
 // clear removes whatever is at base unless it is a directory and keepDir.
 func (x *extractor) clear(pfd int, rel, base string, keepDir bool) error {
 	var st unix.Stat_t
@@ -266,10 +280,8 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 	}
 	switch hdr.Typeflag {
 	case tar.TypeDir:
-		if err := x.clear(pfd, rel, base, true); err != nil {
-			return err
-		}
-		if err := unix.Mkdirat(pfd, base, 0o700); err != nil && !errors.Is(err, unix.EEXIST) {
+		err := x.create(pfd, rel, base, true, func() error { return unix.Mkdirat(pfd, base, 0o700) })
+		if err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("mkdir: %w", err)
 		}
 		x.stats.Dirs++
@@ -280,10 +292,7 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 	case tar.TypeLink:
 		return x.hardlink(hdr, pfd, rel, base)
 	case tar.TypeSymlink:
-		if err := x.clear(pfd, rel, base, false); err != nil {
-			return err
-		}
-		if err := unix.Symlinkat(hdr.Linkname, pfd, base); err != nil {
+		if err := x.create(pfd, rel, base, false, func() error { return unix.Symlinkat(hdr.Linkname, pfd, base) }); err != nil {
 			return fmt.Errorf("symlink: %w", err)
 		}
 		x.stats.Symlinks++
@@ -293,9 +302,6 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 		return fmt.Errorf("unsupported entry type %q", hdr.Typeflag)
 	}
 	// Devices and FIFOs.
-	if err := x.clear(pfd, rel, base, false); err != nil {
-		return err
-	}
 	mode := uint32(unix.S_IFIFO)
 	switch hdr.Typeflag {
 	case tar.TypeChar:
@@ -304,7 +310,7 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 		mode = unix.S_IFBLK
 	}
 	dev := unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
-	if err := unix.Mknodat(pfd, base, mode|0o600, int(dev)); err != nil {
+	if err := x.create(pfd, rel, base, false, func() error { return unix.Mknodat(pfd, base, mode|0o600, int(dev)) }); err != nil {
 		return fmt.Errorf("mknod: %w", err)
 	}
 	x.stats.Specials++
@@ -312,10 +318,12 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 }
 
 func (x *extractor) regular(tr *tar.Reader, hdr *tar.Header, pfd int, rel, base string) error {
-	if err := x.clear(pfd, rel, base, false); err != nil {
+	fd := -1
+	err := x.create(pfd, rel, base, false, func() error {
+		var err error
+		fd, err = unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 		return err
-	}
-	fd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	})
 	if err != nil {
 		return fmt.Errorf("create: %w", err)
 	}

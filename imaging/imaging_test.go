@@ -1076,3 +1076,52 @@ func TestStoreInsideTree(t *testing.T) {
 		t.Errorf("entries %v, want %s", names, want)
 	}
 }
+
+// TestExtractOverExisting extracts onto a target that already holds other
+// things at the same names (a rerun after an interrupted install): each is
+// replaced, nothing is written through a symlink, and a second extraction
+// gives the same tree.
+func TestExtractOverExisting(t *testing.T) {
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "a"), []byte("file a"), 0o644)
+	os.MkdirAll(filepath.Join(src, "b/sub"), 0o755)
+	os.WriteFile(filepath.Join(src, "c"), []byte("file c"), 0o644)
+	os.Symlink("a", filepath.Join(src, "d"))
+	var buf bytes.Buffer
+	if _, err := WriteArchive(context.Background(), &buf, src, ArchiveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	dst, outside := filepath.Join(dir, "dst"), filepath.Join(dir, "outside")
+	os.MkdirAll(filepath.Join(dst, "a/old"), 0o755)
+	os.WriteFile(filepath.Join(dst, "a/old/x"), []byte("x"), 0o644)
+	os.WriteFile(filepath.Join(dst, "b"), []byte("was a file"), 0o644)
+	os.MkdirAll(outside, 0o755)
+	os.WriteFile(filepath.Join(outside, "target"), []byte("outside"), 0o644)
+	os.Symlink(filepath.Join(outside, "target"), filepath.Join(dst, "c"))
+	os.WriteFile(filepath.Join(dst, "d"), []byte("was a file"), 0o644)
+	opts := ExtractOptions{NoOwner: os.Geteuid() != 0}
+	if _, err := Extract(context.Background(), bytes.NewReader(buf.Bytes()), dst, opts); err != nil {
+		t.Fatal(err)
+	}
+	first := snapshot(t, dst)
+	if b, _ := os.ReadFile(filepath.Join(outside, "target")); string(b) != "outside" {
+		t.Errorf("wrote through a symlink: %q", b)
+	}
+	for name, want := range map[string]string{"a": "file a", "c": "file c"} {
+		if b, err := os.ReadFile(filepath.Join(dst, name)); err != nil || string(b) != want {
+			t.Errorf("%s: %q %v, want %q", name, b, err, want)
+		}
+	}
+	if fi, err := os.Lstat(filepath.Join(dst, "b/sub")); err != nil || !fi.IsDir() {
+		t.Errorf("b/sub: %v", err)
+	}
+	if l, err := os.Readlink(filepath.Join(dst, "d")); err != nil || l != "a" {
+		t.Errorf("d: %q %v", l, err)
+	}
+	if _, err := Extract(context.Background(), bytes.NewReader(buf.Bytes()), dst, opts); err != nil {
+		t.Fatal(err)
+	}
+	compareTrees(t, "second extraction", first, snapshot(t, dst))
+	compareTrees(t, "against the source", snapshot(t, src), first)
+}
