@@ -246,3 +246,82 @@ func TestTwoNodeDeployment(t *testing.T) {
 	t.Logf("node01 modules: %v", mods["node01"])
 	t.Logf("node02 modules: %v", mods["node02"])
 }
+
+// TestFaults runs the issue's three fault cases in one two-node lab:
+// node02's disk is too small (the rollout marks it failed with that reason
+// while node01 completes); node01 is killed during its install and started
+// again (it PXE-boots, reinstalls and enrolls); and between the two the
+// server is killed with SIGKILL and restarted (the rollout resumes from its
+// database and completes).
+func TestFaults(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end QEMU test skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), hardTimeout)
+	defer cancel()
+	st, c := startLab(t, ctx, lab.Options{
+		Name: "e2ef", Nodes: 2, Firmware: lab.FirmwareBIOS, Hardware: lab.HardwareVirtio, MemoryMiB: 1024,
+		DiskBytesOf: map[string]int64{"node02": 64 << 20},
+	})
+	n1, err := st.Node("node01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Wait until node01 writes its disk, then cut its power.
+	inInstall := map[string]bool{"unpack": true, "personalise": true, "earlyboot": true, "bootloader": true, "service": true}
+	for {
+		d, err := c.Node(ctx, n1.MAC)
+		if err == nil && d.State == deploy.Installing && d.Progress != nil && inInstall[d.Progress.Step] {
+			t.Logf("node01 at install step %s: killing it", d.Progress.Step)
+			break
+		}
+		if err == nil && (d.State == deploy.Installed || d.State == deploy.Enrolled || d.State == deploy.Failed) {
+			t.Fatalf("node01 reached %s before the test could kill it during the install", d.State)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("node01 never reached the unpack: %v", ctx.Err())
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+	if err := st.KillNode("node01"); err != nil {
+		t.Fatal(err)
+	}
+	// The server dies too, mid-rollout, and comes back on the same database.
+	if err := st.KillServer(); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.StartServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.WaitServer(ctx, 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.StartNode(ctx, "node01"); err != nil {
+		t.Fatal(err)
+	}
+	nodes := waitNodes(t, ctx, c, st, func(n api.NodeView) bool {
+		return n.State == deploy.Enrolled || (n.Hostname == "node02" && n.State == deploy.Failed)
+	})
+	if s := nodes["node02"]; s.State != deploy.Failed || !strings.Contains(s.Reason, "too small") {
+		t.Errorf("node02: %s (%q), want failed because its disk is too small", s.State, s.Reason)
+	}
+	// node01's second install ran from a fresh PXE boot.
+	if _, _, err := st.WaitConsole(ctx, "node01", regexp.MustCompile(`esir-sample: up hostname=node01`), 0); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		r, err := c.Rollout(ctx, st.Rollout)
+		if err == nil && r.State.Final() {
+			if r.State != deploy.RolloutCompleted || r.Summary.Succeeded != 1 || r.Summary.Failed != 1 {
+				t.Errorf("rollout %d: %s, %d succeeded, %d failed; want completed, 1 and 1", r.ID, r.State, r.Summary.Succeeded, r.Summary.Failed)
+			}
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("rollout %d never finished: %v (last error %v)", st.Rollout, ctx.Err(), err)
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
