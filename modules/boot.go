@@ -81,6 +81,9 @@ func (t *Tree) BootPlan(devs []Device, need BootNeeds) (*Plan, error) {
 		for i, s := range p.Steps {
 			pn.index[s.Module] = i
 		}
+		for i, s := range p.Skipped {
+			pn.skipped[s.Module] = i
+		}
 		for _, n := range extra {
 			ms, err := t.Lookup(n)
 			if err != nil {
