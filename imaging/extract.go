@@ -27,6 +27,11 @@ type ExtractOptions struct {
 	NoOwner bool
 	// NoXattrs skips restoring extended attributes.
 	NoXattrs bool
+	// ImplicitDirTime, when set, is the mtime given to directories the
+	// archive does not list (created because an entry lies below them) and
+	// to the root when the archive has no "./" entry; otherwise they keep
+	// the time of extraction.
+	ImplicitDirTime time.Time
 }
 
 // ExtractStats counts what Extract restored.
@@ -68,14 +73,15 @@ func ExtractTar(ctx context.Context, r io.Reader, root string, opts ExtractOptio
 		return ExtractStats{}, fmt.Errorf("extract: target root %s: %w", root, err)
 	}
 	x := &extractor{
-		ctx:  ctx,
-		root: root,
-		rfd:  rfd,
-		opts: opts,
-		buf:  make([]byte, 1<<20),
-		zero: make([]byte, 64<<10),
-		dirs: map[string]int{},
-		cr:   &countReader{r: r},
+		ctx:     ctx,
+		root:    root,
+		rfd:     rfd,
+		opts:    opts,
+		buf:     make([]byte, 1<<20),
+		zero:    make([]byte, 64<<10),
+		dirs:    map[string]int{},
+		implied: map[string]bool{},
+		cr:      &countReader{r: r},
 	}
 	defer x.closeDirs()
 	tr := tar.NewReader(x.cr)
@@ -127,9 +133,11 @@ type extractor struct {
 	rfd     int
 	opts    ExtractOptions
 	buf     []byte
-	zero    []byte         // 64 KiB of zeros, to find holes
-	dirs    map[string]int // open parent directory fds by relative path
-	pending []dirMeta      // directories whose metadata is applied at the end
+	zero    []byte          // 64 KiB of zeros, to find holes
+	dirs    map[string]int  // open parent directory fds by relative path
+	pending []dirMeta       // directories whose metadata is applied at the end
+	implied map[string]bool // directories created without an entry of their own
+	hasRoot bool            // the archive had a "./" entry
 	stats   ExtractStats
 	cr      *countReader
 }
@@ -181,8 +189,12 @@ func (x *extractor) parent(rel string) (int, string, error) {
 		if perr != nil {
 			return -1, "", perr
 		}
-		if err := unix.Mkdirat(pfd, pbase, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
-			return -1, "", fmt.Errorf("create directory %s: %w", dir, err)
+		merr := unix.Mkdirat(pfd, pbase, 0o755)
+		if merr != nil && !errors.Is(merr, unix.EEXIST) {
+			return -1, "", fmt.Errorf("create directory %s: %w", dir, merr)
+		}
+		if merr == nil {
+			x.implied[dir] = true
 		}
 		fd, err = unix.Openat2(x.rfd, dir, how)
 	}
@@ -269,6 +281,7 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 			return fmt.Errorf("the root entry is not a directory")
 		}
 		x.pending = append(x.pending, dirMeta{".", hdr})
+		x.hasRoot = true
 		return nil
 	}
 	if x.opts.Include != nil && !x.opts.Include(rel) {
@@ -285,6 +298,7 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 			return fmt.Errorf("mkdir: %w", err)
 		}
 		x.stats.Dirs++
+		delete(x.implied, rel)
 		x.pending = append(x.pending, dirMeta{rel, hdr})
 		return nil
 	case tar.TypeReg, tar.TypeGNUSparse:
@@ -475,7 +489,7 @@ func (x *extractor) fmeta(fd int, hdr *tar.Header) error {
 }
 
 // meta applies metadata by name for entries that cannot be opened for
-// writing (symlinks, devices, FIFOs, directories).
+// writing (symlinks, devices, FIFOs).
 func (x *extractor) meta(pfd int, rel, base string, hdr *tar.Header, symlink bool) error {
 	if !x.opts.NoOwner {
 		if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
@@ -511,6 +525,23 @@ func (x *extractor) meta(pfd int, rel, base string, hdr *tar.Header, symlink boo
 // finishDirs applies directory metadata deepest first, after every child
 // exists, so restrictive modes and mtimes survive.
 func (x *extractor) finishDirs() error {
+	if t := x.opts.ImplicitDirTime; !t.IsZero() {
+		ts := []unix.Timespec{unix.NsecToTimespec(t.UnixNano()), unix.NsecToTimespec(t.UnixNano())}
+		for dir := range x.implied {
+			pfd, base, err := x.parent(dir)
+			if err != nil {
+				return fmt.Errorf("extract: directory %s: %w", dir, err)
+			}
+			if err := unix.UtimesNanoAt(pfd, base, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+				return fmt.Errorf("extract: directory %s: set mtime: %w", dir, err)
+			}
+		}
+		if !x.hasRoot {
+			if err := unix.UtimesNanoAt(x.rfd, ".", ts, 0); err != nil {
+				return fmt.Errorf("extract: root directory: set mtime: %w", err)
+			}
+		}
+	}
 	for i := len(x.pending) - 1; i >= 0; i-- {
 		d := x.pending[i]
 		if d.name == "." {

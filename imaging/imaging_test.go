@@ -3,6 +3,7 @@ package imaging
 import (
 	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -856,14 +857,36 @@ func TestBuildFromTar(t *testing.T) {
 		}
 	}
 	tw.Close()
-	tarball := filepath.Join(t.TempDir(), "rootfs.tar.zst")
-	enc, _ := zstd.NewWriter(nil)
-	os.WriteFile(tarball, enc.EncodeAll(raw.Bytes(), nil), 0o644)
-	s, _ := OpenStore(t.TempDir())
 	if os.Geteuid() != 0 {
 		t.Skip("unpacking a tarball with its owners needs root")
 	}
-	img, err := s.BuildFromTar(context.Background(), tarball, BuildOptions{Name: "t", Version: "1"})
+	enc, _ := zstd.NewWriter(nil)
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(raw.Bytes())
+	zw.Close()
+	s, _ := OpenStore(t.TempDir())
+	var sums []string
+	for _, tc := range []struct {
+		name string
+		data []byte
+	}{
+		{"rootfs.tar.zst", enc.EncodeAll(raw.Bytes(), nil)},
+		{"rootfs.tar.gz", gz.Bytes()},
+		{"rootfs.tar", raw.Bytes()},
+	} {
+		tarball := filepath.Join(t.TempDir(), tc.name)
+		os.WriteFile(tarball, tc.data, 0o644)
+		img, err := s.BuildFromTar(context.Background(), tarball, BuildOptions{Name: "t", Version: tc.name})
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		sums = append(sums, img.Manifest.SHA256)
+	}
+	if sums[0] != sums[1] || sums[1] != sums[2] {
+		t.Errorf("the same tarball compressed three ways gave different archives: %v", sums)
+	}
+	img, err := s.Get("t:rootfs.tar.zst")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -258,7 +258,10 @@ func (s *Store) BuildFromTar(ctx context.Context, tarball string, opts BuildOpti
 	if err != nil {
 		return nil, fmt.Errorf("build image from %s: %w", tarball, err)
 	}
-	if _, err := ExtractTar(ctx, r, root, ExtractOptions{}); err != nil {
+	defer r.Close()
+	// Directories the tarball does not list get a fixed time, so the image
+	// does not depend on when it was built.
+	if _, err := ExtractTar(ctx, r, root, ExtractOptions{ImplicitDirTime: time.Unix(0, 0)}); err != nil {
 		return nil, fmt.Errorf("build image from %s: unpack: %w", tarball, err)
 	}
 	out := filepath.Join(work, "out")
@@ -280,25 +283,30 @@ func (s *Store) BuildFromTar(ctx context.Context, tarball string, opts BuildOpti
 	return s.commit(ctx, out, m)
 }
 
-// decompressAny recognises gzip, xz, bzip2 and zstd by their magic bytes.
-func decompressAny(f io.Reader) (io.Reader, error) {
+// decompressAny recognises gzip, xz, bzip2 and zstd by their magic bytes;
+// anything else is read as a plain tar.
+func decompressAny(f io.Reader) (io.ReadCloser, error) {
 	br := bufio.NewReaderSize(f, 1<<20)
 	magic, _ := br.Peek(6)
 	switch {
 	case len(magic) >= 2 && magic[0] == 0x1f && magic[1] == 0x8b:
 		return gzip.NewReader(br)
 	case len(magic) >= 4 && string(magic[:4]) == "\x28\xb5\x2f\xfd":
-		d, err := zstd.NewReader(br)
+		d, err := zstd.NewReader(br, zstd.WithDecoderMaxWindow(1<<30))
 		if err != nil {
 			return nil, err
 		}
 		return d.IOReadCloser(), nil
 	case len(magic) >= 6 && string(magic) == "\xfd7zXZ\x00":
-		return xz.NewReader(br)
+		r, err := xz.NewReader(br)
+		if err != nil {
+			return nil, err
+		}
+		return io.NopCloser(r), nil
 	case len(magic) >= 3 && string(magic[:3]) == "BZh":
-		return bzip2.NewReader(br), nil
+		return io.NopCloser(bzip2.NewReader(br)), nil
 	}
-	return br, nil
+	return io.NopCloser(br), nil
 }
 
 func (s *Store) checkNew(opts BuildOptions) error {
