@@ -1148,3 +1148,33 @@ func TestExtractOverExisting(t *testing.T) {
 	compareTrees(t, "second extraction", first, snapshot(t, dst))
 	compareTrees(t, "against the source", snapshot(t, src), first)
 }
+
+// TestStaleWorkRemoved: a build killed with SIGKILL leaves its work
+// directory; the next OpenStore removes it when its process is gone, and
+// keeps the work of a live process.
+func TestStaleWorkRemoved(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := OpenStore(dir); err != nil {
+		t.Fatal(err)
+	}
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(dir, "tmp", fmt.Sprintf("build-%d-123", dead.Process.Pid))
+	live := filepath.Join(dir, "tmp", fmt.Sprintf("build-%d-456", os.Getpid()))
+	for _, d := range []string{stale, live} {
+		if err := os.MkdirAll(filepath.Join(d, "partial"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := OpenStore(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stale work directory kept: %v", err)
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Errorf("a live build's work directory was removed: %v", err)
+	}
+}
