@@ -60,6 +60,9 @@ type result struct {
 	LoadGenCPUPct   float64 `json:"loadgen_cpu_pct"`
 	ListBytes       int     `json:"list_bytes"`
 	DurationSeconds float64 `json:"duration_s"`
+	// LoadAvg is the host's 1-minute load average at the end of the run:
+	// other work on the machine competes with both servers for 2 cores.
+	LoadAvg float64 `json:"host_load_avg_1m"`
 }
 
 type options struct {
@@ -353,11 +356,15 @@ func load(ctx context.Context, o options, pid int, agents []*fleet.Agent,
 	wall := time.Since(t0).Seconds()
 	cpu1, self1 := procCPU(pid), procCPU(os.Getpid())
 	rss, peak := procMem(pid)
+	var load float64
+	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
+		load, _ = strconv.ParseFloat(strings.Fields(string(data))[0], 64)
+	}
 	r := result{
 		Reports: int64(len(reps)), ReportErrors: repErr.Load(), Lists: int64(len(lists)), ListErrors: listErr.Load(),
 		ReportRate: float64(len(reps)) / wall, RequestRate: float64(len(reps)+len(lists)) / wall,
 		ServerCPUPct: 100 * (cpu1 - cpu0) / wall, LoadGenCPUPct: 100 * (self1 - self0) / wall,
-		ServerRSSMiB: rss, ServerPeakMiB: peak, DurationSeconds: wall,
+		ServerRSSMiB: rss, ServerPeakMiB: peak, DurationSeconds: wall, LoadAvg: load,
 	}
 	r.ReportP50Ms, r.ReportP99Ms, r.ReportMaxMs = pct(reps, 0.5), pct(reps, 0.99), pct(reps, 1)
 	r.ListP50Ms, r.ListP99Ms = pct(lists, 0.5), pct(lists, 0.99)
@@ -490,4 +497,5 @@ func print(o options, e, f result) {
 	row("server RSS MiB", e.ServerRSSMiB, f.ServerRSSMiB, "%.1f", "")
 	row("server peak RSS MiB", e.ServerPeakMiB, f.ServerPeakMiB, "%.1f", "< 200")
 	row("load generator CPU %", e.LoadGenCPUPct, f.LoadGenCPUPct, "%.1f", "(same machine, 2 cores)")
+	row("host load average (1 min)", e.LoadAvg, f.LoadAvg, "%.1f", "(other processes competing for the cores)")
 }
