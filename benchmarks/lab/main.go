@@ -74,16 +74,17 @@ func main() {
 	dir := flag.String("dir", "/var/tmp/esir-bench-lab", "lab state directory (its image store caches the sample image)")
 	mem := flag.Int("memory", 768, "memory per machine in MiB")
 	timeout := flag.Duration("timeout", 40*time.Minute, "limit per lab size")
+	agentBin := flag.String("agent", "", "prebuilt static esir-agent (default: built from this checkout)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *sizes, *png, *jsonOut, *dir, *mem, *timeout); err != nil {
+	if err := run(ctx, *sizes, *png, *jsonOut, *dir, *agentBin, *mem, *timeout); err != nil {
 		fmt.Fprintln(os.Stderr, "benchmarks/lab:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, sizeList, png, jsonOut, dir string, mem int, timeout time.Duration) error {
+func run(ctx context.Context, sizeList, png, jsonOut, dir, agentBin string, mem int, timeout time.Duration) error {
 	if err := lab.Available(); err != nil {
 		return err
 	}
@@ -101,7 +102,11 @@ func run(ctx context.Context, sizeList, png, jsonOut, dir string, mem int, timeo
 	}
 	defer os.RemoveAll(bin)
 	esir, agent := filepath.Join(bin, "esir"), filepath.Join(bin, "esir-agent")
-	for _, b := range [][2]string{{esir, "./cmd/esir"}, {agent, "./cmd/esir-agent"}} {
+	builds := [][2]string{{esir, "./cmd/esir"}, {agent, "./cmd/esir-agent"}}
+	if agentBin != "" {
+		agent, builds = agentBin, builds[:1]
+	}
+	for _, b := range builds {
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", b[0], b[1])
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
