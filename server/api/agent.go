@@ -270,12 +270,8 @@ func (a *API) events(c echo.Context) error {
 	ctx := c.Request().Context()
 	a.metrics.agentEvents.Add(int64(len(b.Events)))
 	// Fast path: progress within the current phase needs no write.
-	var ns *store.NodeStatus
-	if err := a.st.View(ctx, func(tx store.Tx) error {
-		var err error
-		ns, err = tx.NodeStatus(mac)
-		return err
-	}); err != nil {
+	ns, err := a.st.NodeStatus(ctx, mac)
+	if err != nil {
 		return err
 	}
 	if err := current(&deploy.Node{MAC: mac, Assignment: ns.Assignment}, b.Assignment); err != nil {

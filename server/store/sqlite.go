@@ -87,9 +87,10 @@ func migrations() []string {
 // SQLite is the embedded SQLite backend. Writes go through one connection
 // (SQLite has one writer); reads use a pool and see committed data (WAL).
 type SQLite struct {
-	path string
-	w    *sql.DB
-	r    *sql.DB
+	path   string
+	w      *sql.DB
+	r      *sql.DB
+	status *sql.Stmt // prepared on the read pool (each connection prepares it once)
 }
 
 // OpenSQLite opens (creating it 0600 when missing) the database file at path,
@@ -124,6 +125,10 @@ func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
 	if err := s.migrate(ctx); err != nil {
 		s.Close()
 		return nil, err
+	}
+	if s.status, err = r.PrepareContext(ctx, `SELECT `+statusCols+` FROM nodes WHERE mac = ?`); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("database %s: prepare: %w", path, err)
 	}
 	return s, nil
 }
@@ -169,7 +174,23 @@ func (s *SQLite) SchemaVersion(ctx context.Context) (int, error) {
 
 // Close closes the database.
 func (s *SQLite) Close() error {
-	return errors.Join(s.r.Close(), s.w.Close())
+	var err error
+	if s.status != nil {
+		err = s.status.Close()
+	}
+	return errors.Join(err, s.r.Close(), s.w.Close())
+}
+
+// NodeStatus implements Store.
+func (s *SQLite) NodeStatus(ctx context.Context, mac string) (*NodeStatus, error) {
+	st, err := scanStatus(s.status.QueryRowContext(ctx, mac))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("node %s: %w", mac, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("database %s: node %s: %w", s.path, mac, err)
+	}
+	return st, nil
 }
 
 // Update implements Store.

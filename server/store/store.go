@@ -25,6 +25,9 @@ type Store interface {
 	Update(ctx context.Context, fn func(Tx) error) error
 	// View runs fn in a read-only transaction.
 	View(ctx context.Context, fn func(Tx) error) error
+	// NodeStatus reads one node's status outside a transaction: the hot
+	// path of agent progress reports.
+	NodeStatus(ctx context.Context, mac string) (*NodeStatus, error)
 	// Close releases the database.
 	Close() error
 }

@@ -95,6 +95,12 @@ func TestNodesEventsRollouts(t *testing.T) {
 		if err != nil || n.Inventory.MemoryBytes != 1<<30 || n.LogTail[0] != "hello" || !n.Created.Equal(now) {
 			t.Fatalf("node %+v %v", n, err)
 		}
+		if st, err := s.NodeStatus(ctx, "02:00:00:00:00:01"); err != nil || st.State != deploy.Discovered || !st.Changed.Equal(now) {
+			t.Fatalf("status %+v %v", st, err)
+		}
+		if _, err := s.NodeStatus(ctx, "02:00:00:00:00:09"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("missing node status: %v", err)
+		}
 		if _, err := tx.Node("02:00:00:00:00:09"); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("missing node: %v", err)
 		}
