@@ -131,3 +131,12 @@ func (fp *filePiece) Completion() storage.Completion {
 	defer fp.s.mu.Unlock()
 	return storage.Completion{Ok: true, Complete: fp.s.complete[fp.p.Index()]}
 }
+
+// noStorage is the client's default storage: every image brings its own, so
+// the library never creates a default one (which would write a piece
+// completion database into a directory of its choosing).
+type noStorage struct{}
+
+func (noStorage) OpenTorrent(context.Context, *metainfo.Info, metainfo.Hash) (storage.TorrentImpl, error) {
+	return storage.TorrentImpl{}, errors.New("swarm: torrent added without its own storage")
+}

@@ -179,8 +179,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	tc.Slogger = cfg.Log.With("component", "bittorrent")
 	tc.Bep20 = "-ES0100-"
 	tc.ExtendedHandshakeClientVersion = "esir 0.1"
-	tc.DefaultStorage = nil
-	tc.DataDir = os.TempDir() // unused: every image gets its own storage
+	tc.DefaultStorage = noStorage{} // every image gets its own storage; nothing else is written
 	tc.Callbacks.PeerConnAdded = append(tc.Callbacks.PeerConnAdded, func(pc *torrent.PeerConn) {
 		pc.LocalLtepProtocolMap.AddUserProtocol(pp.ExtensionName(havewire.ExtensionName))
 	})
