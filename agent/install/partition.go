@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 	"unsafe"
@@ -175,7 +177,14 @@ func announcePartitions(dev string, t *gpt.Table) error {
 	for _, p := range t.Partitions {
 		bp := unix.BlkpgPartition{Start: int64(p.Start) * 512, Length: int64(p.End-p.Start+1) * 512, Pno: int32(p.Index)}
 		a := unix.BlkpgIoctlArg{Op: unix.BLKPG_ADD_PARTITION, Datalen: int32(unsafe.Sizeof(bp)), Data: (*byte)(unsafe.Pointer(&bp))}
-		if err := blkpg(f, &a); err != nil {
+		err := blkpg(f, &a)
+		if errors.Is(err, unix.EBUSY) {
+			// A kernel with a GPT parser re-read the new table already
+			// (go-diskfs asks it to): the partition exists; make sure it
+			// is the one just written.
+			err = samePartition(dev, p.Index, bp.Start/512, bp.Length/512)
+		}
+		if err != nil {
 			return fmt.Errorf("add partition %d of %s: %w", p.Index, dev, err)
 		}
 	}
@@ -191,6 +200,28 @@ func announcePartitions(dev string, t *gpt.Table) error {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+	}
+	return nil
+}
+
+// samePartition checks in sysfs that partition n of dev starts and ends
+// where the new table says (in 512-byte sectors).
+func samePartition(dev string, n int, start, length int64) error {
+	part := filepath.Base(disk.PartitionPath(dev, n))
+	read := func(name string) (int64, error) {
+		b, err := os.ReadFile(filepath.Join("/sys/class/block", part, name))
+		if err != nil {
+			return 0, err
+		}
+		return strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	}
+	gotStart, err1 := read("start")
+	gotLen, err2 := read("size")
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("partition %s is busy and unreadable in sysfs: %w", part, err)
+	}
+	if gotStart != start || gotLen != length {
+		return fmt.Errorf("the kernel holds partition %s at sectors %d+%d, not %d+%d (in use?)", part, gotStart, gotLen, start, length)
 	}
 	return nil
 }
