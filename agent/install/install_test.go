@@ -26,6 +26,7 @@ import (
 	"github.com/esir-project/esir/agent/install"
 	"github.com/esir-project/esir/imaging"
 	"github.com/esir-project/esir/modules"
+	"github.com/esir-project/esir/pxe/netboot"
 	"github.com/esir-project/esir/sampleimage"
 	"github.com/esir-project/esir/server/agentapi"
 	"github.com/esir-project/esir/vm"
@@ -589,4 +590,18 @@ func addPartition(f *os.File, bp unix.BlkpgPartition) error {
 		return fmt.Errorf("add partition %d: %w", bp.Pno, e)
 	}
 	return nil
+}
+
+// TestNetbootCarriesHostTools: everything the install runs or reads from the
+// netboot environment is what pxe/netboot packs by default.
+func TestNetbootCarriesHostTools(t *testing.T) {
+	packed := map[string]bool{"/etc/mke2fs.conf": true, "/sbin/mkfs.ext4": true} // netboot adds both with mke2fs
+	for _, f := range append(netboot.DefaultHelpers(), netboot.DefaultFiles()...) {
+		packed[f] = true
+	}
+	for _, f := range install.HostTools() {
+		if !packed[f] {
+			t.Errorf("the install needs %s but the netboot environment does not carry it", f)
+		}
+	}
 }

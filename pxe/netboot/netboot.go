@@ -60,6 +60,10 @@ type Options struct {
 	// Helpers are absolute paths (inside HelpersRoot) of programs to include
 	// with their shared-library closure; nil means DefaultHelpers.
 	Helpers []string
+	// Files are absolute paths (inside HelpersRoot) of data files the
+	// install reads (boot code, EFI loaders), copied as they are; nil means
+	// DefaultFiles.
+	Files []string
 	// Out is the build directory (created).
 	Out string
 	// Source identifies where the kernel came from (image ref, info hash)
@@ -72,7 +76,15 @@ type Options struct {
 
 // DefaultHelpers are the programs the install needs in the netboot
 // environment.
-func DefaultHelpers() []string { return []string{"/sbin/mke2fs"} }
+// mke2fs makes the root filesystem; extlinux makes the disk boot under BIOS.
+func DefaultHelpers() []string { return []string{"/sbin/mke2fs", "/usr/bin/extlinux"} }
+
+// DefaultFiles are the data files the install needs in the netboot
+// environment, at the paths Debian 12 installs them: the GPT boot code for
+// BIOS (syslinux-common) and systemd-boot for UEFI (systemd-boot-efi).
+func DefaultFiles() []string {
+	return []string{"/usr/lib/EXTLINUX/gptmbr.bin", "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"}
+}
 
 // Manifest describes a build; it is written as netboot.json.
 type Manifest struct {
@@ -253,6 +265,9 @@ func Build(ctx context.Context, opts Options) (*Result, error) {
 	if opts.Helpers == nil {
 		opts.Helpers = DefaultHelpers()
 	}
+	if opts.Files == nil {
+		opts.Files = DefaultFiles()
+	}
 	k, err := FindKernel(opts.KernelRoot, opts.KernelVersion)
 	if err != nil {
 		return nil, err
@@ -280,6 +295,14 @@ func Build(ctx context.Context, opts Options) (*Result, error) {
 	helpers, err := Closure(opts.HelpersRoot, opts.Helpers)
 	if err != nil {
 		return nil, err
+	}
+	for _, f := range opts.Files {
+		src := filepath.Join(opts.HelpersRoot, f)
+		st, err := os.Stat(src)
+		if err != nil || !path.IsAbs(f) || !st.Mode().IsRegular() {
+			return nil, fmt.Errorf("netboot: file %s: want an absolute path to a regular file (%v)", f, err)
+		}
+		helpers = append(helpers, File{Name: strings.TrimPrefix(path.Clean(f), "/"), Source: src, Mode: 0o644})
 	}
 
 	key, err := cacheKey(k, agentSum, plan, helpers)

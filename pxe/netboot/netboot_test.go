@@ -198,6 +198,15 @@ func TestBuildFromHostKernel(t *testing.T) {
 		if binary.LittleEndian.Uint16(sb[56:]) != 0xEF53 || binary.LittleEndian.Uint32(sb[96:])&0x40 == 0 {
 			t.Error("mkfs.ext4 in the initramfs did not make an ext4 filesystem with extents")
 		}
+		// The BIOS bootloader installer runs too, and the boot files are there.
+		if out, err := exec.Command("chroot", dir, "/usr/bin/extlinux", "--version").CombinedOutput(); !bytes.Contains(out, []byte("extlinux")) {
+			t.Errorf("extlinux inside the unpacked initramfs: %v\n%s", err, out)
+		}
+	}
+	for _, f := range DefaultFiles() {
+		if !bytes.Equal(mustRead(t, filepath.Join(dir, f)), mustRead(t, f)) {
+			t.Errorf("%s differs from the host's copy", f)
+		}
 	}
 
 	// Same inputs: cached. A changed agent: rebuilt.
