@@ -123,6 +123,8 @@ func Build(ctx context.Context, dir string, opts Options) error {
 		}
 		b.write(name, content, mode)
 	}
+	// Debian's busybox udhcpc (run by ifup) looks for its event script here.
+	b.symlink("etc/udhcpc/default.script", "/usr/share/udhcpc/default.script")
 	b.write("etc/machine-id", "", 0o444)
 	b.copyFile(opts.Kernel.Vmlinuz, "boot/vmlinuz-"+opts.Kernel.Version, 0o644)
 	if b.err != nil {

@@ -104,6 +104,7 @@ type reporter struct {
 	asg  string
 	logs *LogBuffer
 
+	sending sync.Mutex // one flush at a time: a batch leaves pending only once sent
 	mu      sync.Mutex
 	seq     int64
 	pending []agentapi.Event
@@ -165,6 +166,8 @@ func (r *reporter) run(ctx context.Context, every time.Duration) {
 // flush samples the progress (when it changed) and sends what is pending,
 // log lines attached to the last event. It returns the send error.
 func (r *reporter) flush(ctx context.Context) error {
+	r.sending.Lock()
+	defer r.sending.Unlock()
 	r.mu.Lock()
 	if r.gone {
 		r.mu.Unlock()
