@@ -85,10 +85,10 @@ func (s *Server) mountBoot() error {
 		}
 		s.echo.Any("/pxe/files/*", echo.WrapHandler(http.StripPrefix("/pxe/files", h)))
 	}
-	if s.cfg.TFTPDir != "" && (s.cfg.TFTPListen != "" || s.cfg.DHCPInterface != "") {
-		h, err := pxe.FileHandler(s.cfg.TFTPDir, s.log)
+	if s.cfg.TFTPListen != "" || s.cfg.DHCPInterface != "" {
+		h, err := s.ipxeFiles()
 		if err != nil {
-			return fmt.Errorf("tftp_dir: %w", err)
+			return err
 		}
 		s.echo.Any("/pxe/ipxe/*", echo.WrapHandler(http.StripPrefix("/pxe/ipxe", h)))
 	}
@@ -99,9 +99,9 @@ func (s *Server) mountBoot() error {
 func (s *Server) startBoot(ctx context.Context, g *errgroup.Group) error {
 	pol := &policy{cfg: s.cfg, st: s.db, api: s.api}
 	if s.cfg.TFTPListen != "" {
-		ts, err := tftp.New(s.cfg.TFTPDir, s.log)
+		ts, err := s.ipxeFiles()
 		if err != nil {
-			return fmt.Errorf("tftp_dir %s: %w", s.cfg.TFTPDir, err)
+			return err
 		}
 		pc, err := net.ListenPacket("udp4", s.cfg.TFTPListen)
 		if err != nil {
@@ -171,4 +171,22 @@ func (s *Server) startBoot(ctx context.Context, g *errgroup.Group) error {
 	}
 	g.Go(func() error { return ds.ServeConns(ctx, conns...) })
 	return nil
+}
+
+// ipxeFiles serves the iPXE binaries: from tftp_dir, or when it is empty
+// Debian's ipxe package files (their symbolic links lead out of
+// /usr/lib/ipxe, which a rooted directory server refuses).
+func (s *Server) ipxeFiles() (*tftp.Server, error) {
+	if s.cfg.TFTPDir == "" {
+		files, err := tftp.DebianFiles()
+		if err != nil {
+			return nil, fmt.Errorf("tftp_dir: %w", err)
+		}
+		return tftp.NewFiles(files, s.log)
+	}
+	ts, err := tftp.New(s.cfg.TFTPDir, s.log)
+	if err != nil {
+		return nil, fmt.Errorf("tftp_dir %s: %w", s.cfg.TFTPDir, err)
+	}
+	return ts, nil
 }

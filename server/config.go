@@ -71,7 +71,6 @@ func DefaultConfig() Config {
 		BootInitrd:      "initrd",
 		BootCmdline:     "console=ttyS0,115200 console=tty0",
 		DHCPMode:        "proxy",
-		TFTPDir:         "/usr/lib/ipxe",
 	}
 }
 
@@ -120,7 +119,7 @@ func (c *Config) Fields() []Field {
 		{"dhcp_dns", "full mode DNS servers, comma-separated", &c.DHCPDNS},
 		{"dhcp_lease_file", "full mode lease file (default <data_dir>/leases.json)", &c.DHCPLeaseFile},
 		{"tftp_listen", "TFTP listen address, e.g. :69 (empty: no TFTP)", &c.TFTPListen},
-		{"tftp_dir", "directory of iPXE binaries served over TFTP", &c.TFTPDir},
+		{"tftp_dir", "directory of iPXE binaries served over TFTP and HTTP (empty: Debian's ipxe package)", &c.TFTPDir},
 	}
 }
 

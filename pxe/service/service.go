@@ -93,7 +93,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		mux.Handle(FilesPath, http.StripPrefix(FilesPath, h))
 	}
-	mux.Handle(IPXEPath, http.StripPrefix(IPXEPath, ipxeHandler(ts, log)))
+	mux.Handle(IPXEPath, http.StripPrefix(IPXEPath, ts))
 	hl, err := net.Listen("tcp", cfg.HTTPListen)
 	if err != nil {
 		return fmt.Errorf("pxe service: HTTP listen %s: %w", cfg.HTTPListen, err)
@@ -193,20 +193,3 @@ func Run(ctx context.Context, cfg Config) error {
 }
 
 // ipxeHandler serves the TFTP server's files over HTTP (UEFI HTTP boot).
-func ipxeHandler(ts *tftp.Server, log *slog.Logger) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		f, err := ts.Open(r.URL.Path)
-		if err != nil {
-			log.Info("iPXE binary over HTTP: not served", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
-			http.NotFound(w, r)
-			return
-		}
-		defer f.Close()
-		st, err := f.Stat()
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		http.ServeContent(w, r, st.Name(), st.ModTime(), f)
-	})
-}

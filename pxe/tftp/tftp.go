@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path"
 	"path/filepath"
@@ -101,6 +102,24 @@ func NewFiles(files map[string]string, log *slog.Logger) (*Server, error) {
 		log = slog.Default()
 	}
 	return newServer(&Server{files: cat, log: log}), nil
+}
+
+// ServeHTTP serves the same files over HTTP (with Range), for UEFI HTTP boot
+// and iPXE fetching its own binaries: what TFTP refuses, HTTP refuses too.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f, err := s.Open(r.URL.Path)
+	if err != nil {
+		s.log.Info("iPXE binary over HTTP: not served", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
+		http.NotFound(w, r)
+		return
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	http.ServeContent(w, r, st.Name(), st.ModTime(), f)
 }
 
 func newServer(s *Server) *Server {
