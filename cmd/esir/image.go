@@ -41,7 +41,88 @@ func newImageCmd(app *cli.App) *cobra.Command {
 		newImageRmCmd(app, open),
 		newImageExportCmd(app, open),
 		newImageImportCmd(app, open),
+		newImagePushCmd(app, open),
+		newImageRemoteLsCmd(app),
 	)
+	return cmd
+}
+
+// newImagePushCmd streams an image of the local store to a server, which
+// stores and publishes it (seeding starts at once).
+func newImagePushCmd(app *cli.App, open openStore) *cobra.Command {
+	var r remote
+	cmd := &cobra.Command{
+		Use:               "push NAME[:VERSION] --server URL",
+		Short:             "Upload an image of the local store to an ESIR server, which publishes it",
+		Example:           "  esir image push compute:1.0 --server https://esir.example:8080",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: completeRefs(open),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := r.client()
+			if err != nil {
+				return err
+			}
+			s, err := open()
+			if err != nil {
+				return err
+			}
+			im, err := s.Get(args[0])
+			if err != nil {
+				return err
+			}
+			bar := app.Progress("push "+im.Manifest.Name+":"+im.Manifest.Version, im.Manifest.CompressedSize, true)
+			pr, pw := io.Pipe()
+			go func() {
+				pw.CloseWithError(s.Export(cmd.Context(), args[0], io.MultiWriter(pw, bar)))
+			}()
+			info, err := c.PushImage(cmd.Context(), pr)
+			pr.CloseWithError(err)
+			bar.Finish()
+			if err != nil {
+				return fmt.Errorf("push %s to %s: %w", args[0], c.Server, err)
+			}
+			if r.json() {
+				return writeJSON(app.Stdout, info)
+			}
+			fmt.Fprintf(app.Stdout, "pushed %s (sha256 %s, info hash %s)\n", info.Ref, info.SHA256, info.InfoHash)
+			return nil
+		},
+	}
+	r.addFlags(cmd)
+	return cmd
+}
+
+// newImageRemoteLsCmd lists the images a server publishes.
+func newImageRemoteLsCmd(app *cli.App) *cobra.Command {
+	var r remote
+	cmd := &cobra.Command{
+		Use:     "remote-ls --server URL",
+		Aliases: []string{"rls"},
+		Short:   "List the images an ESIR server publishes",
+		Example: "  esir image remote-ls --server http://198.18.0.1:8080 -o json",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := r.client()
+			if err != nil {
+				return err
+			}
+			ims, err := c.Images(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if r.json() {
+				return writeJSON(app.Stdout, ims)
+			}
+			tw := tabwriter.NewWriter(app.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "REF\tMODE\tSIZE\tUNCOMPRESSED\tFILES\tKERNELS\tINFO HASH")
+			for _, im := range ims {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", im.Ref, im.Mode, progress.Bytes(im.CompressedSize),
+					progress.Bytes(im.UncompressedSize), im.FileCount, strings.Join(im.Kernels, ","), im.InfoHash)
+			}
+			return tw.Flush()
+		},
+	}
+	r.addFlags(cmd)
 	return cmd
 }
 
