@@ -421,7 +421,7 @@ func TestBrowserRollout(t *testing.T) {
 		t.Fatalf("pause: %v", err)
 	}
 	shot(t, b, "06-paused")
-	err = chromedp.Run(b, chromedp.Click("#resume"), chromedp.WaitVisible("#notice"),
+	err = chromedp.Run(b, chromedp.Evaluate(`document.querySelector("#notice").remove()`, nil), chromedp.Click("#resume"), chromedp.WaitVisible("#notice"),
 		waitJS(`document.querySelector('#r-state').textContent === "running"`, 10*time.Second))
 	if err != nil {
 		t.Fatalf("resume: %v", err)

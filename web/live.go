@@ -346,13 +346,28 @@ func (c *Console) dash(tx store.Tx, s *snapshot) (dashData, error) {
 		d.Counts[string(st)] = 0
 	}
 	var failed []*deploy.Node
-	for _, n := range s.nodes {
-		d.Counts[string(n.State)]++
-		if n.State == deploy.Failed {
-			failed = append(failed, n)
+	if s.nodes == nil {
+		// A light snapshot (the dashboard page): count in the database.
+		counts, err := tx.CountNodes()
+		if err != nil {
+			return d, err
 		}
+		for st, n := range counts {
+			d.Counts[string(st)] = n
+			d.Total += n
+		}
+		if failed, err = tx.Nodes(store.NodeFilter{State: deploy.Failed}); err != nil {
+			return d, err
+		}
+	} else {
+		for _, n := range s.nodes {
+			d.Counts[string(n.State)]++
+			if n.State == deploy.Failed {
+				failed = append(failed, n)
+			}
+		}
+		d.Total = len(s.nodes)
 	}
-	d.Total = len(s.nodes)
 	sort.Slice(failed, func(i, j int) bool { return failed[i].Changed.After(failed[j].Changed) })
 	for i, n := range failed {
 		if i == 8 {

@@ -288,11 +288,8 @@ func (c *Console) dashboard(ec echo.Context) error {
 	var d dashData
 	ctx := ec.Request().Context()
 	err := c.st.View(ctx, func(tx store.Tx) error {
-		s, err := c.read(tx, c.now())
-		if err != nil {
-			return err
-		}
-		d, err = c.dash(tx, s)
+		var err error
+		d, err = c.dash(tx, &snapshot{now: c.now(), live: c.api.Live().Snapshot()})
 		return err
 	})
 	if err != nil {
