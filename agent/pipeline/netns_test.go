@@ -39,6 +39,7 @@ import (
 const (
 	mac1 = "52:54:00:e5:70:01" // installs onto a disk that fits, by DHCP
 	mac2 = "52:54:00:e5:70:02" // its disk is too small
+	mac3 = "52:54:00:e5:70:03" // unknown to the server: inventory mode first
 	mib  = 1 << 20
 )
 
@@ -296,7 +297,9 @@ dhcp_dns: 198.18.0.1
 	state := func(mac string) *api.NodeDetail {
 		n, err := c.Node(ctx, mac)
 		if err != nil {
-			t.Logf("node %s: %v", mac, err)
+			if !agentapi.IsStatus(err, http.StatusNotFound) {
+				t.Logf("node %s: %v", mac, err)
+			}
 			return nil
 		}
 		return n
@@ -325,9 +328,14 @@ dhcp_dns: 198.18.0.1
 	if _, err := n2.Run(ctx, "ip", "link", "set", "dev", "eth0", "address", mac2); err != nil {
 		t.Fatal(err)
 	}
-	disk1, disk2 := filepath.Join(dir, "node1.img"), filepath.Join(dir, "small.img")
+	n3, err := lab.AddHost(ctx, "n3", netip.MustParsePrefix("198.18.0.13/24"), netlab.Link{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk1, disk2, disk3 := filepath.Join(dir, "node1.img"), filepath.Join(dir, "small.img"), filepath.Join(dir, "node3.img")
 	sparseFile(t, disk1, 768*mib)
 	sparseFile(t, disk2, 128*mib)
+	sparseFile(t, disk3, 768*mib)
 	run := func(h *netlab.Host, mac, disk string, extra ...string) *process {
 		bt, err := c.BootToken(ctx, mac)
 		if err != nil {
@@ -342,6 +350,25 @@ dhcp_dns: 198.18.0.1
 	}
 	a1 := run(n1, mac1, disk1, "--dhcp")
 	a2 := run(n2, mac2, disk2)
+	a3 := run(n3, mac3, disk3)
+
+	// The unknown node registers, reports its hardware and waits in
+	// inventory mode until a rollout names it; its next poll installs.
+	t.Run("inventory-then-assigned", func(t *testing.T) {
+		var host string
+		waitFor(t, ctx, "node 3 discovered with its inventory", func() (bool, string) {
+			n := state(mac3)
+			if n == nil || n.State != deploy.Discovered || n.Inventory == nil {
+				return false, fmt.Sprint(n)
+			}
+			host = n.Hostname
+			return n.Inventory.MemoryBytes > 0 && n.Inventory.CPU.Threads > 0, fmt.Sprintf("%+v", n.Inventory)
+		})
+		if _, err := c.CreateRollout(ctx, deploy.Spec{Image: "sample", Selector: deploy.Selector{Names: []string{host}},
+			BatchSize: 1, Disk: &agentapi.DiskLayout{ESPMiB: 64}}); err != nil {
+			t.Fatal(err)
+		}
+	})
 
 	t.Run("too-small-disk-reported-failed", func(t *testing.T) {
 		err := a2.wait(t, ctx)
@@ -419,6 +446,17 @@ dhcp_dns: 198.18.0.1
 	if root == "" {
 		t.FailNow()
 	}
+	t.Run("inventory-node-installed", func(t *testing.T) {
+		if err := a3.wait(t, ctx); err != nil {
+			t.Fatalf("agent: %v\n%s", err, tailLines(a3.out.String(), 40))
+		}
+		if !strings.Contains(a3.out.String(), "server: inventory mode") {
+			t.Error("the agent never reported inventory mode")
+		}
+		if n := state(mac3); n == nil || n.State != deploy.Installed {
+			t.Fatalf("node 3 at the server: %+v, want installed", n)
+		}
+	})
 	if v, err := c.Rollout(ctx, ro.ID); err != nil || v.State != deploy.RolloutCompleted {
 		t.Logf("rollout %d: %+v %v", ro.ID, v, err)
 	}
