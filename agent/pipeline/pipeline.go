@@ -299,6 +299,32 @@ func (p *pipe) loadModules(ctx context.Context) {
 	for _, f := range res.Failed {
 		p.log.Warn("modules: failed", "module", f.Module, "err", f.Error)
 	}
+	p.loadFilesystems(t)
+}
+
+// Filesystems are the modules the install needs whatever the hardware: no
+// device's modalias names them, so hardware matching never loads them.
+func Filesystems() []string { return []string{"ext4"} }
+
+// loadFilesystems loads Filesystems with their dependencies; a builtin one
+// needs nothing, a failure is logged (mkfs or the mount then fails, reported).
+func (p *pipe) loadFilesystems(t *modules.Tree) {
+	plan, err := t.PlanNames(Filesystems()...)
+	if err != nil {
+		p.log.Warn("modules: filesystem plan", "err", err)
+	}
+	if plan == nil {
+		return
+	}
+	for _, s := range plan.Steps {
+		switch err := modules.Insert(s.Path, s.Params); {
+		case err == nil:
+			p.log.Info("module loaded", "module", s.Module, "reason", "filesystem for the install")
+		case errors.Is(err, modules.ErrLoaded):
+		default:
+			p.log.Warn("modules: failed", "module", s.Module, "err", err)
+		}
+	}
 }
 
 // install carries out one assignment and reports its end.
