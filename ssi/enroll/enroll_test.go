@@ -1,0 +1,298 @@
+package enroll
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/esir-project/esir/netlab"
+	"github.com/esir-project/esir/ssi"
+)
+
+func TestParseMembers(t *testing.T) {
+	out := []byte(`runtime.members.1.config_version (u64) = 0
+runtime.members.1.ip (str) = r(0) ip(198.18.0.1)
+runtime.members.1.join_count (u32) = 1
+runtime.members.1.status (str) = joined
+runtime.members.2.status (str) = left
+runtime.members.12.status (str) = joined
+`)
+	if got := parseMembers(out); !slices.Equal(got, []int{1, 12}) {
+		t.Fatalf("parseMembers = %v, want [1 12]", got)
+	}
+}
+
+func TestParseQuorum(t *testing.T) {
+	tests := []struct {
+		name    string
+		out     string
+		want    Membership
+		wantErr bool
+	}{
+		{name: "quorate", out: "Quorum information\n------------------\nDate:             Sun Nov 22 04:40:00 2026\nQuorum provider:  corosync_votequorum\nNodes:            3\nNode ID:          2\nRing ID:          1.d\nQuorate:          Yes\n\nVotequorum information\n----------------------\nExpected votes:   3\nHighest expected: 3\nTotal votes:      3\nQuorum:           2\nFlags:            Quorate\n",
+			want: Membership{NodeID: 2, Quorate: true, Expected: 3, Total: 3}},
+		{name: "minority", out: "Node ID:          3\nQuorate:          No\nExpected votes:   3\nTotal votes:      1\nQuorum:           2 Activity blocked\n",
+			want: Membership{NodeID: 3, Expected: 3, Total: 1}},
+		{name: "garbage", out: "Cannot initialize QUORUM service\n", wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var m Membership
+			err := parseQuorum([]byte(tt.out), &m)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v", err)
+			}
+			if !tt.wantErr && fmt.Sprint(m) != fmt.Sprint(tt.want) {
+				t.Fatalf("got %+v, want %+v", m, tt.want)
+			}
+		})
+	}
+}
+
+func TestInstall(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "etc/fstab"), []byte("/dev/sda2 / ext4 defaults 0 1"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := &ssi.Bundle{Member: ssi.Member{Name: "r1"},
+		Files: []ssi.File{
+			{Path: "/etc/corosync/authkey", Mode: 0o400, Data: []byte("key")},
+			{Path: "/etc/chrony/chrony.conf", Mode: 0o644, Data: []byte("server 198.18.0.1 iburst\n")},
+		},
+		FstabLines: []string{"198.18.0.1:/home /home nfs4 defaults,_netdev 0 0"},
+	}
+	n := &Node{Root: root, Run: Local{}}
+	for range 2 { // the second run must change nothing
+		if err := n.Install(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range b.Files {
+		st, err := os.Stat(filepath.Join(root, f.Path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != f.Mode {
+			t.Errorf("%s: mode %v, want %v", f.Path, st.Mode().Perm(), f.Mode)
+		}
+		if data, _ := os.ReadFile(filepath.Join(root, f.Path)); !bytes.Equal(data, f.Data) {
+			t.Errorf("%s: content %q", f.Path, data)
+		}
+	}
+	fstab, _ := os.ReadFile(filepath.Join(root, "etc/fstab"))
+	want := "/dev/sda2 / ext4 defaults 0 1\n198.18.0.1:/home /home nfs4 defaults,_netdev 0 0 # esir ssi\n"
+	if string(fstab) != want {
+		t.Errorf("fstab = %q, want %q", fstab, want)
+	}
+	bad := &ssi.Bundle{Member: ssi.Member{Name: "r1"}, Files: []ssi.File{{Path: "/etc/x", Mode: 0o600, Owner: "no-such-user-esir"}}}
+	if err := n.Install(bad); err == nil || !strings.Contains(err.Error(), "/etc/x") || !strings.Contains(err.Error(), "r1") {
+		t.Errorf("unknown owner: %v", err)
+	}
+}
+
+// node is one cluster node of the level 1 test: a netlab namespace plus its
+// own mount, UTS and PID namespaces whose /etc/corosync, /var/lib/corosync and
+// /var/log/corosync are bind mounts of root's, so Install writes what the
+// node's engines read.
+type node struct {
+	host *netlab.Host
+	root string
+	pid  int // host pid of the node's PID-namespace init
+	enr  *Node
+}
+
+// Run runs a command inside the node's namespaces.
+func (n *node) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
+	return Local{}.Run(ctx, "nsenter", append([]string{"-t", strconv.Itoa(n.pid), "-m", "-u", "-p", "-n", "--", name}, args...)...)
+}
+
+// kill ends the node's PID namespace: every process in it dies at once.
+func (n *node) kill() { syscall.Kill(n.pid, syscall.SIGKILL) }
+
+func startNode(ctx context.Context, t *testing.T, h *netlab.Host) *node {
+	t.Helper()
+	n := &node{host: h, root: t.TempDir()}
+	dirs := []string{"etc/corosync", "var/lib/corosync", "var/log/corosync"}
+	script := "set -e; hostname " + h.Name + "; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /dev/shm; "
+	for _, d := range dirs {
+		if err := os.MkdirAll(filepath.Join(n.root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		script += fmt.Sprintf("mount --bind %s /%s; ", filepath.Join(n.root, d), d)
+	}
+	script += "touch " + filepath.Join(n.root, "ready") + "; exec sleep infinity"
+	cmd := h.Command(ctx, "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private", "sh", "-c", script)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("node %s: %v", h.Name, err)
+	}
+	t.Cleanup(func() {
+		n.kill()
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(filepath.Join(n.root, "ready")); err == nil {
+			children, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+			if f := strings.Fields(string(children)); len(f) == 1 {
+				n.pid, _ = strconv.Atoi(f[0])
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %s: namespaces not ready: %s", h.Name, out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	n.enr = &Node{Root: n.root, Run: n, Init: Direct, Timeout: 30 * time.Second}
+	return n
+}
+
+// keepLogs copies the nodes' corosync logs to $ESIR_ARTIFACTS and the test log
+// when the test failed.
+func keepLogs(t *testing.T, nodes []*node) {
+	if !t.Failed() {
+		return
+	}
+	dir := os.Getenv("ESIR_ARTIFACTS")
+	for _, n := range nodes {
+		log, _ := os.ReadFile(filepath.Join(n.root, "var/log/corosync/corosync.log"))
+		if len(log) > 4000 {
+			t.Logf("%s corosync.log (tail):\n%s", n.host.Name, log[len(log)-4000:])
+		} else {
+			t.Logf("%s corosync.log:\n%s", n.host.Name, log)
+		}
+		if dir != "" {
+			os.WriteFile(filepath.Join(dir, "ssi-"+n.host.Name+"-corosync.log"), log, 0o644)
+		}
+	}
+}
+
+// waitFor polls node n's corosync until ok holds.
+func waitFor(ctx context.Context, t *testing.T, n *node, what string, ok func(Membership) bool) Membership {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	var last Membership
+	var err error
+	for time.Now().Before(deadline) {
+		last, err = n.enr.Status(ctx)
+		if err == nil && ok(last) {
+			return last
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("%s: %s never held: last %+v, %v", n.host.Name, what, last, err)
+	return last
+}
+
+// TestLevel1CoreNetns enrolls three core nodes with real corosync, each in its
+// own network, mount, UTS and PID namespaces; isolates one (it alone loses
+// quorum), heals the partition, then kills one (the other two stay quorate).
+func TestLevel1CoreNetns(t *testing.T) {
+	if err := netlab.Available(); err != nil {
+		t.Skipf("needs root and network namespaces: %v", err)
+	}
+	for _, bin := range []string{"corosync", "corosync-cmapctl", "corosync-quorumtool", "corosync-cfgtool", "nsenter", "unshare"} {
+		if _, err := os.Stat("/usr/sbin/" + bin); err != nil {
+			if _, err := os.Stat("/usr/bin/" + bin); err != nil {
+				t.Skipf("%s is not installed (scripts/setup.sh test installs corosync and util-linux)", bin)
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, _, err := ssi.Load("testdata/core3.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := ssi.LoadKeys(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := ssi.NewState()
+	lab, err := netlab.New(ctx, "ssil1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lab.Close() })
+	var nodes []*node
+	t.Cleanup(func() { keepLogs(t, nodes) })
+	for i, name := range []string{"n1", "n2", "n3"} {
+		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
+		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
+			t.Fatal(err)
+		}
+		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, startNode(ctx, t, h))
+	}
+
+	// Enroll all three at once: each waits for the full membership.
+	var wg sync.WaitGroup
+	errs := make([]error, len(nodes))
+	views := make([]Membership, len(nodes))
+	for i, n := range nodes {
+		b, err := ssi.Render(c, st, keys, n.host.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() { views[i], errs[i] = n.enr.Enroll(ctx, b) })
+	}
+	wg.Wait()
+	for i, n := range nodes {
+		if errs[i] != nil {
+			t.Fatalf("%s: %v", n.host.Name, errs[i])
+		}
+		if !slices.Equal(views[i].Joined, []int{1, 2, 3}) || !views[i].Quorate || views[i].NodeID != i+1 {
+			t.Fatalf("%s enrolled with view %+v", n.host.Name, views[i])
+		}
+	}
+	// Enrolling again (next boot) reloads instead of starting a second corosync.
+	b, _ := ssi.Render(c, st, keys, "n1")
+	if _, err := nodes[0].enr.Enroll(ctx, b); err != nil {
+		t.Fatalf("n1 second enrollment: %v", err)
+	}
+
+	// Isolate n3: it alone is not quorate, n1 and n2 are.
+	if out, err := nodes[2].host.Run(ctx, "ip", "link", "set", "eth0", "down"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	waitFor(ctx, t, nodes[2], "isolated n3 non-quorate", func(m Membership) bool { return !m.Quorate && slices.Equal(m.Joined, []int{3}) })
+	for _, n := range nodes[:2] {
+		waitFor(ctx, t, n, "majority quorate without n3", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{1, 2}) })
+	}
+	if _, err := nodes[2].enr.WaitMember(ctx, 3, 3); err == nil || !strings.Contains(err.Error(), "check") {
+		t.Errorf("isolated n3 passes the enrollment check: %v", err)
+	}
+
+	// Heal: the three merge again.
+	if out, err := nodes[2].host.Run(ctx, "ip", "link", "set", "eth0", "up"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	for _, n := range nodes {
+		waitFor(ctx, t, n, "healed membership", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{1, 2, 3}) })
+	}
+
+	// Kill n1 (its whole PID namespace): n2 and n3 stay quorate.
+	nodes[0].kill()
+	for _, n := range nodes[1:] {
+		waitFor(ctx, t, n, "quorate after n1 died", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{2, 3}) && m.Total == 2 })
+	}
+}
