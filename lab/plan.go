@@ -108,6 +108,7 @@ func vmConfig(st *State, nd Node) vm.Config {
 		NICs:             []vm.NIC{nic},
 		Disks:            []vm.Disk{{Path: nd.DiskPath, Model: nd.Disk}},
 		BootNetworkFirst: true,
+		NoIPv6Boot:       true,
 		NetNS:            st.Switch,
 		WorkDir:          st.vmDir(),
 		Detached:         true,

@@ -78,6 +78,11 @@ type Config struct {
 	BootNetworkFirst bool
 	// NoReboot makes a guest reboot end QEMU instead.
 	NoReboot bool
+	// NoIPv6Boot sets OVMF's options for an IPv4-only network, as an
+	// administrator would in firmware setup: no PXE and no HTTP boot over
+	// IPv6, which would otherwise each wait out their timeouts before the
+	// firmware reaches the disk.
+	NoIPv6Boot bool
 	// NetNS, when set, runs QEMU inside that network namespace (where taps are).
 	NetNS string
 	// WorkDir holds the serial log and the UEFI variable store copy.
@@ -151,6 +156,10 @@ func Args(cfg Config) ([]string, error) {
 		a = append(a,
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+OVMFCode,
 			"-drive", "if=pflash,format=raw,unit=1,file="+varsPath(cfg))
+		if cfg.NoIPv6Boot {
+			a = append(a, "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no",
+				"-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no")
+		}
 	default:
 		return nil, fmt.Errorf("vm %s: firmware %q: want bios or uefi", cfg.Name, cfg.Firmware)
 	}

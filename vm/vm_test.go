@@ -14,7 +14,7 @@ import (
 
 func TestArgs(t *testing.T) {
 	cfg := Config{
-		Name: "n1", Firmware: UEFI, WorkDir: "/w", BootNetworkFirst: true,
+		Name: "n1", Firmware: UEFI, WorkDir: "/w", BootNetworkFirst: true, NoIPv6Boot: true,
 		NICs:  []NIC{{Model: "e1000", MAC: "52:54:00:00:00:01", Tap: "tap0", NoROM: true}},
 		Disks: []Disk{{Path: "/d.img", Model: "nvme"}, {Path: "/e.img", Model: "ahci"}},
 	}
@@ -32,6 +32,7 @@ func TestArgs(t *testing.T) {
 		"nvme,drive=disk0,serial=ESIRN100,bootindex=2",
 		"ide-hd,drive=disk1,bus=ide.1,serial=ESIRN101,bootindex=3",
 		"-serial file:/w/n1-serial.log",
+		"name=opt/org.tianocore/IPv6PXESupport,string=no",
 	} {
 		if !strings.Contains(line, want) {
 			t.Errorf("args lack %q:\n%s", want, line)

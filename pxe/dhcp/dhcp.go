@@ -129,12 +129,13 @@ type Stats struct {
 	RateLimited                             int64
 	PolicyErrors                            int64
 	SendErrors                              int64
+	LocalHTTPBoot                           int64 // HTTP boot attempts of local-disk nodes, left unanswered
 }
 
 type counters struct {
 	received, malformed, discovers, requests, releases, declines, informs atomic.Int64
 	offers, acks, naks, ignored, unknownArch, exhausted, limited          atomic.Int64
-	policyErrors, sendErrors                                              atomic.Int64
+	policyErrors, sendErrors, localHTTP                                   atomic.Int64
 }
 
 // Lease is one address handed out, as kept in the lease file.
@@ -358,6 +359,7 @@ func (s *Server) Stats() Stats {
 		Offers: c.offers.Load(), Acks: c.acks.Load(), Naks: c.naks.Load(),
 		Ignored: c.ignored.Load(), UnknownArch: c.unknownArch.Load(), PoolExhausted: c.exhausted.Load(),
 		RateLimited: c.limited.Load(), PolicyErrors: c.policyErrors.Load(), SendErrors: c.sendErrors.Load(),
+		LocalHTTPBoot: c.localHTTP.Load(),
 	}
 }
 
@@ -531,7 +533,9 @@ type bootInfo struct {
 	option43 bool
 }
 
-// boot decides the boot information for a request, or reports why none.
+// boot decides the boot information for a request, or reports why none
+// (false: no answer at all). An empty file with true means: an address (in
+// full mode) but nothing to boot.
 func (s *Server) boot(ctx context.Context, req *dhcpv4.DHCPv4) (bootInfo, bool) {
 	pxeClient, httpClient := isPXEClass(req)
 	ipxe := isIPXE(req)
@@ -563,6 +567,15 @@ func (s *Server) boot(ctx context.Context, req *dhcpv4.DHCPv4) (bootInfo, bool) 
 		s.c.ignored.Add(1)
 		s.log.Debug("dhcp: policy ignores machine", "mac", req.ClientHWAddr.String())
 		return bootInfo{}, false
+	}
+	if d.Action == pxe.LocalDisk && fw == pxe.FirmwareUEFIHTTP && !ipxe {
+		// UEFI firmware tries HTTP boot after PXE (or instead of it). A
+		// node that boots its disk gets an address but no boot file (in
+		// proxy mode: no answer), so the firmware moves straight on to the
+		// disk instead of loading iPXE only to hear `exit` again.
+		s.c.localHTTP.Add(1)
+		s.log.Debug("dhcp: local-disk node, no HTTP boot offer", "mac", req.ClientHWAddr.String())
+		return bootInfo{}, true
 	}
 	bi := bootInfo{class: "PXEClient", option43: true}
 	switch {
@@ -677,7 +690,7 @@ func (s *Server) handleProxy(ctx context.Context, req *dhcpv4.DHCPv4, port int) 
 		return nil
 	}
 	bi, ok := s.boot(ctx, req)
-	if !ok {
+	if !ok || bi.file == "" {
 		return nil
 	}
 	var r *dhcpv4.DHCPv4
@@ -722,7 +735,7 @@ func (s *Server) handleFull(ctx context.Context, req *dhcpv4.DHCPv4) *dhcpv4.DHC
 		r := s.reply(req, dhcpv4.MessageTypeOffer)
 		r.YourIPAddr = ip
 		s.addOptions(r, req)
-		if wantsBoot {
+		if wantsBoot && bi.file != "" {
 			s.addBoot(r, bi)
 		}
 		s.c.offers.Add(1)
@@ -752,7 +765,7 @@ func (s *Server) handleFull(ctx context.Context, req *dhcpv4.DHCPv4) *dhcpv4.DHC
 		r.ClientIPAddr = req.ClientIPAddr
 		r.YourIPAddr = ip
 		s.addOptions(r, req)
-		if wantsBoot {
+		if wantsBoot && bi.file != "" {
 			s.addBoot(r, bi)
 		}
 		s.c.acks.Add(1)
@@ -771,7 +784,7 @@ func (s *Server) handleFull(ctx context.Context, req *dhcpv4.DHCPv4) *dhcpv4.DHC
 		r.ClientIPAddr = req.ClientIPAddr
 		s.addOptions(r, req)
 		r.Options.Del(dhcpv4.OptionIPAddressLeaseTime)
-		if wantsBoot {
+		if wantsBoot && bi.file != "" {
 			s.addBoot(r, bi)
 		}
 		s.c.acks.Add(1)

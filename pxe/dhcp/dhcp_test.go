@@ -355,3 +355,37 @@ func FuzzHandle(f *testing.F) {
 		}
 	})
 }
+
+// A node that boots its own disk: firmware PXE still gets iPXE (whose script
+// says exit), but the UEFI HTTP boot attempt that follows gets an address and
+// no boot file in full mode, and no answer in proxy mode, so the firmware
+// goes on to the disk.
+func TestLocalDiskNodeGetsNoHTTPBoot(t *testing.T) {
+	local := func(c *Config) {
+		c.Policy = &pxe.StaticPolicy{Kernel: "http://198.18.0.1/k", Initrd: "http://198.18.0.1/i",
+			Nodes: map[string]pxe.Action{known.String(): pxe.LocalDisk}}
+	}
+	httpMods := []dhcpv4.Modifier{
+		dhcpv4.WithOption(dhcpv4.OptClassIdentifier("HTTPClient:Arch:00016")),
+		dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_X86_64_HTTP)),
+	}
+	s := newServer(t, Full, local)
+	r, _ := s.Handle(context.Background(), discover(t, known, httpMods...), 67, nil)
+	if r == nil || r.MessageType() != dhcpv4.MessageTypeOffer || r.YourIPAddr.IsUnspecified() {
+		t.Fatalf("full mode: want an address offer, got %v", r)
+	}
+	if f := r.BootFileNameOption(); f != "" || r.ClassIdentifier() != "" {
+		t.Fatalf("full mode: local-disk node offered HTTP boot %q class %q", f, r.ClassIdentifier())
+	}
+	if s.Stats().LocalHTTPBoot != 1 {
+		t.Fatalf("LocalHTTPBoot = %d", s.Stats().LocalHTTPBoot)
+	}
+	r, _ = s.Handle(context.Background(), discover(t, known, pxeMods(iana.EFI_X86_64)...), 67, nil)
+	if r == nil || r.BootFileNameOption() != "ipxe.efi" {
+		t.Fatalf("firmware PXE of a local-disk node: want ipxe.efi, got %v", r)
+	}
+	p := newServer(t, Proxy, local)
+	if r, _ := p.Handle(context.Background(), discover(t, known, httpMods...), 67, nil); r != nil {
+		t.Fatalf("proxy mode answered a local-disk node's HTTP boot: %v", r.Summary())
+	}
+}
