@@ -105,7 +105,9 @@ func corosyncConf(c *Cluster, s *State) []byte {
 		fmt.Fprintf(&w, "\tnode {\n\t\tring0_addr: %s\n\t\tname: %s\n\t\tnodeid: %d\n\t}\n", m.Addr, m.Name, m.ID)
 	}
 	w.WriteString("}\n\nquorum {\n\tprovider: corosync_votequorum\n")
-	if len(core) == 2 {
+	if c.CoreSize == 2 {
+		// A designed two-node cluster; a larger one passing through two
+		// members keeps plain majority quorum (two_node cannot change at runtime).
 		w.WriteString("\ttwo_node: 1\n")
 	}
 	w.WriteString("}\n\nlogging {\n\tto_logfile: yes\n\tlogfile: /var/log/corosync/corosync.log\n\tto_syslog: yes\n\ttimestamp: on\n}\n")

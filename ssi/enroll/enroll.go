@@ -71,6 +71,7 @@ type Node struct {
 type Membership struct {
 	NodeID   int   // this node's id
 	Joined   []int // node ids corosync lists as joined
+	Nodelist []int // node ids in corosync's loaded nodelist
 	Quorate  bool
 	Expected int // expected votes
 	Total    int // total votes present
@@ -78,7 +79,9 @@ type Membership struct {
 
 // Enroll installs b's files, starts or reloads the engines, and verifies that
 // corosync lists the node as joined in a quorate partition. It is idempotent:
-// run it at every boot and whenever the nodelist version changes.
+// run it at every boot and whenever the nodelist version changes. A reload
+// (corosync-cfgtool -R) acts on every member at once, so the new nodelist must
+// be installed on every member (Install) before any of them reloads.
 func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	log := n.logger().With("node", b.Member.Name, "version", b.Version)
 	if err := n.Install(b); err != nil {
@@ -151,6 +154,11 @@ func (n *Node) Status(ctx context.Context) (Membership, error) {
 		return m, fmt.Errorf("check membership: corosync-cmapctl: %w: %s", err, bytes.TrimSpace(out))
 	}
 	m.Joined = parseMembers(out)
+	out, err = n.Run.Run(ctx, "corosync-cmapctl", "-b", "nodelist.node")
+	if err != nil {
+		return m, fmt.Errorf("check nodelist: corosync-cmapctl: %w: %s", err, bytes.TrimSpace(out))
+	}
+	m.Nodelist = parseNodelist(out)
 	out, err = n.Run.Run(ctx, "corosync-quorumtool", "-s", "-p")
 	// corosync-quorumtool exits non-zero when the partition is not quorate.
 	if len(out) == 0 && err != nil {
@@ -177,6 +185,24 @@ func parseMembers(out []byte) []int {
 			continue
 		}
 		if id, err := strconv.Atoi(f[2]); err == nil {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// parseNodelist reads corosync-cmapctl's nodelist.node listing, lines like
+// "nodelist.node.0.nodeid (u32) = 1", and returns the ids.
+func parseNodelist(out []byte) []int {
+	var ids []int
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		key, val, ok := strings.Cut(sc.Text(), " = ")
+		if !ok || !strings.HasSuffix(key, ".nodeid (u32)") {
+			continue
+		}
+		if id, err := strconv.Atoi(val); err == nil {
 			ids = append(ids, id)
 		}
 	}
@@ -259,7 +285,23 @@ func (n *Node) stop(ctx context.Context, svc string) error {
 		if err != nil {
 			return fmt.Errorf("%w: %s", err, out)
 		}
-		return nil
+		// -H returns before the daemon exits; a new start meanwhile finds
+		// its lock taken. Wait for the process to go.
+		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		for {
+			if _, err := n.Run.Run(ctx, "pidof", "corosync"); err != nil {
+				if ctx.Err() != nil {
+					return fmt.Errorf("corosync still runs 30 s after corosync-cfgtool -H")
+				}
+				return nil
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("corosync still runs 30 s after corosync-cfgtool -H")
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
 	case "chrony":
 		_, err := n.Run.Run(ctx, "chronyc", "shutdown")
 		return err

@@ -32,6 +32,19 @@ runtime.members.12.status (str) = joined
 	}
 }
 
+func TestParseNodelist(t *testing.T) {
+	out := []byte(`nodelist.local_node_pos (u32) = 0
+nodelist.node.0.name (str) = n1
+nodelist.node.0.nodeid (u32) = 4
+nodelist.node.0.ring0_addr (str) = 198.18.0.1
+nodelist.node.1.name (str) = n2
+nodelist.node.1.nodeid (u32) = 2
+`)
+	if got := parseNodelist(out); !slices.Equal(got, []int{2, 4}) {
+		t.Fatalf("parseNodelist = %v, want [2 4]", got)
+	}
+}
+
 func TestParseQuorum(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -133,7 +146,7 @@ func startNode(ctx context.Context, t *testing.T, h *netlab.Host) *node {
 		}
 		script += fmt.Sprintf("mount --bind %s /%s; ", filepath.Join(n.root, d), d)
 	}
-	script += "touch " + filepath.Join(n.root, "ready") + "; exec sleep infinity"
+	script += "touch " + filepath.Join(n.root, "ready") + "; while sleep 1; do :; done" // the shell reaps orphaned daemons
 	cmd := h.Command(ctx, "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private", "sh", "-c", script)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -202,7 +215,9 @@ func waitFor(ctx context.Context, t *testing.T, n *node, what string, ok func(Me
 
 // TestLevel1CoreNetns enrolls three core nodes with real corosync, each in its
 // own network, mount, UTS and PID namespaces; isolates one (it alone loses
-// quorum), heals the partition, then kills one (the other two stay quorate).
+// quorum), heals the partition; makes one leave (no ghost in the others'
+// membership, nodelist or expected votes) and come back under a new id; then
+// kills one (the other two stay quorate).
 func TestLevel1CoreNetns(t *testing.T) {
 	if err := netlab.Available(); err != nil {
 		t.Skipf("needs root and network namespaces: %v", err)
@@ -244,6 +259,7 @@ func TestLevel1CoreNetns(t *testing.T) {
 		nodes = append(nodes, startNode(ctx, t, h))
 	}
 
+	t0 := time.Now()
 	// Enroll all three at once: each waits for the full membership.
 	var wg sync.WaitGroup
 	errs := make([]error, len(nodes))
@@ -264,12 +280,14 @@ func TestLevel1CoreNetns(t *testing.T) {
 			t.Fatalf("%s enrolled with view %+v", n.host.Name, views[i])
 		}
 	}
+	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 	// Enrolling again (next boot) reloads instead of starting a second corosync.
 	b, _ := ssi.Render(c, st, keys, "n1")
 	if _, err := nodes[0].enr.Enroll(ctx, b); err != nil {
 		t.Fatalf("n1 second enrollment: %v", err)
 	}
 
+	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 	// Isolate n3: it alone is not quorate, n1 and n2 are.
 	if out, err := nodes[2].host.Run(ctx, "ip", "link", "set", "eth0", "down"); err != nil {
 		t.Fatalf("%v: %s", err, out)
@@ -278,10 +296,13 @@ func TestLevel1CoreNetns(t *testing.T) {
 	for _, n := range nodes[:2] {
 		waitFor(ctx, t, n, "majority quorate without n3", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{1, 2}) })
 	}
-	if _, err := nodes[2].enr.WaitMember(ctx, 3, 3); err == nil || !strings.Contains(err.Error(), "check") {
+	short := *nodes[2].enr
+	short.Timeout = 2 * time.Second
+	if _, err := short.WaitMember(ctx, 3, 3); err == nil || !strings.Contains(err.Error(), "check membership: 1 of 3 core members joined") {
 		t.Errorf("isolated n3 passes the enrollment check: %v", err)
 	}
 
+	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 	// Heal: the three merge again.
 	if out, err := nodes[2].host.Run(ctx, "ip", "link", "set", "eth0", "up"); err != nil {
 		t.Fatalf("%v: %s", err, out)
@@ -290,9 +311,61 @@ func TestLevel1CoreNetns(t *testing.T) {
 		waitFor(ctx, t, n, "healed membership", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{1, 2, 3}) })
 	}
 
+	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
+	// n3 leaves: its corosync stops, the server drops it from the nodelist
+	// and the others reload: no ghost remains in their view.
+	b3, _ := ssi.Render(c, st, keys, "n3")
+	if err := nodes[2].enr.Leave(ctx, b3); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Leave("n3"); err != nil {
+		t.Fatal(err)
+	}
+	// reenroll pushes the new nodelist to every node of ns first, then enrolls
+	// them all at once (members reload, a new node starts).
+	reenroll := func(ns []*node, want []int) {
+		t.Helper()
+		bundles := make([]*ssi.Bundle, len(ns))
+		for i, n := range ns {
+			b, err := ssi.Render(c, st, keys, n.host.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := n.enr.Install(b); err != nil {
+				t.Fatal(err)
+			}
+			bundles[i] = b
+		}
+		var wg sync.WaitGroup
+		errs := make([]error, len(ns))
+		for i, n := range ns {
+			wg.Go(func() { _, errs[i] = n.enr.Enroll(ctx, bundles[i]) })
+		}
+		wg.Wait()
+		for i, n := range ns {
+			if errs[i] != nil {
+				t.Fatalf("%s: %v", n.host.Name, errs[i])
+			}
+			waitFor(ctx, t, n, fmt.Sprintf("membership %v after nodelist version %d", want, st.Version), func(m Membership) bool {
+				return m.Quorate && slices.Equal(m.Joined, want) && slices.Equal(m.Nodelist, want) && m.Expected == len(want)
+			})
+		}
+	}
+	reenroll(nodes[:2], []int{1, 2})
+	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
+
+	// n3 comes back (reinstalled): it gets a new id, never the retired 3.
+	m3, _, err := st.Join("n3", nodes[2].host.IP(), c.CoreSize)
+	if err != nil || m3.ID != 4 {
+		t.Fatalf("rejoin n3: %+v, %v", m3, err)
+	}
+	reenroll(nodes, []int{1, 2, 4})
+	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
+
 	// Kill n1 (its whole PID namespace): n2 and n3 stay quorate.
 	nodes[0].kill()
 	for _, n := range nodes[1:] {
-		waitFor(ctx, t, n, "quorate after n1 died", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{2, 3}) && m.Total == 2 })
+		waitFor(ctx, t, n, "quorate after n1 died", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{2, 4}) && m.Total == 2 })
 	}
+	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 }
