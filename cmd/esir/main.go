@@ -45,5 +45,6 @@ images peer-to-peer over BitTorrent and installs and enrolls the nodes.`,
 	root.AddCommand(newSwarmCmd(app))
 	root.AddCommand(newServerCmd(app), newNodeCmd(app), newRolloutCmd(app), newTokenCmd(app))
 	root.AddCommand(newLabCmd(app))
+	root.AddCommand(newClusterCmd(app))
 	return root
 }
