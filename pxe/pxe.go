@@ -153,13 +153,14 @@ func AgentCmdline(server, token string, mac net.HardwareAddr, mode Action, extra
 }
 
 // Script renders the iPXE script for a decision. Ignore and LocalDisk give a
-// script that exits, so the firmware moves on to the next boot device (the
-// local disk). The initrd is named "initrd" and the command line carries
+// script that exits with a failure status, so the firmware moves on to the
+// next boot device (the local disk): UEFI boot managers (EDK2's BDS) stop at
+// a boot option that returns success and show their menu instead. The initrd is named "initrd" and the command line carries
 // initrd=initrd, which EFI kernels booted by iPXE need to find it.
 func Script(d Decision) (string, error) {
 	switch d.Action {
 	case Ignore, LocalDisk:
-		return "#!ipxe\necho ESIR: booting from local disk\nexit\n", nil
+		return "#!ipxe\necho ESIR: booting from local disk\nexit 1\n", nil
 	case Inventory, Install:
 		if d.Kernel == "" || d.Initrd == "" {
 			return "", fmt.Errorf("boot script for %s: kernel and initrd URLs are required", d.Action)

@@ -29,7 +29,7 @@ func TestScriptAndPolicy(t *testing.T) {
 		not       []string
 	}{
 		{name: "install", mac: known.String(), status: 200, want: []string{"#!ipxe", "kernel http://s/k initrd=initrd esir.server=http://s esir.mac=52:54:00:00:00:01 esir.mode=install console=ttyS0", "initrd --name initrd http://s/i", "boot"}},
-		{name: "installed node exits to disk", mac: local.String(), status: 200, want: []string{"exit"}, not: []string{"kernel"}},
+		{name: "installed node exits to disk", mac: local.String(), status: 200, want: []string{"exit 1\n"}, not: []string{"kernel"}},
 		{name: "unknown ignored", mac: stranger.String(), status: 200, want: []string{"exit"}, not: []string{"kernel"}},
 		{name: "unknown discovered", discovery: true, mac: stranger.String(), status: 200, want: []string{"esir.mode=inventory"}},
 		{name: "bad mac", mac: "nope", status: 400},
