@@ -120,8 +120,9 @@ func (n *Node) WaitMember(ctx context.Context, id, want int) (Membership, error)
 	if timeout == 0 {
 		timeout = time.Minute
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	// The deadline is checked between polls, so that a check in flight is
+	// not cut short and the last verdict is a real one.
+	deadline := time.Now().Add(timeout)
 	for {
 		m, err := n.Status(ctx)
 		if err == nil {
@@ -138,9 +139,11 @@ func (n *Node) WaitMember(ctx context.Context, id, want int) (Membership, error)
 				return m, nil
 			}
 		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return m, fmt.Errorf("node %d not enrolled after %v: %w", id, timeout, err)
+		}
 		select {
 		case <-ctx.Done():
-			return m, fmt.Errorf("node %d not enrolled after %v: %w", id, timeout, err)
 		case <-time.After(250 * time.Millisecond):
 		}
 	}

@@ -8,15 +8,14 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/esir-project/esir/netlab"
 	"github.com/esir-project/esir/ssi"
+	"github.com/esir-project/esir/ssi/nodens"
 )
 
 func TestParseMembers(t *testing.T) {
@@ -116,64 +115,20 @@ func TestInstall(t *testing.T) {
 	}
 }
 
-// node is one cluster node of the level 1 test: a netlab namespace plus its
-// own mount, UTS and PID namespaces whose /etc/corosync, /var/lib/corosync and
-// /var/log/corosync are bind mounts of root's, so Install writes what the
-// node's engines read.
+// node is one cluster node of the level 1 test and its enrollment.
 type node struct {
-	host *netlab.Host
-	root string
-	pid  int // host pid of the node's PID-namespace init
-	enr  *Node
+	*nodens.Node
+	enr *Node
 }
-
-// Run runs a command inside the node's namespaces.
-func (n *node) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
-	return Local{}.Run(ctx, "nsenter", append([]string{"-t", strconv.Itoa(n.pid), "-m", "-u", "-p", "-n", "--", name}, args...)...)
-}
-
-// kill ends the node's PID namespace: every process in it dies at once.
-func (n *node) kill() { syscall.Kill(n.pid, syscall.SIGKILL) }
 
 func startNode(ctx context.Context, t *testing.T, h *netlab.Host) *node {
 	t.Helper()
-	n := &node{host: h, root: t.TempDir()}
-	dirs := []string{"etc/corosync", "var/lib/corosync", "var/log/corosync"}
-	script := "set -e; hostname " + h.Name + "; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /dev/shm; "
-	for _, d := range dirs {
-		if err := os.MkdirAll(filepath.Join(n.root, d), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		script += fmt.Sprintf("mount --bind %s /%s; ", filepath.Join(n.root, d), d)
+	n, err := nodens.Start(ctx, h, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
 	}
-	script += "touch " + filepath.Join(n.root, "ready") + "; while sleep 1; do :; done" // the shell reaps orphaned daemons
-	cmd := h.Command(ctx, "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private", "sh", "-c", script)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("node %s: %v", h.Name, err)
-	}
-	t.Cleanup(func() {
-		n.kill()
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := os.Stat(filepath.Join(n.root, "ready")); err == nil {
-			children, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
-			if f := strings.Fields(string(children)); len(f) == 1 {
-				n.pid, _ = strconv.Atoi(f[0])
-				break
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node %s: namespaces not ready: %s", h.Name, out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	n.enr = &Node{Root: n.root, Run: n, Init: Direct, Timeout: 30 * time.Second}
-	return n
+	t.Cleanup(func() { n.Close() })
+	return &node{Node: n, enr: &Node{Root: n.Root, Run: n, Init: Direct, Timeout: 30 * time.Second}}
 }
 
 // keepLogs copies the nodes' corosync logs to $ESIR_ARTIFACTS and the test log
@@ -184,14 +139,14 @@ func keepLogs(t *testing.T, nodes []*node) {
 	}
 	dir := os.Getenv("ESIR_ARTIFACTS")
 	for _, n := range nodes {
-		log, _ := os.ReadFile(filepath.Join(n.root, "var/log/corosync/corosync.log"))
+		log := n.Log()
 		if len(log) > 4000 {
-			t.Logf("%s corosync.log (tail):\n%s", n.host.Name, log[len(log)-4000:])
+			t.Logf("%s corosync.log (tail):\n%s", n.Host.Name, log[len(log)-4000:])
 		} else {
-			t.Logf("%s corosync.log:\n%s", n.host.Name, log)
+			t.Logf("%s corosync.log:\n%s", n.Host.Name, log)
 		}
 		if dir != "" {
-			os.WriteFile(filepath.Join(dir, "ssi-"+n.host.Name+"-corosync.log"), log, 0o644)
+			os.WriteFile(filepath.Join(dir, "ssi-"+n.Host.Name+"-corosync.log"), log, 0o644)
 		}
 	}
 }
@@ -199,7 +154,13 @@ func keepLogs(t *testing.T, nodes []*node) {
 // waitFor polls node n's corosync until ok holds.
 func waitFor(ctx context.Context, t *testing.T, n *node, what string, ok func(Membership) bool) Membership {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	return waitForWithin(ctx, t, n, 20*time.Second, what, ok)
+}
+
+// waitForWithin is waitFor with its own time limit.
+func waitForWithin(ctx context.Context, t *testing.T, n *node, limit time.Duration, what string, ok func(Membership) bool) Membership {
+	t.Helper()
+	deadline := time.Now().Add(limit)
 	var last Membership
 	var err error
 	for time.Now().Before(deadline) {
@@ -209,7 +170,7 @@ func waitFor(ctx context.Context, t *testing.T, n *node, what string, ok func(Me
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	t.Fatalf("%s: %s never held: last %+v, %v", n.host.Name, what, last, err)
+	t.Fatalf("%s: %s never held: last %+v, %v", n.Host.Name, what, last, err)
 	return last
 }
 
@@ -265,7 +226,7 @@ func TestLevel1CoreNetns(t *testing.T) {
 	errs := make([]error, len(nodes))
 	views := make([]Membership, len(nodes))
 	for i, n := range nodes {
-		b, err := ssi.Render(c, st, keys, n.host.Name)
+		b, err := ssi.Render(c, st, keys, n.Host.Name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -274,10 +235,10 @@ func TestLevel1CoreNetns(t *testing.T) {
 	wg.Wait()
 	for i, n := range nodes {
 		if errs[i] != nil {
-			t.Fatalf("%s: %v", n.host.Name, errs[i])
+			t.Fatalf("%s: %v", n.Host.Name, errs[i])
 		}
 		if !slices.Equal(views[i].Joined, []int{1, 2, 3}) || !views[i].Quorate || views[i].NodeID != i+1 {
-			t.Fatalf("%s enrolled with view %+v", n.host.Name, views[i])
+			t.Fatalf("%s enrolled with view %+v", n.Host.Name, views[i])
 		}
 	}
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
@@ -289,7 +250,7 @@ func TestLevel1CoreNetns(t *testing.T) {
 
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 	// Isolate n3: it alone is not quorate, n1 and n2 are.
-	if out, err := nodes[2].host.Run(ctx, "ip", "link", "set", "eth0", "down"); err != nil {
+	if out, err := nodes[2].Host.Run(ctx, "ip", "link", "set", "eth0", "down"); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	waitFor(ctx, t, nodes[2], "isolated n3 non-quorate", func(m Membership) bool { return !m.Quorate && slices.Equal(m.Joined, []int{3}) })
@@ -304,11 +265,13 @@ func TestLevel1CoreNetns(t *testing.T) {
 
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 	// Heal: the three merge again.
-	if out, err := nodes[2].host.Run(ctx, "ip", "link", "set", "eth0", "up"); err != nil {
+	if out, err := nodes[2].Host.Run(ctx, "ip", "link", "set", "eth0", "up"); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	for _, n := range nodes {
-		waitFor(ctx, t, n, "healed membership", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{1, 2, 3}) })
+		// After a link comes back, knet may run a reduced MTU until its next
+		// path MTU discovery (every 30 s by default); merges can wait for it.
+		waitForWithin(ctx, t, n, 45*time.Second, "healed membership", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{1, 2, 3}) })
 	}
 
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
@@ -327,7 +290,7 @@ func TestLevel1CoreNetns(t *testing.T) {
 		t.Helper()
 		bundles := make([]*ssi.Bundle, len(ns))
 		for i, n := range ns {
-			b, err := ssi.Render(c, st, keys, n.host.Name)
+			b, err := ssi.Render(c, st, keys, n.Host.Name)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -344,7 +307,7 @@ func TestLevel1CoreNetns(t *testing.T) {
 		wg.Wait()
 		for i, n := range ns {
 			if errs[i] != nil {
-				t.Fatalf("%s: %v", n.host.Name, errs[i])
+				t.Fatalf("%s: %v", n.Host.Name, errs[i])
 			}
 			waitFor(ctx, t, n, fmt.Sprintf("membership %v after nodelist version %d", want, st.Version), func(m Membership) bool {
 				return m.Quorate && slices.Equal(m.Joined, want) && slices.Equal(m.Nodelist, want) && m.Expected == len(want)
@@ -355,7 +318,7 @@ func TestLevel1CoreNetns(t *testing.T) {
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 
 	// n3 comes back (reinstalled): it gets a new id, never the retired 3.
-	m3, _, err := st.Join("n3", nodes[2].host.IP(), c.CoreSize)
+	m3, _, err := st.Join("n3", nodes[2].Host.IP(), c.CoreSize)
 	if err != nil || m3.ID != 4 {
 		t.Fatalf("rejoin n3: %+v, %v", m3, err)
 	}
@@ -363,7 +326,7 @@ func TestLevel1CoreNetns(t *testing.T) {
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 
 	// Kill n1 (its whole PID namespace): n2 and n3 stay quorate.
-	nodes[0].kill()
+	nodes[0].Kill()
 	for _, n := range nodes[1:] {
 		waitFor(ctx, t, n, "quorate after n1 died", func(m Membership) bool { return m.Quorate && slices.Equal(m.Joined, []int{2, 4}) && m.Total == 2 })
 	}
