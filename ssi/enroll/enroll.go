@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/user"
@@ -83,7 +84,6 @@ type Membership struct {
 // (corosync-cfgtool -R) acts on every member at once, so the new nodelist must
 // be installed on every member (Install) before any of them reloads.
 func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
-	log := n.logger().With("node", b.Member.Name, "version", b.Version)
 	if err := n.Install(b); err != nil {
 		return Membership{}, err
 	}
@@ -92,25 +92,54 @@ func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 			return Membership{}, fmt.Errorf("enroll %s: step real-server VIP %s on lo: %w", b.Member.Name, a, err)
 		}
 	}
+	if err := n.Start(ctx, b); err != nil {
+		return Membership{}, err
+	}
+	if !slices.Contains(b.Services, "corosync") {
+		return Membership{}, fmt.Errorf("enroll %s: role %s: only corosync members are verified so far", b.Member.Name, b.Member.Role)
+	}
+	return n.WaitMember(ctx, b.Member.ID, len(b.Core))
+}
+
+// Start starts b's services in order; corosync, when it already runs, reloads
+// its configuration instead (corosync-cfgtool -R, on every member at once).
+func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
+	log := n.logger().With("node", b.Member.Name, "version", b.Version)
 	for _, svc := range b.Services {
 		if svc == "corosync" {
 			if _, err := n.Run.Run(ctx, "corosync-cfgtool", "-s"); err == nil {
 				log.Info("corosync runs: reloading the nodelist")
 				if out, err := n.Run.Run(ctx, "corosync-cfgtool", "-R"); err != nil {
-					return Membership{}, fmt.Errorf("enroll %s: step reload corosync (nodelist version %d): %w: %s", b.Member.Name, b.Version, err, out)
+					return fmt.Errorf("enroll %s: step reload corosync (nodelist version %d): %w: %s", b.Member.Name, b.Version, err, out)
 				}
 				continue
 			}
 		}
 		log.Info("starting", "service", svc)
 		if err := n.start(ctx, svc); err != nil {
-			return Membership{}, fmt.Errorf("enroll %s: step start %s: %w", b.Member.Name, svc, err)
+			return fmt.Errorf("enroll %s: step start %s: %w", b.Member.Name, svc, err)
 		}
 	}
-	if !slices.Contains(b.Services, "corosync") {
-		return Membership{}, fmt.Errorf("enroll %s: role %s: only corosync members are verified so far", b.Member.Name, b.Member.Role)
+	return nil
+}
+
+// HoldsVIP reports whether the node carries addr on one of its interfaces
+// other than lo (a VRRP director that is master for it).
+func (n *Node) HoldsVIP(ctx context.Context, addr netip.Addr) (bool, error) {
+	out, err := n.Run.Run(ctx, "ip", "-o", "addr", "show")
+	if err != nil {
+		return false, fmt.Errorf("check VIP %s: %w", addr, err)
 	}
-	return n.WaitMember(ctx, b.Member.ID, len(b.Core))
+	for l := range strings.Lines(string(out)) {
+		f := strings.Fields(l)
+		if len(f) < 4 || f[1] == "lo" {
+			continue
+		}
+		if p, err := netip.ParsePrefix(f[3]); err == nil && p.Addr() == addr {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // WaitMember polls corosync until node id is joined in a quorate partition of
@@ -271,6 +300,9 @@ func (n *Node) start(ctx context.Context, svc string) error {
 		return err
 	case "chrony":
 		_, err := n.Run.Run(ctx, "chronyd", "-f", "/etc/chrony/chrony.conf")
+		return err
+	case "keepalived":
+		_, err := n.Run.Run(ctx, "keepalived", "-f", "/etc/keepalived/keepalived.conf")
 		return err
 	}
 	return fmt.Errorf("service %s cannot be started without systemd yet", svc)

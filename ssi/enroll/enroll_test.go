@@ -332,3 +332,92 @@ func TestLevel1CoreNetns(t *testing.T) {
 	}
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 }
+
+// TestLevel1VRRPNetns starts keepalived on three directors of one VIP, each a
+// node in its own namespaces: exactly one holds the VIP (the highest
+// priority), and when it dies the VIP moves to the next.
+func TestLevel1VRRPNetns(t *testing.T) {
+	if err := netlab.Available(); err != nil {
+		t.Skipf("needs root and network namespaces: %v", err)
+	}
+	if _, err := os.Stat("/usr/sbin/keepalived"); err != nil {
+		t.Skip("keepalived is not installed (scripts/setup.sh test installs it)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, _, err := ssi.Load("testdata/vrrp3.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := c.VIPs[0].Address.Addr()
+	st := ssi.NewState()
+	lab, err := netlab.New(ctx, "ssivr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lab.Close() })
+	var nodes []*node
+	for i, name := range []string{"d1", "d2", "d3"} {
+		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
+		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
+			t.Fatal(err)
+		}
+		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, startNode(ctx, t, h))
+	}
+	for _, n := range nodes {
+		b, err := ssi.Render(c, st, &ssi.Keys{}, n.Host.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := n.enr.Install(b); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.enr.Start(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// holder waits until exactly one of live holds the VIP, the same one for
+	// five polls in a row, and returns it.
+	holder := func(live []*node) string {
+		t.Helper()
+		var held []string
+		last, same := "", 0
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			held = held[:0]
+			for _, n := range live {
+				ok, err := n.enr.HoldsVIP(ctx, vip)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if ok {
+					held = append(held, n.Host.Name)
+				}
+			}
+			if len(held) != 1 {
+				same = 0
+				continue
+			}
+			if held[0] == last {
+				same++
+			} else {
+				last, same = held[0], 1
+			}
+			if same == 5 {
+				return last
+			}
+		}
+		t.Fatalf("VIP %s held by %v, want exactly one director", vip, held)
+		return ""
+	}
+	if h := holder(nodes); h != "d1" {
+		t.Fatalf("VIP held by %s, want d1 (priority 150)", h)
+	}
+	nodes[0].Kill()
+	if h := holder(nodes[1:]); h != "d2" {
+		t.Fatalf("after d1 died the VIP is held by %s, want d2 (priority 140)", h)
+	}
+}

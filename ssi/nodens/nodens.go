@@ -1,7 +1,7 @@
 // Package nodens runs a cluster node's engines on one host: each node is a
 // netlab host (network namespace) plus its own mount, UTS and PID namespaces.
 // The engines' directories (/etc/corosync, /var/lib/corosync,
-// /var/log/corosync) are bind mounts of directories under the node's Root, and
+// /var/log/corosync, /etc/keepalived) are bind mounts of directories under the node's Root, and
 // /run and /dev/shm are private, so several corosyncs run side by side and
 // ssi/enroll installs a node's files by writing under Root. Tests and
 // benchmarks use it; the host needs root, util-linux (unshare, nsenter) and
@@ -40,7 +40,7 @@ func Start(ctx context.Context, h *netlab.Host, root string) (*Node, error) {
 	n := &Node{Host: h, Root: root}
 	script := "set -e; hostname " + h.Name + "; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /dev/shm; "
 	// The engine directories each node keeps apart, relative to /.
-	for _, d := range []string{"etc/corosync", "var/lib/corosync", "var/log/corosync"} {
+	for _, d := range []string{"etc/corosync", "var/lib/corosync", "var/log/corosync", "etc/keepalived"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("node %s: %w", h.Name, err)
 		}
