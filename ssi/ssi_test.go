@@ -308,6 +308,36 @@ func TestRenderChrony(t *testing.T) {
 	}
 }
 
+// TestRenderKeepalived checks every director's keepalived.conf with
+// keepalived's own configuration test.
+func TestRenderKeepalived(t *testing.T) {
+	bin := engine(t, "keepalived", "keepalived")
+	c, s, keys := fixture(t)
+	checked := 0
+	for _, m := range s.Members {
+		b, err := Render(c, s, keys, m.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range b.Files {
+			if f.Path != "/etc/keepalived/keepalived.conf" {
+				continue
+			}
+			path := filepath.Join(t.TempDir(), "keepalived.conf")
+			if err := os.WriteFile(path, f.Data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := exec.Command(bin, "-t", "-f", path).CombinedOutput(); err != nil {
+				t.Errorf("%s: keepalived rejects the rendered keepalived.conf: %v\n%s", m.Name, err, out)
+			}
+			checked++
+		}
+	}
+	if checked != 3 {
+		t.Errorf("%d keepalived.conf files checked, want one per core director (3)", checked)
+	}
+}
+
 // TestRenderCorosyncNetns checks every core node's corosync.conf with
 // corosync's own parser (corosync -t), run in a network namespace that holds
 // the node's address, as corosync insists on finding itself in the nodelist.
