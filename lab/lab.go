@@ -72,6 +72,10 @@ const (
 	swarmPort  = "6881"
 )
 
+// DefaultServerUploadRate is the lab server's seeding cap (bytes per second):
+// low enough that the lab's nodes visibly share pieces with each other.
+const DefaultServerUploadRate = 2 << 20
+
 // Options describe a lab.
 type Options struct {
 	Dir      string // state directory (DefaultDir)
@@ -92,6 +96,11 @@ type Options struct {
 	DiskBytesOf map[string]int64
 	// ConsolePort is the host loopback port of the console (0: any free).
 	ConsolePort int
+	// ServerUploadRate caps the server's seeding in bytes per second, as a
+	// server link shared by many nodes would: the nodes then fetch much of
+	// the image from each other. 0 takes DefaultServerUploadRate; -1 means
+	// unlimited.
+	ServerUploadRate int64
 	// NoRollout leaves the nodes pre-registered without a rollout: they
 	// PXE-boot the agent in inventory mode.
 	NoRollout bool
@@ -100,25 +109,27 @@ type Options struct {
 
 // State is what a running lab consists of; it is kept in Dir/state.json.
 type State struct {
-	Name        string    `json:"name"`
-	Dir         string    `json:"dir"`
-	Switch      string    `json:"switch_netns"`
-	ServerURL   string    `json:"server_url"` // inside the lab network
-	ConsoleURL  string    `json:"console_url"`
-	TokenFile   string    `json:"admin_token_file"`
-	Esir        string    `json:"esir"`
-	ServerPID   int       `json:"server_pid"`
-	ForwardPID  int       `json:"forwarder_pid"`
-	Image       string    `json:"image"`
-	Rollout     int64     `json:"rollout,omitempty"`
-	MemoryMiB   int       `json:"memory_mib"`
-	Nodes       []Node    `json:"nodes"`
-	Created     time.Time `json:"created"`
-	BootDir     string    `json:"boot_dir"`
-	ImageStore  string    `json:"image_store"`
-	ServerLog   string    `json:"server_log"`
-	ForwardLog  string    `json:"forwarder_log"`
-	ConsolePort int       `json:"console_port"`
+	Name       string `json:"name"`
+	Dir        string `json:"dir"`
+	Switch     string `json:"switch_netns"`
+	ServerURL  string `json:"server_url"` // inside the lab network
+	ConsoleURL string `json:"console_url"`
+	TokenFile  string `json:"admin_token_file"`
+	Esir       string `json:"esir"`
+	ServerPID  int    `json:"server_pid"`
+	ForwardPID int    `json:"forwarder_pid"`
+	Image      string `json:"image"`
+	Rollout    int64  `json:"rollout,omitempty"`
+	MemoryMiB  int    `json:"memory_mib"`
+	// ServerUploadRate is the server's seeding cap in bytes per second (<= 0: none).
+	ServerUploadRate int64     `json:"server_upload_rate,omitempty"`
+	Nodes            []Node    `json:"nodes"`
+	Created          time.Time `json:"created"`
+	BootDir          string    `json:"boot_dir"`
+	ImageStore       string    `json:"image_store"`
+	ServerLog        string    `json:"server_log"`
+	ForwardLog       string    `json:"forwarder_log"`
+	ConsolePort      int       `json:"console_port"`
 }
 
 const stateFile = "state.json"
@@ -239,6 +250,9 @@ func (o *Options) fill() error {
 	if o.DiskBytes == 0 {
 		o.DiskBytes = DefaultDiskBytes
 	}
+	if o.ServerUploadRate == 0 {
+		o.ServerUploadRate = DefaultServerUploadRate
+	}
 	if o.Firmware == "" {
 		o.Firmware = FirmwareMixed
 	}
@@ -284,7 +298,7 @@ func Up(ctx context.Context, opts Options) (st *State, err error) {
 	}
 	log := opts.Log
 	st = &State{
-		Name: opts.Name, Dir: opts.Dir, Esir: opts.Esir, MemoryMiB: opts.MemoryMiB, Created: time.Now().UTC(),
+		Name: opts.Name, Dir: opts.Dir, Esir: opts.Esir, MemoryMiB: opts.MemoryMiB, ServerUploadRate: opts.ServerUploadRate, Created: time.Now().UTC(),
 		TokenFile: filepath.Join(opts.Dir, "admin-token"), ServerLog: filepath.Join(opts.Dir, "server.log"),
 		ForwardLog: filepath.Join(opts.Dir, "forwarder.log"),
 	}
@@ -483,11 +497,17 @@ func (st *State) writeServerConfig() error {
 		"hostname_pattern": "node%02d",
 		"scheduler_tick":   "1s",
 	}
+	if st.ServerUploadRate > 0 {
+		cfg["swarm_upload_rate"] = strconv.FormatInt(st.ServerUploadRate, 10)
+	}
 	var b strings.Builder
 	b.WriteString("# Written by esir lab up.\n")
 	for _, k := range []string{"listen", "public_url", "data_dir", "image_store", "admin_token_file", "swarm_listen",
 		"boot_dir", "boot_kernel", "boot_initrd", "boot_cmdline", "dhcp_interface", "dhcp_mode", "dhcp_server_ip",
-		"dhcp_range", "tftp_listen", "tftp_dir", "hostname_pattern", "scheduler_tick"} {
+		"dhcp_range", "tftp_listen", "tftp_dir", "hostname_pattern", "scheduler_tick", "swarm_upload_rate"} {
+		if cfg[k] == "" {
+			continue
+		}
 		fmt.Fprintf(&b, "%s: %s\n", k, strconv.Quote(cfg[k]))
 	}
 	return writeAtomic(st.serverConfig(), []byte(b.String()), 0o644)

@@ -38,6 +38,10 @@ type Config struct {
 	// SwarmListen is the seeder's BitTorrent address; empty disables seeding
 	// (the web seed and tracker still work).
 	SwarmListen string `yaml:"swarm_listen"`
+	// SwarmUploadRate caps the seeder's upload in bytes per second (empty or
+	// 0: unlimited), so nodes fetch most of an image from each other and the
+	// server's link is not the deployment's bottleneck.
+	SwarmUploadRate string `yaml:"swarm_upload_rate"`
 	// BootDir holds the netboot kernel and initramfs (served at /pxe/files/).
 	BootDir       string `yaml:"boot_dir"`
 	BootKernel    string `yaml:"boot_kernel"`
@@ -107,6 +111,7 @@ func (c *Config) Fields() []Field {
 		{"scheduler_tick", "how often the rollout scheduler reconciles", &c.SchedulerTick},
 		{"shutdown_timeout", "how long graceful shutdown waits for requests", &c.ShutdownTimeout},
 		{"swarm_listen", "BitTorrent seeder address (empty: no seeding)", &c.SwarmListen},
+		{"swarm_upload_rate", "cap on the seeder's upload in bytes per second (empty: unlimited)", &c.SwarmUploadRate},
 		{"boot_dir", "directory with the netboot kernel and initramfs, served at /pxe/files/", &c.BootDir},
 		{"boot_kernel", "netboot kernel file name in boot_dir", &c.BootKernel},
 		{"boot_initrd", "netboot initramfs file name in boot_dir", &c.BootInitrd},
@@ -224,6 +229,9 @@ func (c *Config) Finish() error {
 			return errors.New("dhcp_range: required in full DHCP mode")
 		}
 	}
+	if _, err := c.SwarmUploadBytes(); err != nil {
+		return err
+	}
 	if c.DHCPLeaseFile == "" {
 		c.DHCPLeaseFile = filepath.Join(c.DataDir, "leases.json")
 	}
@@ -241,4 +249,17 @@ func firstAddress() string {
 		}
 	}
 	return "127.0.0.1"
+}
+
+// SwarmUploadBytes returns swarm_upload_rate in bytes per second (0:
+// unlimited).
+func (c Config) SwarmUploadBytes() (int64, error) {
+	if c.SwarmUploadRate == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseInt(c.SwarmUploadRate, 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("swarm_upload_rate %q: want a number of bytes per second", c.SwarmUploadRate)
+	}
+	return n, nil
 }

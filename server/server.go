@@ -97,7 +97,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	s.echo = s.api.Echo(s.health)
 	if cfg.SwarmListen != "" {
-		if s.swarm, err = swarm.NewServer(swarm.ServerConfig{Node: swarm.NodeConfig{Listen: cfg.SwarmListen}, Log: log}); err != nil {
+		up, _ := cfg.SwarmUploadBytes() // validated by Finish
+		if s.swarm, err = swarm.NewServer(swarm.ServerConfig{Node: swarm.NodeConfig{Listen: cfg.SwarmListen, UploadRate: up}, Log: log}); err != nil {
 			return nil, fmt.Errorf("swarm_listen %s: %w", cfg.SwarmListen, err)
 		}
 		s.echo.Any("/swarm/*", echo.WrapHandler(s.swarm.Handler()))
