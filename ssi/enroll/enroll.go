@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -98,7 +99,67 @@ func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	if !slices.Contains(b.Services, "corosync") {
 		return Membership{}, fmt.Errorf("enroll %s: role %s: only corosync members are verified so far", b.Member.Name, b.Member.Role)
 	}
-	return n.WaitMember(ctx, b.Member.ID, len(b.Core))
+	m, err := n.WaitMember(ctx, b.Member.ID, len(b.Core))
+	if err != nil || !slices.Contains(b.Services, "pacemaker") {
+		return m, err
+	}
+	return m, n.WaitOnline(ctx, b.Member.Name)
+}
+
+// WaitOnline polls pacemaker (crm_mon) until it shows node name online, or
+// the timeout.
+func (n *Node) WaitOnline(ctx context.Context, name string) error {
+	timeout := n.Timeout
+	if timeout == 0 {
+		timeout = time.Minute
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		online, err := n.Online(ctx)
+		if err == nil {
+			if slices.Contains(online, name) {
+				return nil
+			}
+			err = fmt.Errorf("check pacemaker: %s is not online (online: %v)", name, online)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("node %s not enrolled after %v: %w", name, timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// Online returns the nodes pacemaker shows online, from crm_mon's XML.
+func (n *Node) Online(ctx context.Context) ([]string, error) {
+	out, err := n.Run.Run(ctx, "crm_mon", "-1", "--output-as=xml")
+	if err != nil {
+		return nil, fmt.Errorf("check pacemaker: crm_mon: %w: %s", err, bytes.TrimSpace(out))
+	}
+	return parseOnline(out)
+}
+
+// parseOnline reads crm_mon's XML and returns the names of the online nodes.
+func parseOnline(out []byte) ([]string, error) {
+	var doc struct {
+		Nodes []struct {
+			Name   string `xml:"name,attr"`
+			Online bool   `xml:"online,attr"`
+		} `xml:"nodes>node"`
+	}
+	if err := xml.Unmarshal(out, &doc); err != nil {
+		return nil, fmt.Errorf("check pacemaker: crm_mon XML: %w", err)
+	}
+	var names []string
+	for _, nd := range doc.Nodes {
+		if nd.Online {
+			names = append(names, nd.Name)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // Start starts b's services in order; corosync, when it already runs, reloads
@@ -304,6 +365,10 @@ func (n *Node) start(ctx context.Context, svc string) error {
 	case "keepalived":
 		_, err := n.Run.Run(ctx, "keepalived", "-f", "/etc/keepalived/keepalived.conf")
 		return err
+	case "pacemaker":
+		// pacemakerd always stays in the foreground: detach it.
+		_, err := n.Run.Run(ctx, "sh", "-c", "setsid pacemakerd </dev/null >/dev/null 2>&1 &")
+		return err
 	}
 	return fmt.Errorf("service %s cannot be started without systemd yet", svc)
 }
@@ -340,6 +405,12 @@ func (n *Node) stop(ctx context.Context, svc string) error {
 	case "chrony":
 		_, err := n.Run.Run(ctx, "chronyc", "shutdown")
 		return err
+	case "pacemaker":
+		out, err := n.Run.Run(ctx, "pacemakerd", "--shutdown")
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, out)
+		}
+		return nil
 	}
 	return fmt.Errorf("service %s cannot be stopped without systemd yet", svc)
 }

@@ -44,6 +44,20 @@ nodelist.node.1.nodeid (u32) = 2
 	}
 }
 
+func TestParseOnline(t *testing.T) {
+	out, err := os.ReadFile("testdata/crm_mon.xml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := parseOnline(out)
+	if err != nil || !slices.Equal(got, []string{"p1", "p3"}) {
+		t.Fatalf("parseOnline = %v, %v; want [p1 p3]", got, err)
+	}
+	if _, err := parseOnline([]byte("crm_mon: Error: cluster is not available on this node")); err == nil {
+		t.Fatal("parseOnline accepted a non-XML answer")
+	}
+}
+
 func TestParseQuorum(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -419,5 +433,71 @@ func TestLevel1VRRPNetns(t *testing.T) {
 	nodes[0].Kill()
 	if h := holder(nodes[1:]); h != "d2" {
 		t.Fatalf("after d1 died the VIP is held by %s, want d2 (priority 140)", h)
+	}
+}
+
+// TestLevel1PacemakerNetns enrolls three core nodes running corosync and
+// pacemaker: each is enrolled only once crm_mon shows it online, and all
+// three see all three online.
+func TestLevel1PacemakerNetns(t *testing.T) {
+	if err := netlab.Available(); err != nil {
+		t.Skipf("needs root and network namespaces: %v", err)
+	}
+	for _, bin := range []string{"/usr/sbin/corosync", "/usr/sbin/pacemakerd", "/usr/sbin/crm_mon"} {
+		if _, err := os.Stat(bin); err != nil {
+			t.Skipf("%s is not installed (scripts/setup.sh test installs corosync and pacemaker)", bin)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, _, err := ssi.Load("testdata/pcmk3.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := ssi.LoadKeys(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := ssi.NewState()
+	lab, err := netlab.New(ctx, "ssipm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lab.Close() })
+	var nodes []*node
+	t.Cleanup(func() { keepLogs(t, nodes) })
+	for i, name := range []string{"p1", "p2", "p3"} {
+		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
+		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
+			t.Fatal(err)
+		}
+		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := startNode(ctx, t, h)
+		n.enr.Timeout = 60 * time.Second
+		nodes = append(nodes, n)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, len(nodes))
+	for i, n := range nodes {
+		b, err := ssi.Render(c, st, keys, n.Host.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() { _, errs[i] = n.enr.Enroll(ctx, b) })
+	}
+	wg.Wait()
+	for i, n := range nodes {
+		if errs[i] != nil {
+			t.Fatalf("%s: %v", n.Host.Name, errs[i])
+		}
+	}
+	for _, n := range nodes {
+		online, err := n.enr.Online(ctx)
+		if err != nil || !slices.Equal(online, []string{"p1", "p2", "p3"}) {
+			t.Errorf("%s: pacemaker shows online %v, %v", n.Host.Name, online, err)
+		}
 	}
 }

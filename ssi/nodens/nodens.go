@@ -1,7 +1,8 @@
 // Package nodens runs a cluster node's engines on one host: each node is a
 // netlab host (network namespace) plus its own mount, UTS and PID namespaces.
 // The engines' directories (/etc/corosync, /var/lib/corosync,
-// /var/log/corosync, /etc/keepalived) are bind mounts of directories under the node's Root, and
+// /var/log/corosync, /etc/keepalived, /etc/pacemaker, /var/lib/pacemaker,
+// /var/log/pacemaker) are bind mounts of directories under the node's Root, and
 // /run and /dev/shm are private, so several corosyncs run side by side and
 // ssi/enroll installs a node's files by writing under Root. Tests and
 // benchmarks use it; the host needs root, util-linux (unshare, nsenter) and
@@ -15,6 +16,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -40,11 +42,15 @@ func Start(ctx context.Context, h *netlab.Host, root string) (*Node, error) {
 	n := &Node{Host: h, Root: root}
 	script := "set -e; hostname " + h.Name + "; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /dev/shm; "
 	// The engine directories each node keeps apart, relative to /.
-	for _, d := range []string{"etc/corosync", "var/lib/corosync", "var/log/corosync", "etc/keepalived"} {
+	for _, d := range []string{"etc/corosync", "var/lib/corosync", "var/log/corosync", "etc/keepalived",
+		"etc/pacemaker", "var/lib/pacemaker", "var/log/pacemaker"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("node %s: %w", h.Name, err)
 		}
 		script += fmt.Sprintf("mount --bind '%s' /%s; ", filepath.Join(root, d), d)
+	}
+	if err := pacemakerDirs(root); err != nil {
+		return nil, fmt.Errorf("node %s: %w", h.Name, err)
 	}
 	ready := filepath.Join(root, ".ready")
 	// The shell stays PID 1 and reaps the daemons that fork into the background.
@@ -71,6 +77,29 @@ func Start(ctx context.Context, h *netlab.Host, root string) (*Node, error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// pacemakerDirs gives the node the state directories Debian's pacemaker
+// package creates, owned by its hacluster user when that exists.
+func pacemakerDirs(root string) error {
+	uid, gid := -1, -1
+	if u, err := user.Lookup("hacluster"); err == nil {
+		uid, _ = strconv.Atoi(u.Uid)
+		gid, _ = strconv.Atoi(u.Gid)
+	}
+	for _, d := range []string{"var/lib/pacemaker/cib", "var/lib/pacemaker/pengine", "var/lib/pacemaker/blackbox",
+		"var/lib/pacemaker/cores", "var/log/pacemaker"} {
+		p := filepath.Join(root, d)
+		if err := os.MkdirAll(p, 0o770); err != nil {
+			return err
+		}
+		if uid >= 0 {
+			if err := os.Chown(p, uid, gid); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // Run runs a command inside the node's namespaces and returns its combined
