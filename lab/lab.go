@@ -74,7 +74,7 @@ const (
 
 // DefaultServerUploadRate is the lab server's seeding cap (bytes per second):
 // low enough that the lab's nodes visibly share pieces with each other.
-const DefaultServerUploadRate = 2 << 20
+const DefaultServerUploadRate = 1 << 20
 
 // Options describe a lab.
 type Options struct {
