@@ -15,7 +15,7 @@
 // Layout of the state directory:
 //
 //	state.json      what is running (State)
-//	store/          image store (kept by Down: a cache of the sample image)
+//	store/          image store (kept by Down; the sample image is rebuilt by each up)
 //	server/         the server's data directory (database, leases)
 //	server.yaml     the server's configuration; server.log its output
 //	tftp/           copies of Debian's iPXE boot files
@@ -447,8 +447,13 @@ func prepareImage(ctx context.Context, storeDir, ref string, log *slog.Logger) (
 		}
 		return img, nil
 	}
-	if img, err := store.Get(SampleImage); err == nil {
-		return img, nil
+	// The sample is rebuilt on every up: it is deterministic, so an
+	// unchanged tree gives the same archive, and a sample:1 left by an
+	// older ESIR (a different sample tree) is never deployed by mistake.
+	if _, err := store.Get(SampleImage); err == nil {
+		if err := store.Remove(SampleImage); err != nil {
+			return nil, fmt.Errorf("lab: replace the sample image: %w", err)
+		}
 	} else if !errors.Is(err, imaging.ErrNotFound) {
 		return nil, fmt.Errorf("lab: sample image: %w", err)
 	}
@@ -737,7 +742,7 @@ func waitAssigned(ctx context.Context, c *client.Client, st *State) error {
 // Down removes the lab in dir: kills the QEMU guests, the server and the
 // forwarder recorded in its state, purges the namespaces of lab name (taps
 // and veths go with them), and deletes the disks, serial logs, server data
-// and state. The image store is kept (it caches the sample image). Down is
+// and state. The image store is kept (images given with --image stay). Down is
 // idempotent and works without a state file (after a crash): then it purges
 // by name.
 func Down(ctx context.Context, dir, name string) error {

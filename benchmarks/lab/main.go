@@ -71,7 +71,7 @@ func main() {
 	sizes := flag.String("sizes", "2,4", "lab sizes to deploy onto, comma-separated")
 	png := flag.String("png", "lab-timeline.png", "PNG timeline to write (empty: none)")
 	jsonOut := flag.String("json", "", "write the figures as JSON to this file")
-	dir := flag.String("dir", "/var/tmp/esir-bench-lab", "lab state directory (its image store caches the sample image)")
+	dir := flag.String("dir", "/var/tmp/esir-bench-lab", "lab state directory")
 	mem := flag.Int("memory", 768, "memory per machine in MiB")
 	timeout := flag.Duration("timeout", 40*time.Minute, "limit per lab size")
 	agentBin := flag.String("agent", "", "prebuilt static esir-agent (default: built from this checkout)")
