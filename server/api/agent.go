@@ -36,16 +36,22 @@ func normBodyMAC(field, m string) (string, error) {
 	return n, nil
 }
 
+// requestMAC checks the body's "mac" field and that the caller's token is
+// bound to that node.
+func requestMAC(c echo.Context, body string) (string, error) {
+	bm, err := normBodyMAC("mac", body)
+	if err != nil {
+		return "", err
+	}
+	return nodeMAC(c, bm)
+}
+
 func (a *API) register(c echo.Context) error {
 	var req agentapi.RegisterRequest
 	if err := bind(c, &req); err != nil {
 		return err
 	}
-	bm, err := normBodyMAC("mac", req.MAC)
-	if err != nil {
-		return err
-	}
-	mac, err := nodeMAC(c, bm)
+	mac, err := requestMAC(c, req.MAC)
 	if err != nil {
 		return err
 	}
@@ -244,11 +250,7 @@ func (a *API) events(c echo.Context) error {
 	if err := bind(c, &b); err != nil {
 		return err
 	}
-	bm, err := normBodyMAC("mac", b.MAC)
-	if err != nil {
-		return err
-	}
-	mac, err := nodeMAC(c, bm)
+	mac, err := requestMAC(c, b.MAC)
 	if err != nil {
 		return err
 	}
@@ -350,11 +352,7 @@ func (a *API) report(c echo.Context) error {
 	if err := bind(c, &r); err != nil {
 		return err
 	}
-	bm, err := normBodyMAC("mac", r.MAC)
-	if err != nil {
-		return err
-	}
-	mac, err := nodeMAC(c, bm)
+	mac, err := requestMAC(c, r.MAC)
 	if err != nil {
 		return err
 	}
@@ -413,11 +411,7 @@ func (a *API) enroll(c echo.Context) error {
 	if err := bind(c, &r); err != nil {
 		return err
 	}
-	bm, err := normBodyMAC("mac", r.MAC)
-	if err != nil {
-		return err
-	}
-	mac, err := nodeMAC(c, bm)
+	mac, err := requestMAC(c, r.MAC)
 	if err != nil {
 		return err
 	}
