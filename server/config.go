@@ -56,6 +56,9 @@ type Config struct {
 	DHCPLeaseFile string `yaml:"dhcp_lease_file"`
 	TFTPListen    string `yaml:"tftp_listen"`
 	TFTPDir       string `yaml:"tftp_dir"`
+	// DebugListen serves Go's profiler (net/http/pprof) on its own
+	// address, loopback only; empty disables it.
+	DebugListen string `yaml:"debug_listen"`
 }
 
 // DefaultConfig returns the defaults.
@@ -125,6 +128,7 @@ func (c *Config) Fields() []Field {
 		{"dhcp_lease_file", "full mode lease file (default <data_dir>/leases.json)", &c.DHCPLeaseFile},
 		{"tftp_listen", "TFTP listen address, e.g. :69 (empty: no TFTP)", &c.TFTPListen},
 		{"tftp_dir", "directory of iPXE binaries served over TFTP and HTTP (empty: Debian's ipxe package)", &c.TFTPDir},
+		{"debug_listen", "serve Go's profiler (/debug/pprof/) on this loopback address, e.g. 127.0.0.1:6060 (empty: off)", &c.DebugListen},
 	}
 }
 
@@ -227,6 +231,15 @@ func (c *Config) Finish() error {
 		}
 		if c.DHCPMode == "full" && c.DHCPRange == "" {
 			return errors.New("dhcp_range: required in full DHCP mode")
+		}
+	}
+	if c.DebugListen != "" {
+		h, _, err := net.SplitHostPort(c.DebugListen)
+		if err != nil {
+			return fmt.Errorf("debug_listen %q: %w", c.DebugListen, err)
+		}
+		if ip := net.ParseIP(h); h != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return fmt.Errorf("debug_listen %q: the profiler is served on a loopback address only", c.DebugListen)
 		}
 	}
 	if _, err := c.SwarmUploadBytes(); err != nil {

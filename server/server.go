@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"sync"
@@ -45,6 +46,8 @@ type Server struct {
 	echo   *echo.Echo
 	swarm  *swarm.Server
 	ln     net.Listener
+	// debugLn serves the profiler when DebugListen is set.
+	debugLn net.Listener
 
 	pubMu     sync.Mutex
 	published map[string]bool
@@ -112,6 +115,11 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	if cfg.DebugListen != "" {
+		if s.debugLn, err = net.Listen("tcp", cfg.DebugListen); err != nil {
+			return nil, fmt.Errorf("debug_listen %s: %w", cfg.DebugListen, err)
+		}
 	}
 	ok = true
 	return s, nil
@@ -274,6 +282,19 @@ func (s *Server) Run(ctx context.Context) error {
 		s.sched.Run(gctx)
 		return nil
 	})
+	if s.debugLn != nil {
+		ds := &http.Server{Handler: debugHandler(), ReadHeaderTimeout: 10 * time.Second}
+		g.Go(func() error {
+			if err := ds.Serve(s.debugLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("debug %s: %w", s.cfg.DebugListen, err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			return ds.Close()
+		})
+	}
 	if s.swarm != nil {
 		g.Go(func() error {
 			t := time.NewTicker(10 * time.Second)
@@ -315,9 +336,24 @@ func (s *Server) close() {
 	if s.ln != nil {
 		s.ln.Close()
 	}
+	if s.debugLn != nil {
+		s.debugLn.Close()
+	}
 	if s.db != nil {
 		s.db.Close()
 	}
 }
 
 var _ pxe.Policy = (*policy)(nil)
+
+// debugHandler serves Go's profiler under /debug/pprof/ (CPU, heap,
+// goroutines, and the mutex and block profiles when their rates are set).
+func debugHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}

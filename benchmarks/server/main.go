@@ -69,6 +69,9 @@ type options struct {
 	agents, listers int
 	duration        time.Duration
 	bin, jsonOut    string
+	// profile, when set, is a file to write the esir server's CPU profile
+	// of the measured period to (through its debug_listen).
+	profile string
 }
 
 func main() {
@@ -82,6 +85,7 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 30*time.Second, "measured load duration")
 	flag.StringVar(&o.bin, "bin", "", "esir binary (built from this module when empty)")
 	flag.StringVar(&o.jsonOut, "json", "", "write the results as JSON to this file")
+	flag.StringVar(&o.profile, "cpuprofile", "", "write the esir server's CPU profile of the measured period to this file")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "benchmark:", err)
@@ -119,8 +123,14 @@ func run(o options) error {
 	// ESIR.
 	addr := freeAddr()
 	conf := filepath.Join(work, "server.yaml")
-	os.WriteFile(conf, []byte(fmt.Sprintf("listen: %s\ndata_dir: %s\nimage_store: %s\nswarm_listen: \"\"\nadmin_token_file: %s\n",
-		addr, filepath.Join(work, "data"), storeDir, filepath.Join(work, "token"))), 0o600)
+	cfgText := fmt.Sprintf("listen: %s\ndata_dir: %s\nimage_store: %s\nswarm_listen: \"\"\nadmin_token_file: %s\n",
+		addr, filepath.Join(work, "data"), storeDir, filepath.Join(work, "token"))
+	debugAddr := ""
+	if o.profile != "" {
+		debugAddr = freeAddr()
+		cfgText += "debug_listen: " + debugAddr + "\n"
+	}
+	os.WriteFile(conf, []byte(cfgText), 0o600)
 	srv := exec.Command(o.bin, "server", "-c", conf, "--log-level", "warn")
 	var srvOut bytes.Buffer
 	srv.Stdout, srv.Stderr = &srvOut, &srvOut
@@ -140,6 +150,12 @@ func run(o options) error {
 		return fmt.Errorf("%w\n%s", err, srvOut.String())
 	}
 	fmt.Fprintf(os.Stderr, "measuring esir for %s ...\n", o.duration)
+	profDone := make(chan error, 1)
+	if debugAddr != "" {
+		go func() { profDone <- fetchProfile(hc, debugAddr, o.duration, o.profile) }()
+	} else {
+		profDone <- nil
+	}
 	esir, err := load(ctx, o, srv.Process.Pid, agents, func(ctx context.Context) (int, error) {
 		nodes, err := admin.Nodes(ctx, "")
 		return len(nodes), err
@@ -149,6 +165,9 @@ func run(o options) error {
 	})
 	if err != nil {
 		return err
+	}
+	if err := <-profDone; err != nil {
+		fmt.Fprintln(os.Stderr, "cpu profile:", err)
 	}
 	esir.Target = "esir server"
 	var listBytes []byte
@@ -202,6 +221,24 @@ func run(o options) error {
 		}
 	}
 	return nil
+}
+
+// fetchProfile writes the server's CPU profile over d to file.
+func fetchProfile(hc *http.Client, addr string, d time.Duration, file string) error {
+	secs := max(int(d.Seconds())-1, 1)
+	resp, err := hc.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, secs))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", addr, resp.Status)
+	}
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(file, data, 0o644)
 }
 
 func buildImage(work string) (string, error) {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/esir-project/esir/server/agentapi"
@@ -81,16 +82,28 @@ func migrations() []string {
 	);
 	CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
 		`ALTER TABLE nodes ADD COLUMN hardware TEXT NOT NULL DEFAULT '';`,
+		`CREATE INDEX nodes_rollout ON nodes(rollout);
+	CREATE INDEX nodes_hostname ON nodes(hostname);`,
 	}
 }
 
 // SQLite is the embedded SQLite backend. Writes go through one connection
 // (SQLite has one writer); reads use a pool and see committed data (WAL).
+//
+// The committed status of every node (NodeStatus) is also kept in memory,
+// written through when an Update commits, so the hot path of agent reports
+// never waits for a database connection. SQLite is a single-process
+// database, so this process sees every write.
 type SQLite struct {
-	path   string
-	w      *sql.DB
-	r      *sql.DB
-	status *sql.Stmt // prepared on the read pool (each connection prepares it once)
+	path string
+	w    *sql.DB
+	r    *sql.DB
+	// wmu serialises Update, so status changes reach the cache in commit
+	// order (SQLite has one writer anyway).
+	wmu sync.Mutex
+	// smu guards statuses, the committed status of every node by MAC.
+	smu      sync.RWMutex
+	statuses map[string]NodeStatus
 }
 
 // OpenSQLite opens (creating it 0600 when missing) the database file at path,
@@ -126,11 +139,33 @@ func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
 		s.Close()
 		return nil, err
 	}
-	if s.status, err = r.PrepareContext(ctx, `SELECT `+statusCols+` FROM nodes WHERE mac = ?`); err != nil {
+	if err := s.loadStatuses(ctx); err != nil {
 		s.Close()
-		return nil, fmt.Errorf("database %s: prepare: %w", path, err)
+		return nil, err
 	}
 	return s, nil
+}
+
+// loadStatuses fills the status cache from the database.
+func (s *SQLite) loadStatuses(ctx context.Context) error {
+	rows, err := s.w.QueryContext(ctx, `SELECT `+statusCols+` FROM nodes`)
+	if err != nil {
+		return fmt.Errorf("database %s: read node states: %w", s.path, err)
+	}
+	defer rows.Close()
+	m := map[string]NodeStatus{}
+	for rows.Next() {
+		st, err := scanStatus(rows)
+		if err != nil {
+			return fmt.Errorf("database %s: read node states: %w", s.path, err)
+		}
+		m[st.MAC] = *st
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("database %s: read node states: %w", s.path, err)
+	}
+	s.statuses = m
+	return nil
 }
 
 func (s *SQLite) migrate(ctx context.Context) error {
@@ -174,41 +209,58 @@ func (s *SQLite) SchemaVersion(ctx context.Context) (int, error) {
 
 // Close closes the database.
 func (s *SQLite) Close() error {
-	var err error
-	if s.status != nil {
-		err = s.status.Close()
-	}
-	return errors.Join(err, s.r.Close(), s.w.Close())
+	return errors.Join(s.r.Close(), s.w.Close())
 }
 
-// NodeStatus implements Store.
+// NodeStatus implements Store from the in-memory copy of the committed
+// statuses.
 func (s *SQLite) NodeStatus(ctx context.Context, mac string) (*NodeStatus, error) {
-	st, err := scanStatus(s.status.QueryRowContext(ctx, mac))
-	if errors.Is(err, sql.ErrNoRows) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("node %s: %w", mac, err)
+	}
+	s.smu.RLock()
+	st, ok := s.statuses[mac]
+	s.smu.RUnlock()
+	if !ok {
 		return nil, fmt.Errorf("node %s: %w", mac, ErrNotFound)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("database %s: node %s: %w", s.path, mac, err)
-	}
-	return st, nil
+	return &st, nil
 }
 
 // Update implements Store.
 func (s *SQLite) Update(ctx context.Context, fn func(Tx) error) error {
-	return s.run(ctx, s.w, false, fn)
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	t := &sqlTx{written: map[string]*NodeStatus{}}
+	if err := s.run(ctx, s.w, false, t, fn); err != nil {
+		return err
+	}
+	if len(t.written) > 0 {
+		s.smu.Lock()
+		for mac, st := range t.written {
+			if st == nil {
+				delete(s.statuses, mac)
+			} else {
+				s.statuses[mac] = *st
+			}
+		}
+		s.smu.Unlock()
+	}
+	return nil
 }
 
 // View implements Store.
 func (s *SQLite) View(ctx context.Context, fn func(Tx) error) error {
-	return s.run(ctx, s.r, true, fn)
+	return s.run(ctx, s.r, true, &sqlTx{}, fn)
 }
 
-func (s *SQLite) run(ctx context.Context, db *sql.DB, ro bool, fn func(Tx) error) error {
+func (s *SQLite) run(ctx context.Context, db *sql.DB, ro bool, t *sqlTx, fn func(Tx) error) error {
 	tx, err := db.BeginTx(ctx, &sql.TxOptions{ReadOnly: ro})
 	if err != nil {
 		return fmt.Errorf("database %s: begin: %w", s.path, err)
 	}
-	if err := fn(&sqlTx{tx: tx}); err != nil {
+	t.tx = tx
+	if err := fn(t); err != nil {
 		tx.Rollback()
 		return err
 	}
@@ -218,7 +270,12 @@ func (s *SQLite) run(ctx context.Context, db *sql.DB, ro bool, fn func(Tx) error
 	return nil
 }
 
-type sqlTx struct{ tx *sql.Tx }
+type sqlTx struct {
+	tx *sql.Tx
+	// written holds the status of each node this (read-write) transaction
+	// wrote, nil for a deleted node: applied to the cache on commit.
+	written map[string]*NodeStatus
+}
 
 func ns(t time.Time) int64 {
 	if t.IsZero() {
@@ -237,13 +294,13 @@ func fromNS(v int64) time.Time {
 const nodeCols = `mac, hostname, number, labels, state, reason, inventory, image, rollout, assignment, phase, log_tail, created, updated, changed, hardware`
 
 // briefCols is nodeCols without the inventory and log tail.
-const briefCols = `mac, hostname, number, labels, state, reason, '', image, rollout, assignment, phase, '[]', created, updated, changed, hardware`
+const briefCols = `mac, hostname, number, labels, state, reason, image, rollout, assignment, phase, created, updated, changed, hardware`
 
 type scanner interface{ Scan(...any) error }
 
 func scanNode(row scanner) (*deploy.Node, error) {
 	var n deploy.Node
-	var labels, inv, logTail string
+	var labels, inv, logTail []byte
 	var created, updated, changed int64
 	var state string
 	if err := row.Scan(&n.MAC, &n.Hostname, &n.Number, &labels, &state, &n.Reason, &inv, &n.Image, &n.Rollout, &n.Assignment, &n.Phase, &logTail, &created, &updated, &changed, &n.Hardware); err != nil {
@@ -251,22 +308,53 @@ func scanNode(row scanner) (*deploy.Node, error) {
 	}
 	n.State = deploy.State(state)
 	n.Created, n.Updated, n.Changed = fromNS(created), fromNS(updated), fromNS(changed)
-	if err := json.Unmarshal([]byte(labels), &n.Labels); err != nil {
-		return nil, fmt.Errorf("node %s: labels: %w", n.MAC, err)
+	if err := scanLabels(&n, labels); err != nil {
+		return nil, err
+	}
+	if len(inv) > 0 {
+		n.Inventory = &agentapi.Inventory{}
+		if err := json.Unmarshal(inv, n.Inventory); err != nil {
+			return nil, fmt.Errorf("node %s: inventory: %w", n.MAC, err)
+		}
+	}
+	if string(logTail) != "[]" {
+		if err := json.Unmarshal(logTail, &n.LogTail); err != nil {
+			return nil, fmt.Errorf("node %s: log tail: %w", n.MAC, err)
+		}
+	}
+	return &n, nil
+}
+
+// scanBrief reads a row of briefCols.
+func scanBrief(row scanner) (*deploy.Node, error) {
+	var n deploy.Node
+	var labels []byte
+	var created, updated, changed int64
+	var state string
+	if err := row.Scan(&n.MAC, &n.Hostname, &n.Number, &labels, &state, &n.Reason, &n.Image, &n.Rollout, &n.Assignment, &n.Phase, &created, &updated, &changed, &n.Hardware); err != nil {
+		return nil, err
+	}
+	n.State = deploy.State(state)
+	n.Created, n.Updated, n.Changed = fromNS(created), fromNS(updated), fromNS(changed)
+	if err := scanLabels(&n, labels); err != nil {
+		return nil, err
+	}
+	return &n, nil
+}
+
+// scanLabels decodes the labels column ("{}" for most nodes, no decoding).
+func scanLabels(n *deploy.Node, labels []byte) error {
+	if string(labels) == "{}" {
+		n.Labels = map[string]string{}
+		return nil
+	}
+	if err := json.Unmarshal(labels, &n.Labels); err != nil {
+		return fmt.Errorf("node %s: labels: %w", n.MAC, err)
 	}
 	if n.Labels == nil {
 		n.Labels = map[string]string{}
 	}
-	if inv != "" {
-		n.Inventory = &agentapi.Inventory{}
-		if err := json.Unmarshal([]byte(inv), n.Inventory); err != nil {
-			return nil, fmt.Errorf("node %s: inventory: %w", n.MAC, err)
-		}
-	}
-	if err := json.Unmarshal([]byte(logTail), &n.LogTail); err != nil {
-		return nil, fmt.Errorf("node %s: log tail: %w", n.MAC, err)
-	}
-	return &n, nil
+	return nil
 }
 
 func (t *sqlTx) Node(mac string) (*deploy.Node, error) {
@@ -321,34 +409,89 @@ func (t *sqlTx) NodeStatuses(rollout int64) ([]NodeStatus, error) {
 	return out, rows.Err()
 }
 
-func (t *sqlTx) Nodes(f NodeFilter) ([]*deploy.Node, error) {
-	cols := nodeCols
-	if f.Brief {
-		cols = briefCols
-	}
-	q := `SELECT ` + cols + ` FROM nodes WHERE 1=1`
+// where renders a filter's conditions (after WHERE) and their arguments.
+func (f NodeFilter) where() (string, []any) {
+	var b strings.Builder
+	b.WriteString("1=1")
 	var args []any
 	if f.State != "" {
-		q += ` AND state = ?`
+		b.WriteString(` AND state = ?`)
 		args = append(args, string(f.State))
 	}
 	if f.Rollout != 0 {
-		q += ` AND rollout = ?`
+		b.WriteString(` AND rollout = ?`)
 		args = append(args, f.Rollout)
 	}
 	for k, v := range f.Labels {
-		q += ` AND json_extract(labels, ?) = ?`
+		b.WriteString(` AND json_extract(labels, ?) = ?`)
 		args = append(args, `$."`+strings.ReplaceAll(k, `"`, ``)+`"`, v)
 	}
-	q += ` ORDER BY number`
+	if f.Query != "" {
+		// instr on lower(): a plain substring, no LIKE wildcards to escape.
+		b.WriteString(` AND (instr(lower(hostname), ?) OR instr(mac, ?) OR instr(lower(image), ?)
+			OR EXISTS (SELECT 1 FROM json_each(nodes.labels) WHERE instr(lower(json_each.key || '=' || json_each.value), ?)))`)
+		q := strings.ToLower(f.Query)
+		args = append(args, q, q, q, q)
+	}
+	w := b.String()
+	return w, args
+}
+
+// orderBy renders a filter's ORDER BY clause.
+func (f NodeFilter) orderBy() (string, error) {
+	dir := ""
+	if f.Desc {
+		dir = " DESC"
+	}
+	var col string
+	switch f.Sort {
+	case "", "number":
+		return " ORDER BY number" + dir, nil
+	case "hostname", "mac", "image", "hardware", "updated", "changed":
+		col = f.Sort
+	case "state":
+		var b strings.Builder
+		b.WriteString("CASE state")
+		for i, st := range deploy.States {
+			fmt.Fprintf(&b, " WHEN '%s' THEN %d", st, i)
+		}
+		fmt.Fprintf(&b, " ELSE %d END", len(deploy.States))
+		col = b.String()
+	default:
+		return "", fmt.Errorf("list nodes: sort: unknown column %q (want one of %s)", f.Sort, strings.Join(SortKeys(), ", "))
+	}
+	return " ORDER BY " + col + dir + ", number" + dir, nil
+}
+
+func (t *sqlTx) Nodes(f NodeFilter) ([]*deploy.Node, error) {
+	cols, scan := nodeCols, scanNode
+	if f.Brief {
+		cols, scan = briefCols, scanBrief
+	}
+	w, args := f.where()
+	order, err := f.orderBy()
+	if err != nil {
+		return nil, err
+	}
+	q := `SELECT ` + cols + ` FROM nodes WHERE ` + w + order
+	if f.Limit > 0 || f.Offset > 0 {
+		limit := f.Limit
+		if limit <= 0 {
+			limit = -1
+		}
+		q += fmt.Sprintf(` LIMIT %d OFFSET %d`, limit, max(f.Offset, 0))
+	}
 	rows, err := t.tx.Query(q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("list nodes: %w", err)
 	}
 	defer rows.Close()
 	var out []*deploy.Node
+	if f.Limit > 0 {
+		out = make([]*deploy.Node, 0, f.Limit)
+	}
 	for rows.Next() {
-		n, err := scanNode(rows)
+		n, err := scan(rows)
 		if err != nil {
 			return nil, fmt.Errorf("list nodes: %w", err)
 		}
@@ -358,6 +501,15 @@ func (t *sqlTx) Nodes(f NodeFilter) ([]*deploy.Node, error) {
 		return nil, fmt.Errorf("list nodes: %w", err)
 	}
 	return out, nil
+}
+
+func (t *sqlTx) CountMatching(f NodeFilter) (int, error) {
+	w, args := f.where()
+	var n int
+	if err := t.tx.QueryRow(`SELECT COUNT(*) FROM nodes WHERE `+w, args...).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count nodes: %w", err)
+	}
+	return n, nil
 }
 
 func (t *sqlTx) CountNodes() (map[deploy.State]int, error) {
@@ -412,6 +564,10 @@ func (t *sqlTx) PutNode(n *deploy.Node) error {
 	if err != nil {
 		return fmt.Errorf("node %s: write: %w", n.MAC, err)
 	}
+	if t.written != nil {
+		// As read back: Changed at the column's precision, in UTC.
+		t.written[n.MAC] = &NodeStatus{MAC: n.MAC, State: n.State, Reason: n.Reason, Rollout: n.Rollout, Assignment: n.Assignment, Changed: fromNS(ns(n.Changed))}
+	}
 	return nil
 }
 
@@ -425,6 +581,9 @@ func (t *sqlTx) DeleteNode(mac string) error {
 	}
 	if _, err := t.tx.Exec(`DELETE FROM events WHERE mac = ?`, mac); err != nil {
 		return fmt.Errorf("node %s: delete events: %w", mac, err)
+	}
+	if t.written != nil {
+		t.written[mac] = nil
 	}
 	return nil
 }

@@ -25,23 +25,39 @@ type Store interface {
 	Update(ctx context.Context, fn func(Tx) error) error
 	// View runs fn in a read-only transaction.
 	View(ctx context.Context, fn func(Tx) error) error
-	// NodeStatus reads one node's status outside a transaction: the hot
-	// path of agent progress reports.
+	// NodeStatus reads one node's committed status outside a transaction:
+	// the hot path of agent progress reports.
 	NodeStatus(ctx context.Context, mac string) (*NodeStatus, error)
 	// Close releases the database.
 	Close() error
 }
 
-// NodeFilter narrows a node listing. Zero fields do not filter.
+// NodeFilter narrows, orders and pages a node listing. Zero fields do not
+// filter; the zero order is by node number.
 type NodeFilter struct {
 	State  deploy.State
 	Labels map[string]string
 	// Rollout lists the nodes currently assigned by that rollout.
 	Rollout int64
+	// Query keeps the nodes whose hostname, MAC, image or one of whose
+	// labels written KEY=VALUE contains it, ignoring ASCII case.
+	Query string
 	// Brief leaves out the inventory and log tail (Hardware still
 	// summarises the inventory): for listings. Never write back a node read
 	// this way.
 	Brief bool
+	// Sort is the column to order by, one of SortKeys ("" is "number");
+	// ties go by number. Desc reverses the order.
+	Sort string
+	Desc bool
+	// Limit bounds the number of nodes returned (0: all); Offset skips the
+	// first Offset nodes of the order.
+	Limit, Offset int
+}
+
+// SortKeys returns the columns a node listing can be ordered by.
+func SortKeys() []string {
+	return []string{"number", "hostname", "mac", "state", "image", "hardware", "updated", "changed"}
 }
 
 // Token is an administrator API token; only its hash is stored.
@@ -76,6 +92,9 @@ type Tx interface {
 	Nodes(f NodeFilter) ([]*deploy.Node, error)
 	// CountNodes counts nodes by state.
 	CountNodes() (map[deploy.State]int, error)
+	// CountMatching counts the nodes a filter selects, ignoring its order
+	// and paging: the total of a paged listing.
+	CountMatching(f NodeFilter) (int, error)
 	// PutNode inserts or replaces a node.
 	PutNode(n *deploy.Node) error
 	// DeleteNode removes a node and its events.

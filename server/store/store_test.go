@@ -3,8 +3,10 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -219,5 +221,180 @@ func TestWriteErrorReported(t *testing.T) {
 	s.Close()
 	if err := s.Update(ctx, func(tx Tx) error { return tx.SetMeta("k", "v") }); err == nil {
 		t.Fatal("write to a closed database succeeded")
+	}
+}
+
+// pagedFleet stores nine nodes: number i, hostname h<10-i> (reverse order),
+// every third failed, rack label a|b|c, image img-even|img-odd.
+func pagedFleet(t *testing.T, s *SQLite) {
+	t.Helper()
+	now := time.Unix(1700000000, 0).UTC()
+	err := s.Update(context.Background(), func(tx Tx) error {
+		for i := 1; i <= 9; i++ {
+			st := deploy.Discovered
+			if i%3 == 0 {
+				st = deploy.Failed
+			}
+			img := "img-odd"
+			if i%2 == 0 {
+				img = "img-even"
+			}
+			n := &deploy.Node{MAC: fmt.Sprintf("52:54:00:00:00:%02x", i), Hostname: fmt.Sprintf("h%d", 10-i), Number: i,
+				Labels: map[string]string{"rack": string(rune('a' + i%3))}, State: st, Image: img,
+				Created: now, Updated: now.Add(time.Duration(i) * time.Second), Changed: now}
+			if err := tx.PutNode(n); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNodesPagedSortedFiltered(t *testing.T) {
+	s := open(t, filepath.Join(t.TempDir(), "esir.db"))
+	pagedFleet(t, s)
+	numbers := func(ns []*deploy.Node) []int {
+		var out []int
+		for _, n := range ns {
+			out = append(out, n.Number)
+		}
+		return out
+	}
+	tests := []struct {
+		name  string
+		f     NodeFilter
+		want  []int
+		total int
+	}{
+		{"all by number", NodeFilter{}, []int{1, 2, 3, 4, 5, 6, 7, 8, 9}, 9},
+		{"first page", NodeFilter{Limit: 4}, []int{1, 2, 3, 4}, 9},
+		{"second page", NodeFilter{Limit: 4, Offset: 4}, []int{5, 6, 7, 8}, 9},
+		{"last page, short", NodeFilter{Limit: 4, Offset: 8}, []int{9}, 9},
+		{"past the end", NodeFilter{Limit: 4, Offset: 20}, nil, 9},
+		{"offset without limit", NodeFilter{Offset: 7}, []int{8, 9}, 9},
+		{"descending", NodeFilter{Desc: true, Limit: 3}, []int{9, 8, 7}, 9},
+		{"by hostname", NodeFilter{Sort: "hostname", Limit: 3}, []int{9, 8, 7}, 9},
+		{"by state, ties by number", NodeFilter{Sort: "state"}, []int{1, 2, 4, 5, 7, 8, 3, 6, 9}, 9},
+		{"by state descending", NodeFilter{Sort: "state", Desc: true, Limit: 4}, []int{9, 6, 3, 8}, 9},
+		{"by image", NodeFilter{Sort: "image", Limit: 5}, []int{2, 4, 6, 8, 1}, 9},
+		{"by updated descending", NodeFilter{Sort: "updated", Desc: true, Limit: 2}, []int{9, 8}, 9},
+		{"state filter, paged", NodeFilter{State: deploy.Failed, Limit: 2, Offset: 1}, []int{6, 9}, 3},
+		{"label filter", NodeFilter{Labels: map[string]string{"rack": "b"}}, []int{1, 4, 7}, 3},
+		{"query hostname", NodeFilter{Query: "H3"}, []int{7}, 1},
+		{"query mac", NodeFilter{Query: "00:0a"}, nil, 0},
+		{"query mac found", NodeFilter{Query: "00:00:09"}, []int{9}, 1},
+		{"query image", NodeFilter{Query: "EVEN", Limit: 2}, []int{2, 4}, 4},
+		{"query label key=value", NodeFilter{Query: "rack=c"}, []int{2, 5, 8}, 3},
+		{"query and state", NodeFilter{Query: "img-odd", State: deploy.Failed}, []int{3, 9}, 2},
+		{"query with LIKE wildcards is literal", NodeFilter{Query: "h%"}, nil, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, brief := range []bool{false, true} {
+				f := tt.f
+				f.Brief = brief
+				var got []*deploy.Node
+				var total int
+				err := s.View(context.Background(), func(tx Tx) error {
+					var err error
+					if got, err = tx.Nodes(f); err != nil {
+						return err
+					}
+					total, err = tx.CountMatching(f)
+					return err
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if g := numbers(got); fmt.Sprint(g) != fmt.Sprint(tt.want) {
+					t.Errorf("brief=%v: numbers %v, want %v", brief, g, tt.want)
+				}
+				if total != tt.total {
+					t.Errorf("brief=%v: total %d, want %d", brief, total, tt.total)
+				}
+				for _, n := range got {
+					if n.Labels["rack"] == "" || n.Hostname == "" || n.Image == "" {
+						t.Errorf("brief=%v: node %d read incompletely: %+v", brief, n.Number, n)
+					}
+				}
+			}
+		})
+	}
+	err := s.View(context.Background(), func(tx Tx) error {
+		_, err := tx.Nodes(NodeFilter{Sort: "nope"})
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), `sort: unknown column "nope"`) {
+		t.Fatalf("unknown sort column: %v", err)
+	}
+}
+
+// The status cache follows commits, ignores rolled-back writes and deletes,
+// and is rebuilt from the database on reopen.
+func TestNodeStatusCache(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "esir.db")
+	s := open(t, path)
+	pagedFleet(t, s)
+	mac := "52:54:00:00:00:01"
+	changed := time.Unix(1700000100, 5).In(time.FixedZone("x", 3600))
+	err := s.Update(ctx, func(tx Tx) error {
+		n, err := tx.Node(mac)
+		if err != nil {
+			return err
+		}
+		n.State, n.Rollout, n.Assignment, n.Changed = deploy.Booting, 7, "r7-a", changed
+		return tx.PutNode(n)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.NodeStatus(ctx, mac)
+	if err != nil || st.State != deploy.Booting || st.Rollout != 7 || st.Assignment != "r7-a" || !st.Changed.Equal(changed) || st.Changed.Location() != time.UTC {
+		t.Fatalf("after commit: %+v, %v", st, err)
+	}
+	boom := errors.New("boom")
+	err = s.Update(ctx, func(tx Tx) error {
+		n, err := tx.Node(mac)
+		if err != nil {
+			return err
+		}
+		n.State = deploy.Failed
+		if err := tx.PutNode(n); err != nil {
+			return err
+		}
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatal(err)
+	}
+	if st, _ := s.NodeStatus(ctx, mac); st.State != deploy.Booting {
+		t.Fatalf("after rollback: state %s, want booting", st.State)
+	}
+	if err := s.Update(ctx, func(tx Tx) error { return tx.DeleteNode("52:54:00:00:00:02") }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.NodeStatus(ctx, "52:54:00:00:00:02"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("deleted node: %v", err)
+	}
+	s.Close()
+	s2 := open(t, path)
+	for _, tc := range []struct {
+		mac   string
+		state deploy.State
+	}{{mac, deploy.Booting}, {"52:54:00:00:00:03", deploy.Failed}, {"52:54:00:00:00:04", deploy.Discovered}} {
+		st, err := s2.NodeStatus(ctx, tc.mac)
+		if err != nil || st.State != tc.state {
+			t.Errorf("reopened %s: %+v, %v; want %s", tc.mac, st, err, tc.state)
+		}
+	}
+	if st, _ := s2.NodeStatus(ctx, mac); st.Assignment != "r7-a" || !st.Changed.Equal(changed) {
+		t.Errorf("reopened %s: %+v", mac, st)
+	}
+	if _, err := s2.NodeStatus(ctx, "52:54:00:00:00:02"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("reopened, deleted node: %v", err)
 	}
 }
