@@ -33,9 +33,11 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -75,16 +77,17 @@ func main() {
 	mem := flag.Int("memory", 768, "memory per machine in MiB")
 	timeout := flag.Duration("timeout", 40*time.Minute, "limit per lab size")
 	agentBin := flag.String("agent", "", "prebuilt static esir-agent (default: built from this checkout)")
+	shot := flag.String("screenshot", "", "save a picture of the console's rollout page, taken mid-rollout on the largest lab, to this PNG")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *sizes, *png, *jsonOut, *dir, *agentBin, *mem, *timeout); err != nil {
+	if err := run(ctx, *sizes, *png, *jsonOut, *dir, *agentBin, *shot, *mem, *timeout); err != nil {
 		fmt.Fprintln(os.Stderr, "benchmarks/lab:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, sizeList, png, jsonOut, dir, agentBin string, mem int, timeout time.Duration) error {
+func run(ctx context.Context, sizeList, png, jsonOut, dir, agentBin, shot string, mem int, timeout time.Duration) error {
 	if err := lab.Available(); err != nil {
 		return err
 	}
@@ -115,8 +118,13 @@ func run(ctx context.Context, sizeList, png, jsonOut, dir, agentBin string, mem 
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	var results []sizeResult
+	largest := slices.Max(sizes)
 	for _, n := range sizes {
-		r, err := deployOnto(ctx, n, dir, esir, agent, mem, timeout, log)
+		shotHere := ""
+		if n == largest {
+			shotHere, largest = shot, 0
+		}
+		r, err := deployOnto(ctx, n, dir, esir, agent, shotHere, mem, timeout, log)
 		if derr := lab.Down(context.Background(), dir, "bench"); derr != nil {
 			fmt.Fprintln(os.Stderr, "lab down:", derr)
 		}
@@ -147,7 +155,7 @@ func run(ctx context.Context, sizeList, png, jsonOut, dir, agentBin string, mem 
 
 // deployOnto brings up a lab of n nodes, waits until every node is enrolled
 // or failed, and splits each node's time into phases.
-func deployOnto(ctx context.Context, n int, dir, esir, agent string, mem int, timeout time.Duration, log *slog.Logger) (sizeResult, error) {
+func deployOnto(ctx context.Context, n int, dir, esir, agent, shot string, mem int, timeout time.Duration, log *slog.Logger) (sizeResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	res := sizeResult{Nodes: n}
@@ -182,6 +190,9 @@ func deployOnto(ctx context.Context, n int, dir, esir, agent string, mem int, ti
 		}()
 	}
 	agentAt, upAt := map[string]time.Time{}, map[string]time.Time{}
+	shotTaken := shot == ""
+	var shooting sync.WaitGroup
+	defer shooting.Wait()
 	for {
 		for len(marks) > 0 {
 			m := <-marks
@@ -193,11 +204,27 @@ func deployOnto(ctx context.Context, n int, dir, esir, agent string, mem int, ti
 		}
 		nodes, err := c.Nodes(ctx, "", lab.LabelKey+"="+st.Name)
 		if err == nil {
-			done := 0
+			done, busy := 0, 0
 			for _, nv := range nodes {
 				if nv.State == deploy.Enrolled || nv.State == deploy.Failed {
 					done++
 				}
+				if nv.State == deploy.Fetching || nv.State == deploy.Installing {
+					busy++
+				}
+			}
+			// The picture for the README: most machines mid-deployment.
+			if !shotTaken && 2*busy >= n {
+				shotTaken = true
+				shooting.Add(1)
+				go func() {
+					defer shooting.Done()
+					if err := takeShot(ctx, st.ConsoleURL, st.Token, c.Rollouts, shot); err != nil {
+						fmt.Fprintln(os.Stderr, err)
+					} else {
+						fmt.Fprintf(os.Stderr, "console picture written to %s\n", shot)
+					}
+				}()
 			}
 			if done == n {
 				break
