@@ -10,6 +10,7 @@ import (
 	"os"
 	"path"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -56,14 +57,23 @@ var ErrUnsafePath = errors.New("entry would land outside the target root")
 // entry whose parent path goes through a symlink (so a symlink planted by the
 // archive cannot be written through) and hardlinks to outside the root.
 func Extract(ctx context.Context, r io.Reader, root string, opts ExtractOptions) (ExtractStats, error) {
+	// The decoder runs ahead in its own goroutines and hands its output
+	// over in 1 MiB chunks, so decompression overlaps the file system work
+	// with one handoff per chunk rather than one per 128 KiB zstd block.
+	// The producer owns the decoder and closes it when it returns.
 	dec, err := zstd.NewReader(r,
-		zstd.WithDecoderConcurrency(min(4, runtime.GOMAXPROCS(0))),
+		zstd.WithDecoderConcurrency(min(2, runtime.GOMAXPROCS(0))),
 		zstd.WithDecoderMaxWindow(1<<30))
 	if err != nil {
 		return ExtractStats{}, fmt.Errorf("extract: zstd decoder: %w", err)
 	}
-	defer dec.Close()
-	return ExtractTar(ctx, dec, root, opts)
+	ra := newReadAhead(1<<20, 4, func(w io.Writer) error {
+		defer dec.Close()
+		_, err := dec.WriteTo(w)
+		return err
+	})
+	defer ra.Close()
+	return ExtractTar(ctx, ra, root, opts)
 }
 
 // ExtractTar is Extract for an uncompressed tar stream.
@@ -82,6 +92,10 @@ func ExtractTar(ctx context.Context, r io.Reader, root string, opts ExtractOptio
 		dirs:    map[string]int{},
 		implied: map[string]bool{},
 		cr:      &countReader{r: r},
+		euid:    unix.Geteuid(),
+		egid:    unix.Getegid(),
+		umask:   readUmask(),
+		sgid:    map[string]bool{},
 	}
 	defer x.closeDirs()
 	tr := tar.NewReader(x.cr)
@@ -140,6 +154,12 @@ type extractor struct {
 	hasRoot bool            // the archive had a "./" entry
 	stats   ExtractStats
 	cr      *countReader
+	// New entries get the owner euid:egid (unless their directory is
+	// setgid) and the mode perm&^umask: when that is already what the
+	// archive asks for, the chown or chmod is skipped.
+	euid, egid int
+	umask      uint32          // 0o7777 when unknown: never skip the chmod
+	sgid       map[string]bool // directory is setgid, by relative path
 }
 
 func (x *extractor) closeDirs() {
@@ -217,7 +237,8 @@ func (x *extractor) parent(rel string) (int, string, error) {
 	return fd, base, nil
 }
 
-// forget drops cached directory fds at or below rel, after rel was replaced.
+// forget drops cached directory fds and facts at or below rel, after rel
+// was replaced.
 func (x *extractor) forget(rel string) {
 	for k, fd := range x.dirs {
 		if k == rel || strings.HasPrefix(k, rel+"/") {
@@ -225,6 +246,63 @@ func (x *extractor) forget(rel string) {
 			delete(x.dirs, k)
 		}
 	}
+	for k := range x.sgid {
+		if k == rel || strings.HasPrefix(k, rel+"/") {
+			delete(x.sgid, k)
+		}
+	}
+}
+
+// readUmask returns the process's umask from /proc/self/status (reading it
+// with umask(2) would change it for every goroutine), or 0o7777 when the
+// kernel does not tell.
+func readUmask() uint32 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0o7777
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Umask:"); ok {
+			m, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32)
+			if err != nil {
+				return 0o7777
+			}
+			return uint32(m)
+		}
+	}
+	return 0o7777
+}
+
+// needOwner reports whether an entry created in directory pfd (relative
+// path dir) needs a chown to get hdr's owner.
+func (x *extractor) needOwner(pfd int, rel string, hdr *tar.Header) bool {
+	if x.opts.NoOwner {
+		return false
+	}
+	if hdr.Uid != x.euid || hdr.Gid != x.egid {
+		return true
+	}
+	dir := path.Dir(rel)
+	sg, ok := x.sgid[dir]
+	if !ok {
+		var st unix.Stat_t
+		if err := unix.Fstat(pfd, &st); err != nil {
+			return true
+		}
+		sg = st.Mode&unix.S_ISGID != 0
+		x.sgid[dir] = sg
+	}
+	return sg
+}
+
+// createPerm returns the mode to create a file with and whether that mode
+// survives the umask as the archive's final mode, so no chmod is needed.
+func (x *extractor) createPerm(hdr *tar.Header) (uint32, bool) {
+	mode := uint32(hdr.Mode & 0o7777)
+	if mode&0o7000 != 0 || mode&^x.umask != mode {
+		return 0o600, false
+	}
+	return mode, true
 }
 
 // create runs mk, which makes base in pfd exclusively; when something is
@@ -332,35 +410,66 @@ func (x *extractor) entry(tr *tar.Reader, hdr *tar.Header) error {
 }
 
 func (x *extractor) regular(tr *tar.Reader, hdr *tar.Header, pfd int, rel, base string) error {
+	perm, permDone := x.createPerm(hdr)
 	fd := -1
 	err := x.create(pfd, rel, base, false, func() error {
 		var err error
-		fd, err = unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		fd, err = unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("create: %w", err)
 	}
-	f := os.NewFile(uintptr(fd), path.Join(x.root, rel))
-	defer f.Close()
+	closed := false
+	defer func() {
+		if !closed {
+			unix.Close(fd)
+		}
+	}()
 	_, sparse := hdr.PAXRecords["GNU.sparse.major"]
 	sparse = sparse || hdr.Typeflag == tar.TypeGNUSparse
-	if err := x.writeContent(f, tr, hdr.Size, sparse); err != nil {
+	if err := x.writeContent(fd, tr, hdr.Size, sparse); err != nil {
 		return err
 	}
 	x.stats.Files++
-	if err := x.fmeta(fd, hdr); err != nil {
+	if err := x.fmeta(fd, hdr, x.needOwner(pfd, rel, hdr), !permDone); err != nil {
 		return err
 	}
-	if err := f.Close(); err != nil {
+	closed = true
+	if err := unix.Close(fd); err != nil {
 		return fmt.Errorf("close: %w", err)
+	}
+	return nil
+}
+
+// writeFull writes all of p at the file offset (or at off when off >= 0).
+func writeFull(fd int, p []byte, off int64) error {
+	for len(p) > 0 {
+		var n int
+		var err error
+		if off >= 0 {
+			n, err = unix.Pwrite(fd, p, off)
+			off += int64(max(n, 0))
+		} else {
+			n, err = unix.Write(fd, p)
+		}
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return io.ErrShortWrite
+		}
+		p = p[n:]
 	}
 	return nil
 }
 
 // writeContent copies size bytes from r into f with a large buffer; for
 // sparse entries, runs of zero blocks become holes again.
-func (x *extractor) writeContent(f *os.File, r io.Reader, size int64, sparse bool) error {
+func (x *extractor) writeContent(fd int, r io.Reader, size int64, sparse bool) error {
 	const zblock = 64 << 10
 	var off int64
 	for off < size {
@@ -376,7 +485,7 @@ func (x *extractor) writeContent(f *os.File, r io.Reader, size int64, sparse boo
 			return fmt.Errorf("read content at offset %d of %d: %w", off+int64(n), size, err)
 		}
 		if !sparse {
-			if _, err := f.Write(chunk); err != nil {
+			if err := writeFull(fd, chunk, -1); err != nil {
 				return fmt.Errorf("write: %w", err)
 			}
 		} else {
@@ -390,7 +499,7 @@ func (x *extractor) writeContent(f *os.File, r io.Reader, size int64, sparse boo
 				for k < n && !bytes.Equal(chunk[k:min(k+zblock, n)], x.zero[:min(k+zblock, n)-k]) {
 					k = min(k+zblock, n)
 				}
-				if _, err := f.WriteAt(chunk[i:k], off+int64(i)); err != nil {
+				if err := writeFull(fd, chunk[i:k], off+int64(i)); err != nil {
 					return fmt.Errorf("write: %w", err)
 				}
 				x.stats.Bytes += int64(k - i)
@@ -403,7 +512,7 @@ func (x *extractor) writeContent(f *os.File, r io.Reader, size int64, sparse boo
 		off += int64(n)
 	}
 	if sparse {
-		if err := f.Truncate(size); err != nil {
+		if err := unix.Ftruncate(fd, size); err != nil {
 			return fmt.Errorf("set size: %w", err)
 		}
 	}
@@ -465,14 +574,16 @@ func xattrsOf(hdr *tar.Header) map[string]string {
 // fmeta applies owner, mode, xattrs and times to an open regular file, in
 // the order that keeps each: chown clears setuid and capabilities, so it
 // comes first; times come last.
-func (x *extractor) fmeta(fd int, hdr *tar.Header) error {
-	if !x.opts.NoOwner {
+func (x *extractor) fmeta(fd int, hdr *tar.Header, owner, mode bool) error {
+	if owner {
 		if err := unix.Fchown(fd, hdr.Uid, hdr.Gid); err != nil {
 			return fmt.Errorf("chown %d:%d: %w", hdr.Uid, hdr.Gid, err)
 		}
 	}
-	if err := unix.Fchmod(fd, uint32(hdr.Mode&0o7777)); err != nil {
-		return fmt.Errorf("chmod %#o: %w", hdr.Mode&0o7777, err)
+	if mode {
+		if err := unix.Fchmod(fd, uint32(hdr.Mode&0o7777)); err != nil {
+			return fmt.Errorf("chmod %#o: %w", hdr.Mode&0o7777, err)
+		}
 	}
 	if !x.opts.NoXattrs {
 		for name, v := range xattrsOf(hdr) {
@@ -491,7 +602,7 @@ func (x *extractor) fmeta(fd int, hdr *tar.Header) error {
 // meta applies metadata by name for entries that cannot be opened for
 // writing (symlinks, devices, FIFOs).
 func (x *extractor) meta(pfd int, rel, base string, hdr *tar.Header, symlink bool) error {
-	if !x.opts.NoOwner {
+	if x.needOwner(pfd, rel, hdr) {
 		if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return fmt.Errorf("chown %d:%d: %w", hdr.Uid, hdr.Gid, err)
 		}
@@ -572,5 +683,5 @@ func (x *extractor) dirMeta(pfd int, rel, base string, hdr *tar.Header) error {
 		return fmt.Errorf("open directory: %w", err)
 	}
 	defer unix.Close(fd)
-	return x.fmeta(fd, hdr)
+	return x.fmeta(fd, hdr, !x.opts.NoOwner, true)
 }

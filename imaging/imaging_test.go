@@ -1178,3 +1178,160 @@ func TestStaleWorkRemoved(t *testing.T) {
 		t.Errorf("a live build's work directory was removed: %v", err)
 	}
 }
+
+// TestExtractOwnerAndMode: the extractor skips chown and chmod when a new
+// entry already has the archive's owner and mode; it must not skip them in
+// a setgid directory (new entries take the directory's group) or when the
+// umask would strip mode bits.
+func TestExtractOwnerAndMode(t *testing.T) {
+	needRoot(t)
+	type want struct {
+		uid, gid int
+		mode     uint32
+	}
+	entries := []tar.Header{
+		{Name: "plain", Typeflag: tar.TypeReg, Mode: 0o644},
+		{Name: "group-writable", Typeflag: tar.TypeReg, Mode: 0o664},
+		{Name: "world-writable", Typeflag: tar.TypeReg, Mode: 0o666},
+		{Name: "setuid", Typeflag: tar.TypeReg, Mode: 0o4755},
+		{Name: "owned", Typeflag: tar.TypeReg, Mode: 0o640, Uid: 1234, Gid: 4321},
+		{Name: "sub/file", Typeflag: tar.TypeReg, Mode: 0o644},
+		{Name: "sub/link", Typeflag: tar.TypeSymlink, Linkname: "file"},
+	}
+	wants := map[string]want{
+		"plain":          {0, 0, 0o644},
+		"group-writable": {0, 0, 0o664},
+		"world-writable": {0, 0, 0o666},
+		"setuid":         {0, 0, 0o4755},
+		"owned":          {1234, 4321, 0o640},
+		"sub/file":       {0, 0, 0o644},
+		"sub/link":       {0, 0, 0o777},
+	}
+	arc := hostile(t, entries)
+	for _, tc := range []struct {
+		name  string
+		setup func(t *testing.T, dst string)
+	}{
+		{"plain target", func(*testing.T, string) {}},
+		{"setgid target", func(t *testing.T, dst string) {
+			// Entries created here would get group 777 and sub/
+			// would inherit the setgid bit without explicit chowns.
+			if err := os.Chown(dst, 0, 777); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Chmod(dst, 0o2775); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"setgid subdirectory", func(t *testing.T, dst string) {
+			if err := os.Mkdir(filepath.Join(dst, "sub"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(filepath.Join(dst, "sub"), 0, 777); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Chmod(filepath.Join(dst, "sub"), 0o2775); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst := t.TempDir()
+			tc.setup(t, dst)
+			if _, err := Extract(context.Background(), bytes.NewReader(arc), dst, ExtractOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			for name, w := range wants {
+				var st unix.Stat_t
+				if err := unix.Lstat(filepath.Join(dst, name), &st); err != nil {
+					t.Fatal(err)
+				}
+				if int(st.Uid) != w.uid || int(st.Gid) != w.gid || st.Mode&0o7777 != w.mode {
+					t.Errorf("%s: owner %d:%d mode %#o, want %d:%d %#o", name, st.Uid, st.Gid, st.Mode&0o7777, w.uid, w.gid, w.mode)
+				}
+			}
+		})
+	}
+}
+
+// TestReadAhead: the read-ahead hands over exactly the producer's bytes
+// whatever the chunk and read sizes, passes its error on after the bytes
+// written before it, and stops a producer blocked on a reader that quit.
+func TestReadAhead(t *testing.T) {
+	data := make([]byte, 300_001)
+	rand.Read(data)
+	boom := errors.New("boom")
+	for _, tc := range []struct {
+		name          string
+		chunk, chunks int
+		write, read   int
+		fail          error
+	}{
+		{"small chunks", 1000, 2, 777, 333, nil},
+		{"writes larger than chunks", 4096, 3, 100_000, 5000, nil},
+		{"reads larger than chunks", 4096, 4, 1000, 100_000, nil},
+		{"one chunk", 1 << 20, 1, 64 << 10, 64 << 10, nil},
+		{"exact multiple", 300_001, 2, 300_001, 1 << 20, nil},
+		{"producer error", 1000, 2, 777, 333, boom},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ra := newReadAhead(tc.chunk, tc.chunks, func(w io.Writer) error {
+				for off := 0; off < len(data); off += tc.write {
+					if _, err := w.Write(data[off:min(off+tc.write, len(data))]); err != nil {
+						return err
+					}
+				}
+				return tc.fail
+			})
+			defer ra.Close()
+			var got []byte
+			buf := make([]byte, tc.read)
+			var err error
+			for {
+				var n int
+				n, err = ra.Read(buf)
+				got = append(got, buf[:n]...)
+				if err != nil {
+					break
+				}
+			}
+			want := tc.fail
+			if want == nil {
+				want = io.EOF
+			}
+			if !errors.Is(err, want) {
+				t.Errorf("error %v, want %v", err, want)
+			}
+			if !bytes.Equal(got, data) {
+				t.Errorf("got %d bytes, want the %d written", len(got), len(data))
+			}
+			if n, err := ra.Read(buf); n != 0 || !errors.Is(err, want) {
+				t.Errorf("read after the end: %d, %v", n, err)
+			}
+		})
+	}
+	t.Run("reader quits", func(t *testing.T) {
+		returned := make(chan error, 1)
+		ra := newReadAhead(1000, 2, func(w io.Writer) error {
+			for {
+				if _, err := w.Write(data[:5000]); err != nil {
+					returned <- err
+					return err
+				}
+			}
+		})
+		if _, err := io.ReadFull(ra, make([]byte, 2500)); err != nil {
+			t.Fatal(err)
+		}
+		ra.Close()
+		select {
+		case err := <-returned:
+			if err == nil {
+				t.Error("producer's write succeeded after Close")
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("producer still blocked 10 s after Close")
+		}
+		<-ra.ended
+	})
+}
