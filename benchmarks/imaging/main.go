@@ -54,7 +54,12 @@ type report struct {
 	Runs        int       `json:"runs"`
 	CPUs        int       `json:"cpus"`
 	Date        time.Time `json:"date"`
-	Rows        []row     `json:"rows"`
+	// LoadStart and LoadEnd are /proc/loadavg's 1, 5 and 15 minute figures
+	// when the run started and ended: other work on the machine skews the
+	// timings of both sides.
+	LoadStart [3]float64 `json:"loadavg_start"`
+	LoadEnd   [3]float64 `json:"loadavg_end"`
+	Rows      []row      `json:"rows"`
 }
 
 func main() {
@@ -72,10 +77,12 @@ func main() {
 	defer stop()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	b := &bench{ctx: ctx, log: log, level: *level, runs: *runs}
+	b.rep.LoadStart = loadAvg()
 	if err := b.run(*cache, *rootfs, *mirror, *scratch, *largeMiB); err != nil {
 		fmt.Fprintln(os.Stderr, "benchmark:", err)
 		os.Exit(1)
 	}
+	b.rep.LoadEnd = loadAvg()
 	b.print(os.Stdout)
 	if *jsonOut != "" {
 		data, _ := json.MarshalIndent(b.rep, "", "  ")
@@ -119,7 +126,7 @@ func (b *bench) run(cache, rootfs, mirror, scratch string, largeMiB int) error {
 		return fmt.Errorf("scratch directory on %s: %w", scratch, err)
 	}
 	defer os.RemoveAll(work)
-	b.rep = report{Rootfs: rootfs, Level: b.level, Runs: b.runs, CPUs: numCPU(), Date: time.Now().UTC()}
+	b.rep = report{Rootfs: rootfs, Level: b.level, Runs: b.runs, CPUs: numCPU(), Date: time.Now().UTC(), LoadStart: b.rep.LoadStart}
 
 	// Warm the page cache so both builds read from memory.
 	if err := sh("tar -C " + q(rootfs) + " -cf - . > /dev/null"); err != nil {
@@ -287,8 +294,10 @@ func cpuSeconds(who int) float64 {
 }
 
 func (b *bench) print(w io.Writer) {
-	fmt.Fprintf(w, "ESIR imaging benchmark: %s (%d entries, %.1f MiB of file content), zstd level %d, median of %d runs, %d CPUs\n\n",
+	fmt.Fprintf(w, "ESIR imaging benchmark: %s (%d entries, %.1f MiB of file content), zstd level %d, median of %d runs, %d CPUs\n",
 		b.rep.Rootfs, b.rep.Files, mib(b.rep.ContentSize), b.rep.Level, b.rep.Runs, b.rep.CPUs)
+	fmt.Fprintf(w, "machine load (loadavg 1/5/15 min): %.2f %.2f %.2f at start, %.2f %.2f %.2f at end\n\n",
+		b.rep.LoadStart[0], b.rep.LoadStart[1], b.rep.LoadStart[2], b.rep.LoadEnd[0], b.rep.LoadEnd[1], b.rep.LoadEnd[2])
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "metric\tESIR\tbaseline\tbaseline value\tratio\ttarget\tmet")
 	for _, r := range b.rep.Rows {
@@ -387,6 +396,23 @@ func (b *bench) debootstrap(cache, mirror string) (string, error) {
 		return "", err
 	}
 	return dst, nil
+}
+
+// loadAvg reads the 1, 5 and 15 minute load averages (zeros when
+// /proc/loadavg is unreadable).
+func loadAvg() [3]float64 {
+	var l [3]float64
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return l
+	}
+	for i, f := range strings.Fields(string(b)) {
+		if i >= 3 {
+			break
+		}
+		l[i], _ = strconv.ParseFloat(f, 64)
+	}
+	return l
 }
 
 func numCPU() int {
