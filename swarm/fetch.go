@@ -74,6 +74,9 @@ type Result struct {
 	Banned   []string          `json:"banned_peers,omitempty"`
 	// Uploaded counts piece bytes this node sent to others.
 	Uploaded int64 `json:"uploaded"`
+	// Pieces says when this node completed each piece and when it learned
+	// of pieces from peers (for the piece-information delay).
+	Pieces havewire.PieceLog `json:"pieces"`
 }
 
 // Download is a running fetch; it seeds until closed.
@@ -326,7 +329,7 @@ func (d *Download) Wait(ctx context.Context) (Result, error) {
 	d.mu.Unlock()
 	ts := d.t.Stats()
 	res := Result{Image: d.img, Path: d.cfg.Out, Duration: took, From: d.n.ReceivedBy(), Have: d.n.wire.Snapshot(),
-		Banned: d.n.BannedPeers(), Uploaded: ts.BytesWrittenData.Int64()}
+		Banned: d.n.BannedPeers(), Uploaded: ts.BytesWrittenData.Int64(), Pieces: d.n.wire.PieceLog()}
 	slices.Sort(res.Banned)
 	return res, err
 }

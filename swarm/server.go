@@ -17,6 +17,7 @@ import (
 	"github.com/anacrolix/torrent/metainfo"
 
 	"github.com/esir-project/esir/imaging"
+	"github.com/esir-project/esir/swarm/havewire"
 	"github.com/esir-project/esir/swarm/tracker"
 )
 
@@ -26,7 +27,12 @@ type ServerConfig struct {
 	Node NodeConfig
 	// Tracker configures the announce handler.
 	Tracker tracker.Config
-	Log     *slog.Logger
+	// FullSeed turns initial seeding off: the seeder then advertises every
+	// piece to every peer. By default (false) the seeder reveals pieces a
+	// few peers and pieces at a time (Node.Seed, DefaultSeed when nil), so
+	// its upload stays near one copy of each image whatever the swarm size.
+	FullSeed bool
+	Log      *slog.Logger
 }
 
 // Server seeds published images, tracks their swarms and serves metainfo
@@ -56,6 +62,12 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		cfg.Log = slog.Default()
 	}
 	cfg.Node.Seeder = true
+	switch {
+	case cfg.FullSeed:
+		cfg.Node.Seed = nil
+	case cfg.Node.Seed == nil:
+		cfg.Node.Seed = &havewire.SeedConfig{}
+	}
 	if cfg.Node.Log == nil {
 		cfg.Node.Log = cfg.Log
 	}

@@ -20,9 +20,12 @@ type fileStorage struct {
 	f        *os.File
 	path     string
 	readOnly bool
+	// completed, when set, hears of every piece that passed its hash check.
+	completed func(infoHash [20]byte, piece uint32)
 
 	mu       sync.Mutex
 	complete []bool
+	infoHash [20]byte
 	err      error // first write error (a full disk)
 }
 
@@ -70,12 +73,13 @@ func (s *fileStorage) Err() error {
 func (s *fileStorage) Close() error { return s.f.Close() }
 
 // OpenTorrent implements storage.ClientImpl.
-func (s *fileStorage) OpenTorrent(_ context.Context, info *metainfo.Info, _ metainfo.Hash) (storage.TorrentImpl, error) {
+func (s *fileStorage) OpenTorrent(_ context.Context, info *metainfo.Info, ih metainfo.Hash) (storage.TorrentImpl, error) {
 	if info.IsDir() {
 		return storage.TorrentImpl{}, fmt.Errorf("%s: multi-file torrents are not images", s.path)
 	}
 	s.mu.Lock()
 	s.complete = make([]bool, info.NumPieces())
+	s.infoHash = ih
 	if s.readOnly {
 		for i := range s.complete {
 			s.complete[i] = true
@@ -114,8 +118,13 @@ func (fp *filePiece) WriteAt(b []byte, off int64) (int, error) {
 
 func (fp *filePiece) MarkComplete() error {
 	fp.s.mu.Lock()
-	defer fp.s.mu.Unlock()
+	was := fp.s.complete[fp.p.Index()]
 	fp.s.complete[fp.p.Index()] = true
+	ih, done := fp.s.infoHash, fp.s.completed
+	fp.s.mu.Unlock()
+	if !was && done != nil {
+		done(ih, uint32(fp.p.Index()))
+	}
 	return nil
 }
 

@@ -121,7 +121,11 @@ type NodeConfig struct {
 	UploadRate int64
 	// Seeder marks a node that only uploads (the server).
 	Seeder bool
-	Log    *slog.Logger
+	// Seed, when set, makes the node an initial seeder (BEP 16 style): it
+	// reveals pieces to a few peers at a time so they take most bytes from
+	// each other. Nil: it advertises every piece to every peer.
+	Seed *havewire.SeedConfig
+	Log  *slog.Logger
 }
 
 // Node is one BitTorrent participant: an anacrolix client behind havewire.
@@ -154,7 +158,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Log, torrents: map[metainfo.Hash]*torrent.Torrent{},
 		received: map[string]int64{}, closed: map[string]int{}}
-	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces})
+	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces, Seed: cfg.Seed})
 
 	tc := torrent.NewDefaultClientConfig()
 	tc.Seed = true
@@ -182,6 +186,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	tc.DefaultStorage = noStorage{} // every image gets its own storage; nothing else is written
 	tc.Callbacks.PeerConnAdded = append(tc.Callbacks.PeerConnAdded, func(pc *torrent.PeerConn) {
 		pc.LocalLtepProtocolMap.AddUserProtocol(pp.ExtensionName(havewire.ExtensionName))
+		if cfg.Seed != nil {
+			pc.LocalLtepProtocolMap.AddUserProtocol(pp.ExtensionName(havewire.SeedExtensionName))
+		}
 	})
 	tc.Callbacks.ReceivedUsefulData = append(tc.Callbacks.ReceivedUsefulData, func(ev torrent.ReceivedUsefulDataEvent) {
 		ip := remoteIP(ev.Peer.RemoteAddr)
@@ -301,6 +308,7 @@ func (n *Node) addTorrent(mi *metainfo.MetaInfo, st *fileStorage, trackers [][]s
 		return nil, fmt.Errorf("metainfo: %w", err)
 	}
 	spec.Storage = st
+	st.completed = n.wire.PieceCompleted
 	spec.Trackers = trackers // the server's seeder has none: it is the tracker
 	spec.Webseeds = nil
 	t, _, err := n.cl.AddTorrentSpec(spec)

@@ -35,19 +35,28 @@ import (
 )
 
 type method struct {
-	Name          string  `json:"method"`
-	N             int     `json:"n"`
-	LastSec       float64 `json:"last_node_s"`
-	MedianSec     float64 `json:"median_node_s"`
-	ServerBytes   int64   `json:"server_bytes"`
-	HaveMsgs      int64   `json:"have_messages"`
-	HavePeak      int64   `json:"have_peak_per_s"`
-	HaveEmitted   int64   `json:"have_emitted"`
-	DelayP50Ms    float64 `json:"piece_info_delay_p50_ms"`
-	DelayP99Ms    float64 `json:"piece_info_delay_p99_ms"`
-	HostCPU       float64 `json:"host_cpu_pct"`
-	OwnCPUSec     float64 `json:"own_cpu_s"`
-	HostBound     bool    `json:"host_bound"`
+	Name        string  `json:"method"`
+	N           int     `json:"n"`
+	LastSec     float64 `json:"last_node_s"`
+	MedianSec   float64 `json:"median_node_s"`
+	ServerBytes int64   `json:"server_bytes"`
+	HaveMsgs    int64   `json:"have_messages"`
+	HavePeak    int64   `json:"have_peak_per_s"`
+	HaveEmitted int64   `json:"have_emitted"`
+	// DelayP50Ms and DelayP99Ms are receiver-side: from a piece's
+	// completion on one node until a peer lacking it read a HAVE or BITFIELD
+	// update for it from that node (nodes share the host clock).
+	DelayP50Ms  float64 `json:"piece_info_delay_p50_ms"`
+	DelayP99Ms  float64 `json:"piece_info_delay_p99_ms"`
+	DelayMaxMs  float64 `json:"piece_info_delay_max_ms"`
+	DelayEvents int     `json:"piece_info_events"`
+	HoldP99Ms   float64 `json:"sender_hold_p99_ms"`
+	HostCPU     float64 `json:"host_cpu_pct"`
+	OwnCPUSec   float64 `json:"own_cpu_s"`
+	HostBound   bool    `json:"host_bound"`
+	// Bottleneck is "host" when the host's CPUs were busy more than 85% of
+	// the run (the links then were not what limited it), else "links".
+	Bottleneck    string  `json:"bottleneck,omitempty"`
 	FromPeersFrac float64 `json:"bytes_from_peers_frac"`
 	Err           string  `json:"error,omitempty"`
 }
@@ -107,6 +116,9 @@ func main() {
 		}
 	}
 	img, archive := buildImage(ctx, work, cfg.size)
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		fmt.Printf("load average at start: %s", b)
+	}
 	fmt.Printf("image %s: %d bytes, piece %d KiB; links %.0f Mbit/s (tbf, no delay: this kernel has no netem); %d CPUs\n",
 		img.Ref(), img.Size, pieceKiB(archive), cfg.rateMbit, cpus())
 	bound := float64(img.Size) * 8 / (cfg.rateMbit * 1e6)
@@ -275,6 +287,10 @@ func run(ctx context.Context, cfg config, name string, n int, img *swarm.Image, 
 	if t1 > t0 {
 		m.HostCPU = 100 * float64(b1-b0) / float64(t1-t0)
 		m.HostBound = m.HostCPU > 85
+		m.Bottleneck = "links"
+		if m.HostBound {
+			m.Bottleneck = "host"
+		}
 	}
 	if err != nil {
 		m.Err = err.Error()
@@ -365,8 +381,9 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		return nil, err
 	}
 	var perSec []int64
-	var p50s, p99s []float64
+	var p99s []float64
 	var fromPeers, total int64
+	var logs []swarm.Result
 	for _, res := range results {
 		b, err := os.ReadFile(res)
 		if err != nil {
@@ -384,8 +401,8 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			}
 			perSec[i] += v
 		}
-		p50s = append(p50s, r.Have.HoldP50.Seconds()*1000)
 		p99s = append(p99s, r.Have.HoldP99.Seconds()*1000)
+		logs = append(logs, r)
 		for ip, v := range r.From {
 			total += v
 			if ip != "198.18.0.1" {
@@ -396,14 +413,43 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	for _, v := range perSec {
 		m.HavePeak = max(m.HavePeak, v)
 	}
-	slices.Sort(p50s)
 	slices.Sort(p99s)
-	m.DelayP50Ms = p50s[len(p50s)/2]
-	m.DelayP99Ms = p99s[len(p99s)-1]
+	m.HoldP99Ms = p99s[len(p99s)-1]
+	delays := pieceInfoDelays(lb, logs)
+	m.DelayEvents = len(delays)
+	if len(delays) > 0 {
+		m.DelayP50Ms = delays[len(delays)/2]
+		m.DelayP99Ms = delays[(len(delays)*99)/100]
+		m.DelayMaxMs = delays[len(delays)-1]
+	}
 	if total > 0 {
 		m.FromPeersFrac = float64(fromPeers) / float64(total)
 	}
 	return times, nil
+}
+
+// pieceInfoDelays joins every node's log of pieces it learned of (from a
+// HAVE or BITFIELD update while it lacked the piece) with the sending node's
+// completion time of that piece, and returns the delays in ms, sorted.
+// Opening BITFIELDs of new connections are not in the logs, and pieces
+// revealed by the server have no completion time: neither counts.
+func pieceInfoDelays(lb *lab, logs []swarm.Result) []float64 {
+	completed := map[string]map[uint32]int64{} // by node IP
+	for i, r := range logs {
+		completed[lb.nodes[i].IP().String()] = r.Pieces.Completed[r.Image.InfoHash]
+	}
+	var out []float64
+	for _, r := range logs {
+		for _, ev := range r.Pieces.Learned[r.Image.InfoHash] {
+			at, ok := completed[ev.From][ev.Piece]
+			if !ok {
+				continue
+			}
+			out = append(out, float64(ev.At-at)/1e6)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 func waitHTTP(ctx context.Context, h *netlab.Host, url string) error {
@@ -500,7 +546,7 @@ func runUDPCast(ctx context.Context, cfg config, lb *lab, dir, archive string, m
 func printTable(n int, rows []method, bound float64, size int64) {
 	fmt.Printf("\nN = %d   (F = %.1f MiB, bound F/B = %.1f s)\n", n, float64(size)/(1<<20), bound)
 	fmt.Printf("%-18s %8s %8s %8s %9s %9s %9s %8s %8s %6s %s\n", "method", "last s", "median s", "x F/B",
-		"server/F", "HAVE msgs", "HAVE pk/s", "d50 ms", "d99 ms", "CPU%", "own CPU s  notes")
+		"server/F", "HAVE msgs", "HAVE pk/s", "d50 ms", "d99 ms", "CPU%", "own CPU s  bottleneck, notes")
 	for _, r := range rows {
 		srv := "-"
 		if r.ServerBytes > 0 {
@@ -511,12 +557,14 @@ func printTable(n int, rows []method, bound float64, size int64) {
 			have, peak = strconv.FormatInt(r.HaveMsgs, 10), strconv.FormatInt(r.HavePeak, 10)
 			d50, d99 = fmt.Sprintf("%.1f", r.DelayP50Ms), fmt.Sprintf("%.1f", r.DelayP99Ms)
 		}
-		note := r.Err
+		note := r.Bottleneck
 		if r.HostBound {
-			note = strings.TrimSpace(note + " host CPU-bound (host-wide, other work included)")
+			note = "HOST (CPU busy, other work included; lower --rate)"
 		}
+		note = strings.TrimSpace(note + " " + r.Err)
 		if strings.HasPrefix(r.Name, "esir") && r.Err == "" {
-			note = strings.TrimSpace(fmt.Sprintf("%s %.0f%% of bytes from peers", note, 100*r.FromPeersFrac))
+			note = fmt.Sprintf("%s; %.0f%% of bytes from peers; delay over %d receiver events, max %.0f ms; sender hold p99 %.1f ms",
+				note, 100*r.FromPeersFrac, r.DelayEvents, r.DelayMaxMs, r.HoldP99Ms)
 		}
 		cpu := "-"
 		if r.HostCPU > 0 {

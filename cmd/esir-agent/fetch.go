@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"sync"
 	"time"
 
@@ -18,9 +19,9 @@ import (
 
 func newFetchCmd(app *cli.App) *cobra.Command {
 	var (
-		server, image, out, listen, mode, rack, progressMode, resultFile string
-		seedFor, webSeedAfter                                            time.Duration
-		maxConns                                                         int
+		server, image, out, listen, mode, rack, progressMode, resultFile, cpuProfile string
+		seedFor, webSeedAfter                                                        time.Duration
+		maxConns                                                                     int
 	)
 	cmd := &cobra.Command{
 		Use:   "fetch --server URL --image NAME[:VERSION] --out PATH",
@@ -44,6 +45,17 @@ written to --result (atomically) as soon as the image is verified.`,
 			m, err := havewire.ParseMode(mode)
 			if err != nil {
 				return err
+			}
+			if cpuProfile != "" {
+				pf, err := os.Create(cpuProfile)
+				if err != nil {
+					return fmt.Errorf("fetch: CPU profile: %w", err)
+				}
+				defer pf.Close()
+				if err := pprof.StartCPUProfile(pf); err != nil {
+					return fmt.Errorf("fetch: CPU profile %s: %w", cpuProfile, err)
+				}
+				defer pprof.StopCPUProfile()
 			}
 			n, err := swarm.NewNode(swarm.NodeConfig{Listen: listen, Mode: m, MaxConns: maxConns, Log: app.Log})
 			if err != nil {
@@ -118,6 +130,7 @@ written to --result (atomically) as soon as the image is verified.`,
 	f.IntVar(&maxConns, "max-conns", 0, "peer connections (0: default)")
 	f.StringVar(&progressMode, "progress", "bar", "progress output: bar, json or none")
 	f.StringVar(&resultFile, "result", "", "write the result JSON here once verified (and again at exit)")
+	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole fetch (and seeding) to this file")
 	return cmd
 }
 

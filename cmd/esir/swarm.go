@@ -29,7 +29,8 @@ func newSwarmCmd(app *cli.App) *cobra.Command {
 func newSwarmServeCmd(app *cli.App) *cobra.Command {
 	var (
 		storeDir, listen, peerListen, mode string
-		maxConns                           int
+		maxConns, seedSlots                int
+		seeding                            string
 		interval                           time.Duration
 	)
 	cmd := &cobra.Command{
@@ -54,9 +55,18 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 			if err != nil {
 				return err
 			}
+			var seed *havewire.SeedConfig
+			switch seeding {
+			case "initial":
+				seed = &havewire.SeedConfig{Slots: seedSlots}
+			case "full":
+			default:
+				return fmt.Errorf("swarm serve: --seeding %q: want initial or full", seeding)
+			}
 			srv, err := swarm.NewServer(swarm.ServerConfig{
-				Node: swarm.NodeConfig{Listen: peerListen, Mode: m, MaxConns: maxConns, Log: app.Log},
-				Log:  app.Log,
+				Node:     swarm.NodeConfig{Listen: peerListen, Mode: m, MaxConns: maxConns, Seed: seed, Log: app.Log},
+				FullSeed: seed == nil,
+				Log:      app.Log,
 			})
 			if err != nil {
 				return err
@@ -98,5 +108,7 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 	cmd.Flags().StringVar(&mode, "have-mode", "adaptive", "HAVE suppression: off, redundant or adaptive")
 	cmd.Flags().IntVar(&maxConns, "max-conns", 0, "peer connections per image (0: default)")
 	cmd.Flags().DurationVar(&interval, "announce-interval", 10*time.Second, "announce interval handed to peers")
+	cmd.Flags().StringVar(&seeding, "seeding", "initial", "initial (reveal pieces a few peers at a time, BEP 16 style) or full (advertise every piece)")
+	cmd.Flags().IntVar(&seedSlots, "seed-slots", 0, "initial seeding: peers served at once (0: default 4)")
 	return cmd
 }

@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
 	"net"
 	"sort"
 	"sync"
@@ -28,6 +29,12 @@ import (
 // after the first message and applies them as a diff (as anacrolix/torrent
 // does), so held HAVEs may travel to it as one BITFIELD update.
 const ExtensionName = "esir_have_v1"
+
+// SeedExtensionName is the LTEP extension name an initial seeder (see
+// SeedConfig) advertises. It claims fewer pieces than it has, so ESIR peers
+// send it every HAVE (never dropping one as redundant): it needs to know
+// what each peer has to decide what to reveal next.
+const SeedExtensionName = "esir_seed_v1"
 
 // Mode selects how much HAVE suppression a node applies.
 type Mode int
@@ -80,6 +87,9 @@ type Config struct {
 	// Pieces returns the number of pieces of the torrent with the given info
 	// hash, or 0 when unknown; it lets a connection size BITFIELD updates.
 	Pieces func(infoHash [20]byte) int
+	// Seed, when set, makes this (complete) node an initial seeder; see
+	// SeedConfig. Nil: it advertises every piece it has to every peer.
+	Seed *SeedConfig
 }
 
 // Counters are HAVE counts as seen on the wire.
@@ -94,6 +104,9 @@ type Counters struct {
 	Coalesced int64 `json:"coalesced"`
 	// Updates counts BITFIELD update messages sent in place of held HAVEs.
 	Updates int64 `json:"bitfield_updates"`
+	// Revealed counts HAVEs an initial seeder sent to reveal pieces (not
+	// piece completions, so not in Messages).
+	Revealed int64 `json:"revealed"`
 }
 
 // Messages returns the HAVE-carrying messages put on the wire: plain HAVEs
@@ -106,6 +119,7 @@ func (c *Counters) add(o Counters) {
 	c.Redundant += o.Redundant
 	c.Coalesced += o.Coalesced
 	c.Updates += o.Updates
+	c.Revealed += o.Revealed
 }
 
 // PeerCounters are one connection's counters.
@@ -160,6 +174,8 @@ type Wire struct {
 	perSecond []int64
 	hold      [holdBuckets]int64
 	holdMax   time.Duration
+	seed      *seeder // nil unless initial seeding
+	pieces    pieceLog
 }
 
 type pieceKey struct {
@@ -175,7 +191,12 @@ func New(cfg Config) *Wire {
 	if cfg.MinHold <= 0 {
 		cfg.MinHold = cfg.MaxHold / 10
 	}
-	return &Wire{cfg: cfg, start: time.Now(), completed: map[pieceKey]struct{}{}, conns: map[*Conn]struct{}{}}
+	w := &Wire{cfg: cfg, start: time.Now(), completed: map[pieceKey]struct{}{}, conns: map[*Conn]struct{}{},
+		pieces: newPieceLog()}
+	if cfg.Seed != nil && cfg.Pieces != nil {
+		w.seed = newSeeder(*cfg.Seed)
+	}
+	return w
 }
 
 // Mode returns the Wire's mode.
@@ -241,6 +262,7 @@ func (w *Wire) wireSent(now time.Time, msgs int64, holds []time.Duration) {
 func (w *Wire) register(c *Conn) {
 	w.mu.Lock()
 	w.conns[c] = struct{}{}
+	w.seedStartLocked()
 	w.mu.Unlock()
 }
 
@@ -374,17 +396,20 @@ type Conn struct {
 	timer *time.Timer
 	wErr  error
 
-	mu         sync.Mutex // guards the remote's and our piece knowledge
-	infoHash   [20]byte
-	haveIH     bool
-	remoteHas  bitset
-	remoteAll  bool
-	esir       bool
-	local      bitset // pieces we announced or hold
-	localAll   bool
-	counts     Counters
-	closeOnce  sync.Once
-	unparsable bool
+	mu          sync.Mutex // guards the remote's and our piece knowledge
+	infoHash    [20]byte
+	haveIH      bool
+	remoteHas   bitset
+	remoteAll   bool
+	esir        bool
+	local       bitset // pieces we announced or hold
+	localAll    bool
+	counts      Counters
+	closeOnce   sync.Once
+	unparsable  bool
+	sawHaves    bool      // the remote sent a HAVE-related message already
+	remoteSeeds bool      // the remote is an ESIR initial seeder: it needs every HAVE
+	seed        seedState // initial seeding (when the Wire seeds)
 }
 
 type heldHave struct {
@@ -403,8 +428,10 @@ func (c *Conn) Read(p []byte) (int, error) {
 
 // inbound handles one parsed inbound event.
 func (c *Conn) inbound(ev event) {
+	now := time.Now()
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	var fresh []uint32 // pieces the remote newly announced after its opening message
+	haveMsg := false
 	switch ev.kind {
 	case evHandshake:
 		if !c.haveIH {
@@ -415,19 +442,47 @@ func (c *Conn) inbound(ev event) {
 	case evMessage:
 		switch ev.id {
 		case msgHave:
+			if c.sawHaves && !c.remoteAll && !c.remoteHas.has(ev.index) {
+				fresh = append(fresh, ev.index)
+			}
 			c.remoteHas.set(ev.index)
+			haveMsg = true
 		case msgBitfield:
+			if c.sawHaves && !c.remoteAll {
+				fresh = c.remoteHas.newIn(ev.payload)
+			}
 			c.remoteHas.setBytes(ev.payload)
+			haveMsg = true
 		case msgHaveAll:
 			c.remoteAll = true
+			haveMsg = true
 		case msgHaveNone:
 			c.remoteHas = bitset{}
 			c.remoteAll = false
+			haveMsg = true
 		case msgExtended:
 			if len(ev.payload) > 0 && ev.payload[0] == 0 && advertises(ev.payload[1:], ExtensionName) {
 				c.esir = true
 			}
+			if len(ev.payload) > 0 && ev.payload[0] == 0 && advertises(ev.payload[1:], SeedExtensionName) {
+				c.remoteSeeds = true
+			}
 		}
+	}
+	if haveMsg {
+		c.sawHaves = true
+	}
+	ih, remote := c.infoHash, c.remote
+	c.mu.Unlock()
+	if len(fresh) > 0 {
+		via := "have"
+		if ev.id == msgBitfield {
+			via = "update"
+		}
+		c.w.pieces.learned(now, ih, remote, fresh, via)
+	}
+	if haveMsg {
+		c.w.seedKick()
 	}
 }
 
@@ -449,6 +504,16 @@ func (c *Conn) Write(p []byte) (int, error) {
 	var out [][]byte
 	c.wr.split(p, func(seg []byte, ev *event) {
 		if ev == nil {
+			out = append(out, seg)
+			return
+		}
+		if c.w.seed != nil {
+			if s, ok := c.seedRewrite(seg, *ev); ok {
+				out = append(out, s)
+				return
+			}
+		}
+		if ev.kind == evPayload {
 			out = append(out, seg)
 			return
 		}
@@ -501,7 +566,7 @@ func (c *Conn) outbound(ev event) bool {
 	c.mu.Lock()
 	c.counts.Emitted++
 	ih := c.infoHash
-	redundant := c.remoteAll || c.remoteHas.has(ev.index)
+	redundant := !c.remoteSeeds && (c.remoteAll || c.remoteHas.has(ev.index))
 	esir, unparsable := c.esir, c.unparsable
 	c.mu.Unlock()
 	win := c.w.pieceEmitted(now, ih, ev.index)
@@ -557,7 +622,7 @@ func (c *Conn) flushLocked() error {
 	var msg []byte
 	var fresh []heldHave
 	for _, h := range c.held {
-		if c.remoteAll || c.remoteHas.has(h.piece) {
+		if !c.remoteSeeds && (c.remoteAll || c.remoteHas.has(h.piece)) {
 			// The remote got it meanwhile: still redundant.
 			c.counts.Redundant++
 			c.local.set(h.piece)
@@ -649,6 +714,23 @@ func (s *bitset) has(i uint32) bool {
 	return int(i/8) < len(s.b) && s.b[i/8]&(0x80>>(i%8)) != 0
 }
 
+// newIn returns the pieces set in the BITFIELD payload p but not in s.
+func (s *bitset) newIn(p []byte) []uint32 {
+	var out []uint32
+	for i, v := range p {
+		var old byte
+		if i < len(s.b) {
+			old = s.b[i]
+		}
+		for d := v &^ old; d != 0; {
+			lz := bits.LeadingZeros8(d)
+			out = append(out, uint32(i*8+lz))
+			d &^= 0x80 >> lz
+		}
+	}
+	return out
+}
+
 // setBytes ORs a BITFIELD payload into s.
 func (s *bitset) setBytes(p []byte) {
 	for len(s.b) < len(p) {
@@ -675,6 +757,10 @@ const (
 	evHandshake eventKind = iota
 	evMessage
 	evBad
+	// evPayload marks a segment of a BITFIELD's payload that comes without
+	// the whole message (a part of it, or all of a payload too large to
+	// gather); last says it ends the message.
+	evPayload
 )
 
 type event struct {
@@ -683,6 +769,7 @@ type event struct {
 	id       byte
 	index    uint32
 	payload  []byte
+	last     bool
 }
 
 // parser follows one direction of a BitTorrent stream across arbitrary read
@@ -752,13 +839,15 @@ func (p *parser) split(b []byte, emit func(seg []byte, ev *event)) {
 				p.payload = append(p.payload, b[:n]...)
 			}
 			p.left -= n
-			if p.left > 0 || !p.keep {
-				emit(b[:n], nil)
-				b = b[n:]
-				continue
+			var ev *event
+			switch {
+			case p.left == 0 && p.keep:
+				ev = &event{kind: evMessage, id: p.id, payload: p.payload}
+				p.payload, p.keep = nil, false
+			case p.id == msgBitfield:
+				// BITFIELD payload bytes are marked so a seeder may rewrite them.
+				ev = &event{kind: evPayload, id: p.id, last: p.left == 0}
 			}
-			ev := &event{kind: evMessage, id: p.id, payload: p.payload}
-			p.payload, p.keep = nil, false
 			emit(b[:n], ev)
 			b = b[n:]
 			continue

@@ -262,3 +262,133 @@ func TestParseMode(t *testing.T) {
 		}
 	}
 }
+
+// TestInitialSeeding checks the seeder's side of the wire: its opening
+// claims are rewritten to "nothing", it reveals at most InFlight pieces to a
+// peer and to at most Slots peers, gives each piece out once before
+// repeating one, and reveals more to a peer once its pieces have spread.
+func TestInitialSeeding(t *testing.T) {
+	tests := []struct {
+		name    string
+		opening []byte // what the library writes after the handshake
+		want    []byte // what the remote must read instead
+	}{
+		{"HAVE ALL becomes HAVE NONE", msg(msgHaveAll), msg(msgHaveNone)},
+		{"BITFIELD goes out zeroed", msg(msgBitfield, 0xff, 0xff), msg(msgBitfield, 0, 0)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 16 },
+				Seed: &SeedConfig{Slots: 2, InFlight: 2, Stale: time.Hour, Every: 5 * time.Millisecond}})
+			var peers []*pair
+			for range 3 {
+				p := newPair(t, w)
+				p.remoteSends(t, append(handshake(1), extHandshake(ExtensionName)...))
+				if _, err := p.c.Write(append(handshake(1), tt.opening...)); err != nil {
+					t.Fatal(err)
+				}
+				peers = append(peers, p)
+			}
+			revealed := func(p *pair) []uint32 {
+				got := p.received()[68:]
+				fs := frames(t, got)
+				if len(fs) == 0 || !bytes.Equal(fs[0], tt.want) {
+					t.Fatalf("opening frames %x, want %x first", got, tt.want)
+				}
+				var out []uint32
+				for _, f := range fs[1:] {
+					if f[4] != msgHave {
+						t.Fatalf("unexpected frame %x", f)
+					}
+					out = append(out, binary.BigEndian.Uint32(f[5:]))
+				}
+				return out
+			}
+			time.Sleep(100 * time.Millisecond)
+			seen := map[uint32]int{}
+			served := 0
+			for _, p := range peers {
+				r := revealed(p)
+				if len(r) > 2 {
+					t.Errorf("revealed %v to one peer, want at most 2 in flight", r)
+				}
+				if len(r) > 0 {
+					served++
+				}
+				for _, i := range r {
+					seen[i]++
+				}
+			}
+			if served != 2 {
+				t.Errorf("%d peers got pieces, want the 2 slots used", served)
+			}
+			for i, n := range seen {
+				if n > 1 {
+					t.Errorf("piece %d revealed %d times before every piece was given once", i, n)
+				}
+			}
+			// The first served peer downloads its pieces, and another peer
+			// gets them too: its slot is free again.
+			var first *pair
+			for _, p := range peers {
+				if len(revealed(p)) > 0 {
+					first = p
+					break
+				}
+			}
+			r := revealed(first)
+			var bf [2]byte
+			for _, i := range r {
+				bf[i/8] |= 0x80 >> (i % 8)
+			}
+			first.remoteSends(t, msg(msgBitfield, bf[:]...))
+			for _, p := range peers {
+				if p != first {
+					p.remoteSends(t, msg(msgBitfield, bf[:]...))
+					break
+				}
+			}
+			time.Sleep(100 * time.Millisecond)
+			// The freed slot goes to a peer (the one with fewest pieces).
+			total := 0
+			for _, p := range peers {
+				total += len(revealed(p))
+			}
+			if total <= len(seen) {
+				t.Errorf("after the pieces spread the seeder revealed nothing more (%d reveals)", total)
+			}
+			if c := first.c.counters().Counters; c.Revealed == 0 {
+				t.Errorf("Revealed counter is 0")
+			}
+		})
+	}
+}
+
+// TestPieceLog checks the receiver-side record of piece information: a
+// HAVE or BITFIELD update for a piece this node lacks is logged, the
+// opening BITFIELD and pieces already complete are not.
+func TestPieceLog(t *testing.T) {
+	w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 16 }})
+	p := newPair(t, w)
+	var ih [20]byte
+	for i := range ih {
+		ih[i] = 1
+	}
+	w.PieceCompleted(ih, 3)
+	p.remoteSends(t, append(handshake(1), msg(msgBitfield, 0x80, 0)...)) // opening: piece 0
+	p.remoteSends(t, have(3))                                            // we have it
+	p.remoteSends(t, have(5))
+	p.remoteSends(t, msg(msgBitfield, 0x84, 0x40)) // update: 0 (known), 5 (known), 9 new
+	l := w.PieceLog()
+	h := fmt.Sprintf("%x", ih)
+	var got []string
+	for _, e := range l.Learned[h] {
+		got = append(got, fmt.Sprintf("%d/%s", e.Piece, e.Via))
+	}
+	if want := []string{"5/have", "9/update"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("learned %v, want %v", got, want)
+	}
+	if _, ok := l.Completed[h][3]; !ok {
+		t.Errorf("completion of piece 3 not logged: %v", l.Completed)
+	}
+}

@@ -1,0 +1,108 @@
+package havewire
+
+import (
+	"encoding/hex"
+	"net"
+	"sync"
+	"time"
+)
+
+// maxLearned bounds the learn events a Wire keeps.
+const maxLearned = 1 << 20
+
+// PieceLog is what a node's piece-information delay is computed from: when
+// it completed each piece, and when it learned from a peer of a piece it
+// lacked. Joined with the senders' logs (nodes share a clock), the delay
+// from a piece's completion on one node until a peer lacking it learns of it
+// is Learned.At minus the sender's Completed time.
+type PieceLog struct {
+	// Completed maps an info hash (hex) to piece index to the Unix time in
+	// nanoseconds at which this node completed the piece.
+	Completed map[string]map[uint32]int64 `json:"completed"`
+	// Learned maps an info hash (hex) to learn events.
+	Learned map[string][]Learned `json:"learned"`
+	// Dropped counts learn events not kept (beyond the bound).
+	Dropped int64 `json:"dropped,omitempty"`
+}
+
+// Learned is one piece this node lacked and learned a peer had, from a
+// HAVE or a BITFIELD update (not the peer's opening BITFIELD).
+type Learned struct {
+	// From is the peer's IP address.
+	From  string `json:"from"`
+	Piece uint32 `json:"piece"`
+	// At is the Unix time in nanoseconds the message was read.
+	At int64 `json:"at"`
+	// Via is "have" or "update" (a BITFIELD update of ESIR's extension).
+	Via string `json:"via"`
+}
+
+type pieceLog struct {
+	mu        sync.Mutex
+	completed map[[20]byte]map[uint32]int64
+	learnedEv map[[20]byte][]Learned
+	n         int
+	dropped   int64
+}
+
+func newPieceLog() pieceLog {
+	return pieceLog{completed: map[[20]byte]map[uint32]int64{}, learnedEv: map[[20]byte][]Learned{}}
+}
+
+// PieceCompleted records that this node completed (verified) a piece; the
+// node's storage calls it. The first call for a piece counts.
+func (w *Wire) PieceCompleted(infoHash [20]byte, piece uint32) {
+	l := &w.pieces
+	now := time.Now().UnixNano()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	m := l.completed[infoHash]
+	if m == nil {
+		m = map[uint32]int64{}
+		l.completed[infoHash] = m
+	}
+	if _, ok := m[piece]; !ok {
+		m[piece] = now
+	}
+}
+
+// learned records pieces a remote announced that this node has not
+// completed.
+func (l *pieceLog) learned(now time.Time, ih [20]byte, remote string, pieces []uint32, via string) {
+	if host, _, err := net.SplitHostPort(remote); err == nil {
+		remote = host
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	done := l.completed[ih]
+	for _, p := range pieces {
+		if _, ok := done[p]; ok {
+			continue
+		}
+		if l.n >= maxLearned {
+			l.dropped++
+			continue
+		}
+		l.n++
+		l.learnedEv[ih] = append(l.learnedEv[ih], Learned{From: remote, Piece: p, At: now.UnixNano(), Via: via})
+	}
+}
+
+// PieceLog returns a copy of the node's piece log.
+func (w *Wire) PieceLog() PieceLog {
+	l := &w.pieces
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := PieceLog{Completed: map[string]map[uint32]int64{}, Learned: map[string][]Learned{}, Dropped: l.dropped}
+	for ih, m := range l.completed {
+		c := make(map[uint32]int64, len(m))
+		for k, v := range m {
+			c[k] = v
+		}
+		out.Completed[hex.EncodeToString(ih[:])] = c
+	}
+	for ih, ev := range l.learnedEv {
+		out.Learned[hex.EncodeToString(ih[:])] = append([]Learned(nil), ev...)
+	}
+	return out
+}
