@@ -9,7 +9,7 @@
 // seeder server (tracker, metainfo, web seed) with its upload capped to the
 // link rate given, and one agent node per run.
 //
-//	go run ./benchmarks/agent [--rate-mbit 400] [--modules all|storage] [--runs 3] [--json FILE]
+//	go run ./benchmarks/agent [--rate-mbit 400] [--modules all|storage] [--runs 3] [--json FILE] [--trace] [--cpuprofile FILE]
 package main
 
 import (
@@ -24,6 +24,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"sort"
 	"time"
 
@@ -56,14 +57,29 @@ func main() {
 	mods := flag.String("modules", "all", "sample image modules: all (Debian's whole tree) or storage")
 	runs := flag.Int("runs", 3, "runs of each measurement (the medians are compared)")
 	jsonOut := flag.String("json", "", "write the figures as JSON to this file")
+	trace := flag.Bool("trace", false, "print the download's progress every 0.5 s, and the swarm's log, to stderr")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
-	if err := run(context.Background(), *rate, *mods, *runs, *jsonOut); err != nil {
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "benchmark agent: cpu profile:", err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		defer pprof.StopCPUProfile()
+	}
+	if err := run(context.Background(), *rate, *mods, *runs, *jsonOut, *trace); err != nil {
 		fmt.Fprintln(os.Stderr, "benchmark agent:", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut string) error {
+func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut string, trace bool) error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (loop devices, mount)")
 	}
@@ -73,6 +89,9 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	}
 	defer os.RemoveAll(work)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if trace {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 
 	// The image: the lab's sample tree.
 	k, err := vm.HostDebianKernel()
@@ -134,7 +153,7 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 
 	res := result{Image: m.Ref(), ArchiveBytes: m.CompressedSize, UncompressedSize: m.UncompressedSize, RateMbit: rateMbit, Runs: runs, Target: 1.15}
 	for i := 0; i < runs; i++ {
-		d, err := downloadOnly(ctx, server, m.Ref(), filepath.Join(work, fmt.Sprintf("dl%d", i)), log)
+		d, err := downloadOnly(ctx, server, m.Ref(), filepath.Join(work, fmt.Sprintf("dl%d", i)), log, trace)
 		if err != nil {
 			return fmt.Errorf("download alone: %w", err)
 		}
@@ -210,8 +229,10 @@ func startFetch(ctx context.Context, server, ref, dir string, log *slog.Logger) 
 }
 
 // downloadOnly fetches the image to its file, nothing else reading it: the
-// time from the first byte received (polled every 5 ms) to the verified end.
-func downloadOnly(ctx context.Context, server, ref, dir string, log *slog.Logger) (time.Duration, error) {
+// time from the first byte received to the last (both polled every 5 ms).
+// The download's own whole-file verification after the last byte is not
+// counted: the streaming install checks the digest as it reads.
+func downloadOnly(ctx context.Context, server, ref, dir string, log *slog.Logger, trace bool) (time.Duration, error) {
 	n, d, err := startFetch(ctx, server, ref, dir, log)
 	if err != nil {
 		return 0, err
@@ -220,7 +241,7 @@ func downloadOnly(ctx context.Context, server, ref, dir string, log *slog.Logger
 	defer d.Close()
 	done := make(chan error, 1)
 	go func() { _, err := d.Wait(ctx); done <- err }()
-	var first time.Time
+	var first, last, mark time.Time
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -229,13 +250,22 @@ func downloadOnly(ctx context.Context, server, ref, dir string, log *slog.Logger
 			if err != nil {
 				return 0, err
 			}
-			if first.IsZero() {
-				return 0, errors.New("download finished before a byte was seen")
+			if first.IsZero() || last.IsZero() {
+				return 0, errors.New("download finished before its first and last bytes were seen")
 			}
-			return time.Since(first), nil
+			return last.Sub(first), nil
 		case <-tick.C:
-			if first.IsZero() && d.Progress().Bytes > 0 {
-				first = time.Now()
+			p := d.Progress()
+			now := time.Now()
+			if first.IsZero() && p.Bytes > 0 {
+				first, mark = now, now
+			}
+			if last.IsZero() && p.Total > 0 && p.Bytes == p.Total {
+				last = now
+			}
+			if trace && !first.IsZero() && (now.Sub(mark) >= 500*time.Millisecond || now.Equal(last)) {
+				mark = now
+				fmt.Fprintf(os.Stderr, "  download: +%.2fs %d/%d MiB, %d peers\n", now.Sub(first).Seconds(), p.Bytes>>20, p.Total>>20, p.Peers)
 			}
 		}
 	}
