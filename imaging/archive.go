@@ -306,6 +306,44 @@ func (a *archiver) walkDir(rel, full string) error {
 
 type segment struct{ off, len int64 }
 
+// fdReader reads a raw file descriptor: os.NewFile would cost an fcntl per
+// file, and the archiver reads thousands of small ones.
+type fdReader int
+
+func (r fdReader) Read(p []byte) (int, error) {
+	for {
+		n, err := unix.Read(int(r), p)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		if n == 0 && len(p) > 0 {
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}
+
+func (r fdReader) ReadAt(p []byte, off int64) (int, error) {
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pread(int(r), p[done:], off+int64(done))
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return done, err
+		}
+		if n == 0 {
+			return done, io.EOF
+		}
+		done += n
+	}
+	return done, nil
+}
+
 // file writes a regular file's header and content, sparse when the file
 // has holes, and fails when the file changes while it is read.
 func (a *archiver) file(h *tarHeader, full string, st *unix.Stat_t) error {
@@ -319,15 +357,11 @@ func (a *archiver) file(h *tarHeader, full string, st *unix.Stat_t) error {
 	if err != nil {
 		return fmt.Errorf("%s: open: %w", full, err)
 	}
-	f := os.NewFile(uintptr(fd), full)
-	defer f.Close()
-	var st2 unix.Stat_t
-	if err := unix.Fstat(fd, &st2); err != nil {
-		return fmt.Errorf("%s: fstat: %w", full, err)
-	}
-	if st2.Ino != st.Ino || st2.Dev != st.Dev {
-		return fmt.Errorf("%s: %w (replaced)", full, ErrChanged)
-	}
+	defer unix.Close(fd)
+	f := fdReader(fd)
+	// A file replaced between the lstat and the open is caught by the
+	// fstat after reading, which compares the inode too: the build fails
+	// either way, so one fstat per file suffices.
 	size := st.Size
 	var segs []segment
 	if size > 0 && st.Blocks*512 < size {
@@ -387,6 +421,9 @@ func (a *archiver) file(h *tarHeader, full string, st *unix.Stat_t) error {
 	var st3 unix.Stat_t
 	if err := unix.Fstat(fd, &st3); err != nil {
 		return fmt.Errorf("%s: fstat: %w", full, err)
+	}
+	if st3.Ino != st.Ino || st3.Dev != st.Dev {
+		return fmt.Errorf("%s: %w (replaced)", full, ErrChanged)
 	}
 	if st3.Size != st.Size || st3.Mtim != st.Mtim || st3.Ctim != st.Ctim {
 		return fmt.Errorf("%s: %w", full, ErrChanged)
