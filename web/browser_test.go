@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"html"
 	"io"
 	"net"
 	"net/http"
@@ -624,5 +625,79 @@ func TestAuthAndCSRF(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("events without a session: %d, want 401", resp.StatusCode)
+	}
+}
+
+// The node list reads one page from the store: filtered, sorted, with the
+// matching count and page links.
+func TestNodeListPages(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	srv := startServer(t, ctx)
+	for i := 1; i <= 7; i++ {
+		body := fmt.Sprintf(`{"mac":"52:54:00:00:01:%02x","hostname":"n%d","labels":{"rack":"r%d"}}`, i, 8-i, i%2)
+		req, _ := http.NewRequest(http.MethodPost, srv.url+"/api/v1/nodes", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+srv.token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusCreated {
+			t.Fatalf("add node %d: %d", i, resp.StatusCode)
+		}
+	}
+	c, _ := session(t, srv, url.Values{"user": {"admin"}, "password": {srv.password}})
+	rowRE := regexp.MustCompile(`data-k="52:54:00:00:01:0(\d)"`)
+	for _, tc := range []struct {
+		query, rows, pager, next, prev string
+	}{
+		{"", "1234567", "1–7 of 7 · page 1 of 1", "", ""},
+		{"?per=3", "123", "1–3 of 7 · page 1 of 3", "page=2", ""},
+		{"?per=3&page=2&sort=hostname", "432", "4–6 of 7 · page 2 of 3", "page=3", "page=1"},
+		{"?per=3&page=9&sort=hostname&dir=desc", "7", "7–7 of 7 · page 3 of 3", "", "page=2"},
+		{"?q=R1&per=2&page=2", "57", "3–4 of 4 · page 2 of 2", "", "page=1"},
+		{"?q=n3", "5", "1–1 of 1 · page 1 of 1", "", ""},
+		{"?state=failed", "", "", "", ""},
+		{"?sort=progress&dir=desc&per=2", "76", "1–2 of 7 · page 1 of 4", "page=2", ""},
+	} {
+		t.Run(tc.query, func(t *testing.T) {
+			resp, err := c.Get(srv.url + "/ui/nodes" + tc.query)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("status %d", resp.StatusCode)
+			}
+			var rows string
+			for _, m := range rowRE.FindAllStringSubmatch(string(b), -1) {
+				rows += m[1]
+			}
+			body := html.UnescapeString(string(b))
+			if rows != tc.rows {
+				t.Errorf("rows %q, want %q", rows, tc.rows)
+			}
+			if tc.pager != "" && !strings.Contains(body, tc.pager) {
+				t.Errorf("pager %q missing", tc.pager)
+			}
+			if tc.rows == "" && !strings.Contains(body, "No node matches.") {
+				t.Error("no empty-table message")
+			}
+			for rel, want := range map[string]string{"next": tc.next, "prev": tc.prev} {
+				m := regexp.MustCompile(`href="([^"]*)" rel="` + rel + `"`).FindStringSubmatch(body)
+				switch {
+				case want == "" && m != nil:
+					t.Errorf("unexpected %s link %s", rel, m[1])
+				case want != "" && (m == nil || !strings.Contains(m[1], want)):
+					t.Errorf("%s link %v, want one with %s", rel, m, want)
+				}
+			}
+			if !strings.Contains(body, "of 7</span>") {
+				t.Errorf("heading lacks the fleet total")
+			}
+		})
 	}
 }

@@ -264,9 +264,10 @@ func (h *hub) refreshTopics(ctx context.Context) error {
 	return nil
 }
 
-// read loads the nodes and the live progress once per refresh.
+// read loads the nodes (brief: no inventory or log tail) and the live
+// progress once per refresh.
 func (c *Console) read(tx store.Tx, now time.Time) (*snapshot, error) {
-	nodes, err := tx.Nodes(store.NodeFilter{})
+	nodes, err := tx.Nodes(store.NodeFilter{Brief: true})
 	if err != nil {
 		return nil, err
 	}
@@ -356,7 +357,7 @@ func (c *Console) dash(tx store.Tx, s *snapshot) (dashData, error) {
 			d.Counts[string(st)] = n
 			d.Total += n
 		}
-		if failed, err = tx.Nodes(store.NodeFilter{State: deploy.Failed}); err != nil {
+		if failed, err = tx.Nodes(store.NodeFilter{State: deploy.Failed, Brief: true}); err != nil {
 			return d, err
 		}
 	} else {
@@ -432,9 +433,15 @@ func eventRows(evs []deploy.Event) []eventRow {
 }
 
 func (c *Console) nodeEntries(tx store.Tx, s *snapshot, mac string) (map[string]any, error) {
-	n := s.byMAC[mac]
-	if n == nil {
+	if s.byMAC[mac] == nil {
 		return map[string]any{"gone": true}, nil
+	}
+	n, err := tx.Node(mac) // with its log tail
+	if isNotFound(err) {
+		return map[string]any{"gone": true}, nil
+	}
+	if err != nil {
+		return nil, err
 	}
 	evs, err := tx.Events(mac, 30)
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/esir-project/esir/server/agentapi"
 	"github.com/esir-project/esir/server/api"
 	"github.com/esir-project/esir/server/deploy"
 	"github.com/esir-project/esir/server/store"
@@ -69,7 +68,7 @@ func fraction(st deploy.State, p *api.Progress) float64 {
 
 func rowOf(n *deploy.Node, live map[string]api.Progress) nodeRow {
 	r := nodeRow{MAC: n.MAC, Hostname: n.Hostname, Number: n.Number, State: string(n.State), Reason: n.Reason,
-		Image: n.Image, Active: n.State.Active(), Changed: n.Changed, HW: hwSummary(n.Inventory), Labels: labelString(n.Labels)}
+		Image: n.Image, Active: n.State.Active(), Changed: n.Changed, HW: dash(n.Hardware), Labels: labelString(n.Labels)}
 	var p *api.Progress
 	if n.State.Active() {
 		p = progressOf(n, live)
@@ -100,40 +99,6 @@ func labelString(m map[string]string) string {
 		parts = append(parts, k+"="+m[k])
 	}
 	return strings.Join(parts, " ")
-}
-
-// hwSummary is a one-line hardware summary: cores, memory, disks.
-func hwSummary(inv *agentapi.Inventory) string {
-	if inv == nil {
-		return "—"
-	}
-	var parts []string
-	if c := inv.CPU.Threads; c > 0 {
-		parts = append(parts, fmt.Sprintf("%d CPU", c))
-	} else if c := inv.CPU.Cores; c > 0 {
-		parts = append(parts, fmt.Sprintf("%d cores", c))
-	}
-	if inv.MemoryBytes > 0 {
-		parts = append(parts, humanBytes(inv.MemoryBytes)+" RAM")
-	}
-	var disk int64
-	for _, d := range inv.Disks {
-		disk += d.SizeBytes
-	}
-	if len(inv.Disks) > 0 {
-		parts = append(parts, fmt.Sprintf("%d disk%s %s", len(inv.Disks), plural(len(inv.Disks)), humanBytes(disk)))
-	}
-	if len(parts) == 0 {
-		return "—"
-	}
-	return strings.Join(parts, " · ")
-}
-
-func plural(n int) string {
-	if n == 1 {
-		return ""
-	}
-	return "s"
 }
 
 // humanBytes prints a byte count in binary units.
@@ -300,3 +265,11 @@ func viewRollout(tx store.Tx, r *deploy.Rollout, nodes map[string]*deploy.Node, 
 }
 
 func isNotFound(err error) bool { return errors.Is(err, store.ErrNotFound) }
+
+// dash stands in for an empty cell.
+func dash(s string) string {
+	if s == "" {
+		return "—"
+	}
+	return s
+}

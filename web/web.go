@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -341,33 +342,10 @@ type thArgs struct {
 	K, L string
 }
 
-var sortKeys = map[string]func(a, b nodeRow) int{
-	"number":   func(a, b nodeRow) int { return a.Number - b.Number },
-	"hostname": func(a, b nodeRow) int { return strings.Compare(a.Hostname, b.Hostname) },
-	"mac":      func(a, b nodeRow) int { return strings.Compare(a.MAC, b.MAC) },
-	"state":    func(a, b nodeRow) int { return stateOrder(a.State) - stateOrder(b.State) },
-	"image":    func(a, b nodeRow) int { return strings.Compare(a.Image, b.Image) },
-	"progress": func(a, b nodeRow) int { return cmpFloat(a.Pct, b.Pct) },
-	"hardware": func(a, b nodeRow) int { return strings.Compare(a.HW, b.HW) },
-}
-
-func cmpFloat(a, b float64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
-func stateOrder(s string) int {
-	for i, st := range deploy.States {
-		if string(st) == s {
-			return i
-		}
-	}
-	return len(deploy.States)
+// tableSorts are the node table's sortable columns; all but "progress"
+// (live, in memory) are the store's columns.
+func tableSorts() []string {
+	return []string{"number", "hostname", "mac", "state", "image", "hardware", "progress"}
 }
 
 // nodes lists nodes: filtered by text and state, sorted by a column, in
@@ -379,7 +357,7 @@ func (c *Console) nodes(ec echo.Context) error {
 		state = ""
 	}
 	sortBy := ec.QueryParam("sort")
-	if sortKeys[sortBy] == nil {
+	if !slices.Contains(tableSorts(), sortBy) {
 		sortBy = "number"
 	}
 	desc := ec.QueryParam("dir") == "desc"
@@ -390,46 +368,60 @@ func (c *Console) nodes(ec echo.Context) error {
 	per = min(per, 10000)
 	pg, _ := strconv.Atoi(ec.QueryParam("page"))
 	pg = max(pg, 1)
-	var nodes []*deploy.Node
-	if err := c.st.View(ec.Request().Context(), func(tx store.Tx) error {
-		var err error
-		nodes, err = tx.Nodes(store.NodeFilter{})
-		return err
-	}); err != nil {
-		return err
-	}
+	p := nodeListPage{Q: q, State: state, Sort: sortBy, Desc: desc, Per: per, Counts: map[string]int{}}
+	f := store.NodeFilter{State: deploy.State(state), Query: q, Brief: true, Sort: sortBy, Desc: desc}
 	live := c.api.Live().Snapshot()
-	p := nodeListPage{Q: q, State: state, Sort: sortBy, Desc: desc, Per: per, Total: len(nodes), Counts: map[string]int{}}
-	lq := strings.ToLower(q)
-	rows := make([]nodeRow, 0, len(nodes))
-	for _, n := range nodes {
-		p.Counts[string(n.State)]++
-		if state != "" && string(n.State) != state {
-			continue
+	err := c.st.View(ec.Request().Context(), func(tx store.Tx) error {
+		counts, err := tx.CountNodes()
+		if err != nil {
+			return err
 		}
-		if lq != "" && !matchText(n, lq) {
-			continue
+		for st, n := range counts {
+			p.Counts[string(st)] = n
+			p.Total += n
 		}
-		rows = append(rows, rowOf(n, live))
-	}
-	cmp := sortKeys[sortBy]
-	sort.SliceStable(rows, func(i, j int) bool {
-		r := cmp(rows[i], rows[j])
-		if r == 0 {
-			r = rows[i].Number - rows[j].Number
+		if p.Matched, err = tx.CountMatching(f); err != nil {
+			return err
 		}
-		if desc {
-			return r > 0
+		p.Pages = max((p.Matched+per-1)/per, 1)
+		p.Page = min(pg, p.Pages)
+		from := (p.Page - 1) * per
+		if sortBy == "progress" {
+			// Progress is live, not stored: order every match in memory.
+			f.Sort = ""
+			nodes, err := tx.Nodes(f)
+			if err != nil {
+				return err
+			}
+			rows := make([]nodeRow, 0, len(nodes))
+			for _, n := range nodes {
+				rows = append(rows, rowOf(n, live))
+			}
+			sort.SliceStable(rows, func(i, j int) bool {
+				if rows[i].Pct == rows[j].Pct {
+					return rows[i].Number < rows[j].Number != desc
+				}
+				return rows[i].Pct < rows[j].Pct != desc
+			})
+			p.Rows = rows[min(from, len(rows)):min(from+per, len(rows))]
+			return nil
 		}
-		return r < 0
+		f.Limit, f.Offset = per, from
+		nodes, err := tx.Nodes(f)
+		if err != nil {
+			return err
+		}
+		p.Rows = make([]nodeRow, 0, len(nodes))
+		for _, n := range nodes {
+			p.Rows = append(p.Rows, rowOf(n, live))
+		}
+		return nil
 	})
-	p.Matched = len(rows)
-	p.Pages = max((len(rows)+per-1)/per, 1)
-	p.Page = min(pg, p.Pages)
+	if err != nil {
+		return err
+	}
 	from := (p.Page - 1) * per
-	to := min(from+per, len(rows))
-	p.Rows = rows[from:to]
-	p.First, p.Last = from+1, to
+	p.First, p.Last = from+1, from+len(p.Rows)
 	link := func(mod func(v url.Values)) string {
 		v := url.Values{}
 		if q != "" {
@@ -455,7 +447,7 @@ func (c *Console) nodes(ec echo.Context) error {
 		p.NextURL = link(func(v url.Values) { v.Set("page", strconv.Itoa(p.Page+1)) })
 	}
 	p.SortURL = map[string]string{}
-	for k := range sortKeys {
+	for _, k := range tableSorts() {
 		p.SortURL[k] = link(func(v url.Values) {
 			v.Set("sort", k)
 			v.Del("dir")
@@ -465,18 +457,6 @@ func (c *Console) nodes(ec echo.Context) error {
 		})
 	}
 	return c.render(ec, http.StatusOK, "nodes", page{Title: "Nodes", Nav: "nodes", Topic: "nodes", Data: p})
-}
-
-func matchText(n *deploy.Node, lq string) bool {
-	if strings.Contains(strings.ToLower(n.Hostname), lq) || strings.Contains(n.MAC, lq) || strings.Contains(strings.ToLower(n.Image), lq) {
-		return true
-	}
-	for k, v := range n.Labels {
-		if strings.Contains(strings.ToLower(k+"="+v), lq) {
-			return true
-		}
-	}
-	return false
 }
 
 // nodePage is one node's detail.
@@ -870,7 +850,7 @@ func (c *Console) preview(ec echo.Context) error {
 	var nodes []*deploy.Node
 	if err := c.st.View(ec.Request().Context(), func(tx store.Tx) error {
 		var err error
-		nodes, err = tx.Nodes(store.NodeFilter{})
+		nodes, err = tx.Nodes(store.NodeFilter{Brief: true})
 		return err
 	}); err != nil {
 		return err

@@ -11,6 +11,7 @@ import (
 	"github.com/esir-project/esir/cmd/internal/cli"
 	"github.com/esir-project/esir/progress"
 	"github.com/esir-project/esir/server/api"
+	"github.com/esir-project/esir/server/client"
 	"github.com/esir-project/esir/server/deploy"
 	"github.com/spf13/cobra"
 )
@@ -21,6 +22,7 @@ func newNodeCmd(app *cli.App) *cobra.Command {
 		Use:   "node",
 		Short: "List, inspect, label and remove the server's nodes",
 		Example: `  esir node ls --state installed -l rack=a
+  esir node ls --sort state --limit 50 --offset 100
   esir node show node001
   esir node label 52:54:00:12:34:56 rack=a role=compute
   esir node rm 52:54:00:12:34:56`,
@@ -28,17 +30,29 @@ func newNodeCmd(app *cli.App) *cobra.Command {
 	r.addFlags(cmd)
 	var state string
 	var labels []string
+	var q client.NodeQuery
 	ls := &cobra.Command{
 		Use:   "ls",
 		Short: "List nodes",
-		Args:  cobra.NoArgs,
+		Long: `List nodes, by node number unless --sort says otherwise. Every matching node is
+listed (the server's pages are fetched in turn) unless --limit asks for one page;
+a page's table ends with the position of the page and the number of matches.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := r.client()
 			if err != nil {
 				return err
 			}
-			nodes, err := c.Nodes(cmd.Context(), state, labels...)
-			if err != nil {
+			q.State, q.Labels = state, labels
+			var nodes []api.NodeView
+			total := -1
+			if q.Limit > 0 {
+				p, err := c.NodesPage(cmd.Context(), q)
+				if err != nil {
+					return err
+				}
+				nodes, total = p.Nodes, p.Total
+			} else if nodes, err = c.AllNodes(cmd.Context(), q); err != nil {
 				return err
 			}
 			if r.json() {
@@ -53,10 +67,25 @@ func newNodeCmd(app *cli.App) *cobra.Command {
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", n.Hostname, n.MAC, st, dash(n.Image), hardware(n), labelString(n.Labels))
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if total >= 0 {
+				first := q.Offset + 1
+				if len(nodes) == 0 {
+					first = q.Offset
+				}
+				_, err = fmt.Fprintf(app.Stdout, "(nodes %d-%d of %d)\n", first, q.Offset+len(nodes), total)
+			}
+			return err
 		},
 	}
 	ls.Flags().StringVar(&state, "state", "", "only nodes in this state")
+	ls.Flags().StringVarP(&q.Query, "query", "q", "", "only nodes whose hostname, MAC, image or KEY=VALUE label contains this text")
+	ls.Flags().StringVar(&q.Sort, "sort", "", "order by number, hostname, mac, state, image, hardware, updated or changed")
+	ls.Flags().BoolVar(&q.Desc, "desc", false, "reverse the order")
+	ls.Flags().IntVar(&q.Limit, "limit", 0, "list one page of at most this many nodes (0: every node)")
+	ls.Flags().IntVar(&q.Offset, "offset", 0, "skip this many nodes of the order first")
 	ls.Flags().StringArrayVarP(&labels, "label", "l", nil, "only nodes with this label KEY=VALUE (repeatable)")
 	show := &cobra.Command{
 		Use:   "show MAC|HOSTNAME",
@@ -183,7 +212,8 @@ func resolveNode(cmd *cobra.Command, r *remote, arg string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	nodes, err := c.Nodes(cmd.Context(), "")
+	// The query narrows the listing to hostnames containing arg.
+	nodes, err := c.AllNodes(cmd.Context(), client.NodeQuery{Query: arg})
 	if err != nil {
 		return "", err
 	}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -105,6 +107,40 @@ func macParam(c echo.Context) (string, error) {
 	return m, nil
 }
 
+// Node listings are paged: DefaultPageSize nodes unless ?limit= says
+// otherwise, at most MaxPageSize.
+const (
+	DefaultPageSize = 500
+	MaxPageSize     = 5000
+)
+
+// TotalCountHeader carries the number of nodes a paged listing matches.
+const TotalCountHeader = "X-Total-Count"
+
+// intParam reads a non-negative integer query parameter (def when absent).
+func intParam(c echo.Context, name string, def, maxv int) (int, error) {
+	s := c.QueryParam(name)
+	if s == "" {
+		return def, nil
+	}
+	v, err := strconv.Atoi(s)
+	if err != nil || v < 0 {
+		return 0, badRequest(name, "want a non-negative integer, got %q", s)
+	}
+	if maxv > 0 && v > maxv {
+		return 0, badRequest(name, "at most %d, got %d", maxv, v)
+	}
+	return v, nil
+}
+
+// listNodes answers GET /nodes: a JSON array of one page of nodes, with the
+// number of matching nodes in X-Total-Count and the neighbouring pages in a
+// Link header (rel="next", rel="prev"), as RFC 8288 writes it.
+//
+// Query: state, label (repeated K=V), q (substring of hostname, MAC, image
+// or K=V label), sort (a store.SortKeys column), order (asc|desc), limit
+// (1..MaxPageSize, default DefaultPageSize), offset, inventory (true:
+// full nodes with inventory and log tail).
 func (a *API) listNodes(c echo.Context) error {
 	var f store.NodeFilter
 	if s := c.QueryParam("state"); s != "" {
@@ -120,6 +156,30 @@ func (a *API) listNodes(c echo.Context) error {
 		}
 		f.Labels = m
 	}
+	f.Query = strings.TrimSpace(c.QueryParam("q"))
+	if s := c.QueryParam("sort"); s != "" {
+		if !slices.Contains(store.SortKeys(), s) {
+			return badRequest("sort", "want one of %s, got %q", strings.Join(store.SortKeys(), ", "), s)
+		}
+		f.Sort = s
+	}
+	switch c.QueryParam("order") {
+	case "", "asc":
+	case "desc":
+		f.Desc = true
+	default:
+		return badRequest("order", "want asc or desc, got %q", c.QueryParam("order"))
+	}
+	var err error
+	if f.Limit, err = intParam(c, "limit", DefaultPageSize, MaxPageSize); err != nil {
+		return err
+	}
+	if f.Limit == 0 {
+		return badRequest("limit", "must be at least 1")
+	}
+	if f.Offset, err = intParam(c, "offset", 0, 0); err != nil {
+		return err
+	}
 	switch c.QueryParam("inventory") {
 	case "", "false", "0":
 		f.Brief = true
@@ -128,9 +188,17 @@ func (a *API) listNodes(c echo.Context) error {
 		return badRequest("inventory", "want true or false, got %q", c.QueryParam("inventory"))
 	}
 	var nodes []*deploy.Node
+	var total int
 	if err := a.st.View(c.Request().Context(), func(tx store.Tx) error {
 		var err error
-		nodes, err = tx.Nodes(f)
+		if nodes, err = tx.Nodes(f); err != nil {
+			return err
+		}
+		if f.Offset == 0 && len(nodes) < f.Limit {
+			total = len(nodes) // the whole listing fits this page
+			return nil
+		}
+		total, err = tx.CountMatching(f)
 		return err
 	}); err != nil {
 		return err
@@ -139,7 +207,30 @@ func (a *API) listNodes(c echo.Context) error {
 	for _, n := range nodes {
 		out = append(out, a.nodeView(n))
 	}
+	h := c.Response().Header()
+	h.Set(TotalCountHeader, strconv.Itoa(total))
+	if l := pageLinks(c.Request().URL, f.Offset, f.Limit, total); l != "" {
+		h.Set("Link", l)
+	}
 	return c.JSON(http.StatusOK, out)
+}
+
+// pageLinks renders the Link header of a page at offset of size limit.
+func pageLinks(u *url.URL, offset, limit, total int) string {
+	link := func(off int, rel string) string {
+		q := u.Query()
+		q.Set("offset", strconv.Itoa(off))
+		q.Set("limit", strconv.Itoa(limit))
+		return "<" + u.Path + "?" + q.Encode() + `>; rel="` + rel + `"`
+	}
+	var parts []string
+	if offset+limit < total {
+		parts = append(parts, link(offset+limit, "next"))
+	}
+	if offset > 0 {
+		parts = append(parts, link(max(offset-limit, 0), "prev"))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func (a *API) addNode(c echo.Context) error {
@@ -189,7 +280,7 @@ func (a *API) addNode(c echo.Context) error {
 }
 
 func (a *API) hostnameFree(tx store.Tx, host, mac string) error {
-	nodes, err := tx.Nodes(store.NodeFilter{})
+	nodes, err := tx.Nodes(store.NodeFilter{Query: host, Brief: true})
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/esir-project/esir/server/agentapi"
 	"github.com/esir-project/esir/server/api"
 	"github.com/esir-project/esir/server/auth"
+	"github.com/esir-project/esir/server/client"
 	"github.com/esir-project/esir/server/deploy"
 	"github.com/esir-project/esir/server/fleet"
 	"github.com/esir-project/esir/server/rollout"
@@ -562,4 +563,75 @@ func BenchmarkAgentLoad(b *testing.B) {
 			e.step()
 		}
 	})
+}
+
+func TestNodeListPages(t *testing.T) {
+	e := newEnv(t, true)
+	for i := 1; i <= 7; i++ {
+		e.admin_("POST", "/api/v1/nodes", api.AddNodeRequest{MAC: fleet.MAC(i), Hostname: fmt.Sprintf("n%d", 8-i),
+			Labels: map[string]string{"rack": fmt.Sprint(i % 2)}}, 201)
+	}
+	get := func(query string) ([]int, string, string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", e.url+"/api/v1/nodes"+query, nil)
+		req.Header.Set("Authorization", "Bearer "+e.admin)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != 200 {
+			b, _ := io.ReadAll(resp.Body)
+			t.Fatalf("GET %s: %d %s", query, resp.StatusCode, b)
+		}
+		var list []api.NodeView
+		if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+			t.Fatal(err)
+		}
+		var nums []int
+		for _, n := range list {
+			nums = append(nums, n.Number)
+		}
+		return nums, resp.Header.Get(api.TotalCountHeader), resp.Header.Get("Link")
+	}
+	tests := []struct {
+		query, nums, total, link string
+	}{
+		{"", "[1 2 3 4 5 6 7]", "7", ""},
+		{"?limit=3", "[1 2 3]", "7", `</api/v1/nodes?limit=3&offset=3>; rel="next"`},
+		{"?limit=3&offset=3", "[4 5 6]", "7", `</api/v1/nodes?limit=3&offset=6>; rel="next", </api/v1/nodes?limit=3&offset=0>; rel="prev"`},
+		{"?limit=3&offset=6", "[7]", "7", `</api/v1/nodes?limit=3&offset=3>; rel="prev"`},
+		{"?limit=3&offset=9", "[]", "7", `</api/v1/nodes?limit=3&offset=6>; rel="prev"`},
+		{"?sort=hostname&limit=2", "[7 6]", "7", `</api/v1/nodes?limit=2&offset=2&sort=hostname>; rel="next"`},
+		{"?order=desc&limit=2&label=rack=1", "[7 5]", "4", `</api/v1/nodes?label=rack%3D1&limit=2&offset=2&order=desc>; rel="next"`},
+		{"?q=N3", "[5]", "1", ""},
+		{"?q=rack=0&sort=mac&order=desc", "[6 4 2]", "3", ""},
+	}
+	for _, tt := range tests {
+		nums, total, link := get(tt.query)
+		if fmt.Sprint(nums) != tt.nums && !(tt.nums == "[]" && nums == nil) || total != tt.total || link != tt.link {
+			t.Errorf("GET %s: nodes %v total %s link %q; want %s, %s, %q", tt.query, nums, total, link, tt.nums, tt.total, tt.link)
+		}
+	}
+	for q, field := range map[string]string{"?limit=0": "limit", "?limit=-1": "limit", "?limit=x": "limit", "?limit=5001": "limit",
+		"?offset=-3": "offset", "?sort=colour": "sort", "?order=up": "order"} {
+		wantMsg(t, e.admin_("GET", "/api/v1/nodes"+q, nil, 400), field)
+	}
+	// The client pages through: every node once, in order, with small pages.
+	c := &client.Client{Server: e.url, Token: e.admin}
+	all, err := c.AllNodes(context.Background(), client.NodeQuery{Limit: 2, Sort: "hostname", Desc: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nums []int
+	for _, n := range all {
+		nums = append(nums, n.Number)
+	}
+	if fmt.Sprint(nums) != "[1 2 3 4 5 6 7]" {
+		t.Fatalf("AllNodes by hostname descending in pages of 2: %v", nums)
+	}
+	p, err := c.NodesPage(context.Background(), client.NodeQuery{Limit: 2, Offset: 2, Labels: []string{"rack=0"}})
+	if err != nil || p.Total != 3 || len(p.Nodes) != 1 || p.Nodes[0].Number != 6 {
+		t.Fatalf("NodesPage: %+v, %v", p, err)
+	}
 }

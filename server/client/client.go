@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/esir-project/esir/server/agentapi"
@@ -60,21 +61,27 @@ func ReadSettings(path string) (Settings, error) {
 // Do sends a request to path (under /api/v1) and decodes the JSON answer
 // into out (when not nil). Non-2xx answers are *agentapi.StatusError.
 func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
+	_, err := c.do(ctx, method, path, in, out)
+	return err
+}
+
+// do is Do that also returns the answer's headers.
+func (c *Client) do(ctx context.Context, method, path string, in, out any) (http.Header, error) {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return fmt.Errorf("%s %s: encode: %w", method, path, err)
+			return nil, fmt.Errorf("%s %s: encode: %w", method, path, err)
 		}
 		body = bytes.NewReader(b)
 	}
 	if c.Server == "" {
-		return fmt.Errorf("no server: give --server, ESIR_SERVER or server: in the config file")
+		return nil, fmt.Errorf("no server: give --server, ESIR_SERVER or server: in the config file")
 	}
 	u := strings.TrimRight(c.Server, "/") + api.Prefix + path
 	req, err := http.NewRequestWithContext(ctx, method, u, body)
 	if err != nil {
-		return fmt.Errorf("%s %s: %w", method, u, err)
+		return nil, fmt.Errorf("%s %s: %w", method, u, err)
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -88,43 +95,125 @@ func (c *Client) Do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return fmt.Errorf("%s %s: %w", method, u, err)
+		return nil, fmt.Errorf("%s %s: %w", method, u, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return fmt.Errorf("%s %s: read answer: %w", method, u, err)
+		return nil, fmt.Errorf("%s %s: read answer: %w", method, u, err)
 	}
 	if resp.StatusCode/100 != 2 {
 		var e agentapi.Error
 		if json.Unmarshal(data, &e) != nil || e.Message == "" {
 			e.Message = strings.TrimSpace(string(data))
 		}
-		return &agentapi.StatusError{Status: resp.StatusCode, Message: e.Message}
+		return nil, &agentapi.StatusError{Status: resp.StatusCode, Message: e.Message}
 	}
 	if out != nil && len(data) > 0 {
 		if err := json.Unmarshal(data, out); err != nil {
-			return fmt.Errorf("%s %s: decode answer: %w", method, u, err)
+			return nil, fmt.Errorf("%s %s: decode answer: %w", method, u, err)
 		}
 	}
-	return nil
+	return resp.Header, nil
 }
 
-// Nodes lists nodes, optionally by state and labels ("k=v").
-func (c *Client) Nodes(ctx context.Context, state string, labels ...string) ([]api.NodeView, error) {
-	q := url.Values{}
-	if state != "" {
-		q.Set("state", state)
+// NodeQuery selects nodes for a listing; zero fields do not filter.
+type NodeQuery struct {
+	State  string
+	Labels []string // "k=v"
+	// Query is a substring of the hostname, MAC, image or a "k=v" label.
+	Query string
+	// Sort is a column (number, hostname, mac, state, image, hardware,
+	// updated, changed); Desc reverses it.
+	Sort string
+	Desc bool
+	// Limit is the page size (0: the server's default); Offset the first
+	// node of the page.
+	Limit, Offset int
+	// Inventory asks for full nodes (inventory and log tail).
+	Inventory bool
+}
+
+func (q NodeQuery) values() url.Values {
+	v := url.Values{}
+	if q.State != "" {
+		v.Set("state", q.State)
 	}
-	for _, l := range labels {
-		q.Add("label", l)
+	for _, l := range q.Labels {
+		v.Add("label", l)
 	}
+	if q.Query != "" {
+		v.Set("q", q.Query)
+	}
+	if q.Sort != "" {
+		v.Set("sort", q.Sort)
+	}
+	if q.Desc {
+		v.Set("order", "desc")
+	}
+	if q.Limit > 0 {
+		v.Set("limit", strconv.Itoa(q.Limit))
+	}
+	if q.Offset > 0 {
+		v.Set("offset", strconv.Itoa(q.Offset))
+	}
+	if q.Inventory {
+		v.Set("inventory", "true")
+	}
+	return v
+}
+
+// NodePage is one page of a node listing.
+type NodePage struct {
+	Nodes []api.NodeView
+	// Total is the number of nodes the query matches, over all pages.
+	Total int
+}
+
+// NodesPage fetches one page of nodes.
+func (c *Client) NodesPage(ctx context.Context, q NodeQuery) (NodePage, error) {
 	path := "/nodes"
-	if len(q) > 0 {
-		path += "?" + q.Encode()
+	if v := q.values(); len(v) > 0 {
+		path += "?" + v.Encode()
 	}
+	var p NodePage
+	h, err := c.do(ctx, http.MethodGet, path, nil, &p.Nodes)
+	if err != nil {
+		return p, err
+	}
+	p.Total = len(p.Nodes) + q.Offset
+	if t := h.Get(api.TotalCountHeader); t != "" {
+		if p.Total, err = strconv.Atoi(t); err != nil {
+			return p, fmt.Errorf("GET %s: %s %q: %w", path, api.TotalCountHeader, t, err)
+		}
+	}
+	return p, nil
+}
+
+// AllNodes pages through every node q matches from q.Offset on (q.Limit is
+// the page size). Nodes added or removed meanwhile may shift the pages.
+func (c *Client) AllNodes(ctx context.Context, q NodeQuery) ([]api.NodeView, error) {
 	var out []api.NodeView
-	return out, c.Do(ctx, http.MethodGet, path, nil, &out)
+	for {
+		p, err := c.NodesPage(ctx, q)
+		if err != nil {
+			return nil, err
+		}
+		if out == nil {
+			out = make([]api.NodeView, 0, max(p.Total-q.Offset, len(p.Nodes)))
+		}
+		out = append(out, p.Nodes...)
+		q.Offset += len(p.Nodes)
+		if len(p.Nodes) == 0 || q.Offset >= p.Total {
+			return out, nil
+		}
+	}
+}
+
+// Nodes lists every node, optionally by state and labels ("k=v"), paging
+// through the server's listing.
+func (c *Client) Nodes(ctx context.Context, state string, labels ...string) ([]api.NodeView, error) {
+	return c.AllNodes(ctx, NodeQuery{State: state, Labels: labels})
 }
 
 // Node shows one node with its events.

@@ -95,7 +95,8 @@ func (s *Scheduler) Create(ctx context.Context, spec deploy.Spec) (*deploy.Rollo
 	now := s.now().UTC()
 	var r *deploy.Rollout
 	err = s.st.Update(ctx, func(tx store.Tx) error {
-		nodes, err := tx.Nodes(store.NodeFilter{})
+		// Selectors match names and labels: brief rows carry both.
+		nodes, err := tx.Nodes(store.NodeFilter{Brief: true})
 		if err != nil {
 			return err
 		}
