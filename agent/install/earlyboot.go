@@ -81,6 +81,9 @@ func (r *run) earlyBoot() (string, error) {
 	}
 	r.kernel = k
 	r.res.Kernel = k.version
+	// The bootloader's preparation needs only the kernel: it runs while
+	// the initramfs is built.
+	r.startBootPrep()
 	tree, err := modules.Open(r.inRoot(k.modules), modules.Options{})
 	if err != nil {
 		return "", err
@@ -107,6 +110,7 @@ func (r *run) earlyBoot() (string, error) {
 	if err := modules.AddToInitramfs(a, tree, plan); err != nil {
 		return "", err
 	}
+	<-r.prep.extlinux
 	// The list also goes into the root, where the installed system (and an
 	// administrator) can see which modules this node boots with.
 	if err := r.writeFile("/etc/esir/boot-modules", plan.ModuleList(true), 0o644); err != nil {

@@ -201,6 +201,9 @@ func Run(ctx context.Context, img Image, asg *agentapi.Assignment, opts Options)
 	}
 	r := &run{ctx: ctx, img: img, asg: asg, opts: opts, res: &Result{}}
 	err := r.all()
+	if perr := r.closeBootPrep(); perr != nil && err == nil {
+		err = &StepError{Step: StepBootloader, Device: r.disk.Path, Err: perr}
+	}
 	if r.mnt != "" {
 		if uerr := unmount(r.mnt); uerr != nil && err == nil {
 			err = &StepError{Step: StepSync, Device: r.rootDev, Err: uerr}
@@ -225,6 +228,7 @@ type run struct {
 	rootDev string // root partition's device
 	mnt     string // where root is mounted
 	kernel  kernelFiles
+	prep    *bootPrep // the bootloader's preparation, started by earlyboot
 }
 
 func (r *run) report(e Event) {
@@ -332,6 +336,11 @@ func (r *run) unpack() (string, error) {
 		return "", fmt.Errorf("mount %s on %s: %w", r.rootDev, mnt, err)
 	}
 	r.mnt = mnt
+	fl, err := startFlusher(mnt, flushEvery)
+	if err != nil {
+		return "", err
+	}
+	defer fl.Stop()
 	rc, err := r.img.Open(r.ctx)
 	if err != nil {
 		return "", fmt.Errorf("open image %s: %w", r.img.Ref, err)
@@ -354,8 +363,16 @@ func (r *run) unpack() (string, error) {
 	if got := hex.EncodeToString(h.Sum(nil)); r.img.SHA256 != "" && !strings.EqualFold(got, r.img.SHA256) {
 		return "", fmt.Errorf("image %s: digest mismatch: archive sha256 %s, the manifest says %s", r.img.Ref, got, r.img.SHA256)
 	}
-	return fmt.Sprintf("%d entries, %d bytes of files from %d archive bytes", st.Entries, st.Bytes, cr.n), nil
+	flushes, err := fl.Stop()
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d entries, %d bytes of files from %d archive bytes, written back in %d flushes while unpacking",
+		st.Entries, st.Bytes, cr.n, flushes), nil
 }
+
+// flushEvery is how often the unpack writes the root's dirty data back.
+const flushEvery = 500 * time.Millisecond
 
 // countReader counts the archive bytes read and reports progress.
 type countReader struct {

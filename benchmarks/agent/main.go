@@ -35,6 +35,7 @@ import (
 	"github.com/esir-project/esir/server/agentapi"
 	"github.com/esir-project/esir/swarm"
 	"github.com/esir-project/esir/vm"
+	"golang.org/x/sys/unix"
 )
 
 type result struct {
@@ -151,9 +152,22 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	defer hs.Close()
 	server := "http://" + ln.Addr().String()
 
+	// Downloads go to a tmpfs, as on a node, whose netboot environment
+	// keeps the archive in RAM: a sync during the install (extlinux calls
+	// sync()) must not write the downloaded archive to the host's disk.
+	ram := filepath.Join(work, "ram")
+	if err := os.Mkdir(ram, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount("tmpfs", ram, "tmpfs", 0, fmt.Sprintf("size=%d", 2*m.CompressedSize+64<<20)); err != nil {
+		return fmt.Errorf("mount tmpfs for downloads on %s: %w", ram, err)
+	}
+	defer unix.Unmount(ram, unix.MNT_DETACH)
+
 	res := result{Image: m.Ref(), ArchiveBytes: m.CompressedSize, UncompressedSize: m.UncompressedSize, RateMbit: rateMbit, Runs: runs, Target: 1.15}
 	for i := 0; i < runs; i++ {
-		d, err := downloadOnly(ctx, server, m.Ref(), filepath.Join(work, fmt.Sprintf("dl%d", i)), log, trace)
+		d, err := downloadOnly(ctx, server, m.Ref(), filepath.Join(ram, fmt.Sprintf("dl%d", i)), log, trace)
+		os.RemoveAll(filepath.Join(ram, fmt.Sprintf("dl%d", i)))
 		if err != nil {
 			return fmt.Errorf("download alone: %w", err)
 		}
@@ -169,7 +183,7 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 		var node *swarm.Node
 		stream := install.ImageFromStore(&m, "")
 		stream.Open = func(ctx context.Context) (io.ReadCloser, error) {
-			n, dl, err := startFetch(ctx, server, m.Ref(), filepath.Join(work, fmt.Sprintf("st%d", i)), log)
+			n, dl, err := startFetch(ctx, server, m.Ref(), filepath.Join(ram, fmt.Sprintf("st%d", i)), log)
 			if err != nil {
 				return nil, err
 			}
@@ -180,6 +194,7 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 		if node != nil {
 			node.Close()
 		}
+		os.RemoveAll(filepath.Join(ram, fmt.Sprintf("st%d", i)))
 		if err != nil {
 			return fmt.Errorf("streaming install: %w", err)
 		}
