@@ -6,7 +6,7 @@
 // (d) udpcast reliable multicast, against (e) the bound F/B of one link.
 // It prints a table per N, writes --json and a PNG plot of time against N.
 //
-// Run as root: go run ./benchmarks/swarm --n 8,16,32 --rate 20 --size 32
+// Run as root: go run ./benchmarks/swarm --n 8,16,32 --rate 10 --size 12
 package main
 
 import (
@@ -51,9 +51,12 @@ type method struct {
 	DelayMaxMs  float64 `json:"piece_info_delay_max_ms"`
 	DelayEvents int     `json:"piece_info_events"`
 	HoldP99Ms   float64 `json:"sender_hold_p99_ms"`
-	HostCPU     float64 `json:"host_cpu_pct"`
-	OwnCPUSec   float64 `json:"own_cpu_s"`
-	HostBound   bool    `json:"host_bound"`
+	// EmitP99Ms is the worst node's p99 from a piece's completion to the
+	// library writing its HAVE (the sender library's share of the delay).
+	EmitP99Ms float64 `json:"sender_emit_p99_ms"`
+	HostCPU   float64 `json:"host_cpu_pct"`
+	OwnCPUSec float64 `json:"own_cpu_s"`
+	HostBound bool    `json:"host_bound"`
 	// Bottleneck is "host" when the host's CPUs were busy more than 85% of
 	// the run (the links then were not what limited it), else "links".
 	Bottleneck    string  `json:"bottleneck,omitempty"`
@@ -70,25 +73,32 @@ type config struct {
 	timeout  time.Duration
 	// serverConns bounds the server seeder's peer connections (0: default).
 	serverConns int
+	// seeding is the server's seeding policy (initial or full).
+	seeding string
+	// profile, when set, is a directory for a CPU profile of node 0's agent.
+	profile string
 }
 
 func main() {
 	var (
 		nsFlag   = flag.String("n", "8,16,32", "node counts")
-		rateMbit = flag.Float64("rate", 20, "link rate B in Mbit/s (every link, the server's too)")
-		sizeMiB  = flag.Int64("size", 32, "image size in MiB (incompressible)")
+		rateMbit = flag.Float64("rate", 10, "link rate B in Mbit/s (every link, the server's too)")
+		sizeMiB  = flag.Int64("size", 12, "image size in MiB (incompressible)")
 		jsonOut  = flag.String("json", "", "write the results as JSON to this file")
 		pngOut   = flag.String("png", "benchmarks/swarm/time-vs-n.png", "write the plot here (needs gnuplot)")
-		timeout  = flag.Duration("timeout", 5*time.Minute, "hard limit per method and N")
+		timeout  = flag.Duration("timeout", 7*time.Minute, "hard limit per method and N")
 		methods  = flag.String("methods", "adaptive,off,http,udpcast", "methods to run")
 		srvConns = flag.Int("server-conns", 0, "bound the server seeder's peer connections (0: the default)")
+		seeding  = flag.String("seeding", "initial", "server seeding policy: initial (BEP 16 style) or full")
+		profile  = flag.String("profile", "", "write a CPU profile of node 0's agent per ESIR run into this directory")
 	)
 	flag.Parse()
 	if err := netlab.Available(); err != nil {
 		fmt.Fprintln(os.Stderr, "swarm benchmark:", err)
 		os.Exit(2)
 	}
-	cfg := config{rateMbit: *rateMbit, size: *sizeMiB << 20, timeout: *timeout, serverConns: *srvConns}
+	cfg := config{rateMbit: *rateMbit, size: *sizeMiB << 20, timeout: *timeout, serverConns: *srvConns,
+		seeding: *seeding, profile: *profile}
 	for _, s := range strings.Split(*nsFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 || n > 200 {
@@ -335,7 +345,7 @@ func waitFiles(ctx context.Context, start time.Time, paths []string) ([]float64,
 func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *method) ([]float64, error) {
 	srv := lb.server.Command(ctx, filepath.Join(cfg.bin, "esir"), "swarm", "serve", "--store", filepath.Join(cfg.work, "store"),
 		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--have-mode", mode, "--log-level", "warn",
-		"--max-conns", strconv.Itoa(cfg.serverConns))
+		"--max-conns", strconv.Itoa(cfg.serverConns), "--seeding", cfg.seeding)
 	srvLog, _ := os.Create(filepath.Join(dir, "server.log"))
 	srv.Stderr = srvLog
 	if err := srv.Start(); err != nil {
@@ -355,6 +365,10 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			"--image", "bench:1", "--out", filepath.Join(dir, fmt.Sprintf("out%d", i)), "--listen", h.IP().String()+":6881",
 			"--have-mode", mode, "--seed-for", "0", "--progress", "none", "--result", res, "--log-level", "warn",
 			"--webseed-after", "-1s")
+		if i == 0 && cfg.profile != "" {
+			os.MkdirAll(cfg.profile, 0o755)
+			a.Args = append(a.Args, "--cpuprofile", filepath.Join(cfg.profile, fmt.Sprintf("%s-%d.pprof", mode, len(lb.nodes))))
+		}
 		lg, _ := os.Create(filepath.Join(dir, fmt.Sprintf("agent%d.log", i)))
 		a.Stderr = lg
 		if err := a.Start(); err != nil {
@@ -402,6 +416,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			perSec[i] += v
 		}
 		p99s = append(p99s, r.Have.HoldP99.Seconds()*1000)
+		m.EmitP99Ms = max(m.EmitP99Ms, r.Have.EmitP99.Seconds()*1000)
 		logs = append(logs, r)
 		for ip, v := range r.From {
 			total += v
@@ -563,8 +578,8 @@ func printTable(n int, rows []method, bound float64, size int64) {
 		}
 		note = strings.TrimSpace(note + " " + r.Err)
 		if strings.HasPrefix(r.Name, "esir") && r.Err == "" {
-			note = fmt.Sprintf("%s; %.0f%% of bytes from peers; delay over %d receiver events, max %.0f ms; sender hold p99 %.1f ms",
-				note, 100*r.FromPeersFrac, r.DelayEvents, r.DelayMaxMs, r.HoldP99Ms)
+			note = fmt.Sprintf("%s; %.0f%% of bytes from peers; delay over %d receiver events, max %.0f ms; sender: completion to library HAVE p99 %.0f ms, hold p99 %.1f ms",
+				note, 100*r.FromPeersFrac, r.DelayEvents, r.DelayMaxMs, r.EmitP99Ms, r.HoldP99Ms)
 		}
 		cpu := "-"
 		if r.HostCPU > 0 {

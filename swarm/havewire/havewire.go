@@ -22,6 +22,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ExtensionName is the LTEP extension name ESIR peers advertise in their
@@ -143,6 +145,11 @@ type Snapshot struct {
 	HoldP50 time.Duration `json:"hold_p50_ns"`
 	HoldP99 time.Duration `json:"hold_p99_ns"`
 	HoldMax time.Duration `json:"hold_max_ns"`
+	// EmitP50 and EmitP99 are quantiles of the time between a piece's
+	// completion (its hash check passed) and the library writing its HAVE
+	// to a connection: the library's own share of piece-information delay.
+	EmitP50 time.Duration `json:"emit_p50_ns"`
+	EmitP99 time.Duration `json:"emit_p99_ns"`
 	// Window is the current adaptive hold window (0: send at once).
 	Window time.Duration `json:"window_ns"`
 	// Peers lists open connections and the most recently closed ones.
@@ -174,7 +181,8 @@ type Wire struct {
 	perSecond []int64
 	hold      [holdBuckets]int64
 	holdMax   time.Duration
-	seed      *seeder // nil unless initial seeding
+	emitLag   [holdBuckets]int64 // completion to the library's HAVE, 10 ms buckets
+	seed      *seeder            // nil unless initial seeding
 	pieces    pieceLog
 }
 
@@ -291,7 +299,7 @@ func (w *Wire) Snapshot() Snapshot {
 	}
 	s := Snapshot{Mode: w.cfg.Mode.String(), Total: w.closed, PerSecond: append([]int64(nil), w.perSecond...),
 		Window: w.windowLocked(time.Now()), HoldMax: w.holdMax, Peers: append([]PeerCounters(nil), w.gone...)}
-	hold := w.hold
+	hold, lag := w.hold, w.emitLag
 	w.mu.Unlock()
 	for _, c := range conns {
 		pc := c.counters()
@@ -303,6 +311,7 @@ func (w *Wire) Snapshot() Snapshot {
 		s.PeakPerSecond = max(s.PeakPerSecond, v)
 	}
 	s.HoldP50, s.HoldP99 = quantile(hold[:], 0.50), quantile(hold[:], 0.99)
+	s.EmitP50, s.EmitP99 = 100*quantile(lag[:], 0.50), 100*quantile(lag[:], 0.99)
 	return s
 }
 
@@ -374,8 +383,22 @@ const (
 	maxParsedPayload = 1 << 20
 )
 
-// Wrap returns c with HAVE parsing and suppression.
+// notSentLowat bounds the bytes a peer connection's socket holds unsent, so
+// a HAVE written behind piece data waits for little more than what is in
+// flight, not for a send buffer the kernel grew to megabytes.
+const notSentLowat = 16 << 10
+
+// Wrap returns c with HAVE parsing and suppression. On a TCP connection it
+// also keeps the socket's unsent queue short (TCP_NOTSENT_LOWAT), so piece
+// information is not stuck behind seconds of queued piece data.
 func (w *Wire) Wrap(c net.Conn) *Conn {
+	if tc, ok := c.(*net.TCPConn); ok {
+		if rc, err := tc.SyscallConn(); err == nil {
+			rc.Control(func(fd uintptr) {
+				unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
+			})
+		}
+	}
 	x := &Conn{Conn: c, w: w}
 	x.remote = c.RemoteAddr().String()
 	w.register(x)
@@ -570,6 +593,9 @@ func (c *Conn) outbound(ev event) bool {
 	esir, unparsable := c.esir, c.unparsable
 	c.mu.Unlock()
 	win := c.w.pieceEmitted(now, ih, ev.index)
+	if at, ok := c.w.pieces.completedAt(ih, ev.index); ok {
+		c.w.emitted(now.Sub(at))
+	}
 	mode := c.w.cfg.Mode
 	if mode != Off && redundant && !unparsable {
 		c.mu.Lock()

@@ -106,3 +106,18 @@ func (w *Wire) PieceLog() PieceLog {
 	}
 	return out
 }
+
+func (l *pieceLog) completedAt(ih [20]byte, piece uint32) (time.Time, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	at, ok := l.completed[ih][piece]
+	return time.Unix(0, at), ok
+}
+
+// emitted records the lag from a piece's completion to a HAVE for it.
+func (w *Wire) emitted(lag time.Duration) {
+	b := min(max(int(lag/(100*holdBucket)), 0), holdBuckets-1)
+	w.mu.Lock()
+	w.emitLag[b]++
+	w.mu.Unlock()
+}
