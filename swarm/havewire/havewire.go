@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"math/bits"
 	"net"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -431,6 +432,9 @@ type Conn struct {
 	closeOnce   sync.Once
 	unparsable  bool
 	sawHaves    bool      // the remote sent a HAVE-related message already
+	openSent    bool      // the library sent its opening BITFIELD / HAVE ALL / HAVE NONE / first HAVE
+	early       bitset    // pieces announced at completion, before the library's HAVE
+	pending     []uint32  // completed pieces to announce at the next message boundary
 	remoteSeeds bool      // the remote is an ESIR initial seeder: it needs every HAVE
 	seed        seedState // initial seeding (when the Wire seeds)
 }
@@ -524,30 +528,35 @@ func (c *Conn) Write(p []byte) (int, error) {
 	if c.wErr != nil {
 		return 0, c.wErr
 	}
-	var out [][]byte
+	// Each segment notes whether a message ends with it: early HAVEs (see
+	// earlyHaves) may go out there, ahead of piece data still queued.
+	type segment struct {
+		b        []byte
+		boundary bool
+	}
+	var out []segment
 	c.wr.split(p, func(seg []byte, ev *event) {
-		if ev == nil {
-			out = append(out, seg)
-			return
+		switch {
+		case ev == nil:
+		case c.w.seed != nil && c.seedRewriteOK(&seg, *ev):
+		case ev.kind == evPayload:
+		case !c.outbound(*ev):
+			seg = nil
 		}
-		if c.w.seed != nil {
-			if s, ok := c.seedRewrite(seg, *ev); ok {
-				out = append(out, s)
-				return
+		out = append(out, segment{seg, c.wr.atBoundary()})
+	})
+	for _, s := range out {
+		if len(s.b) > 0 {
+			if _, err := c.Conn.Write(s.b); err != nil {
+				c.wErr = err
+				return 0, err
 			}
 		}
-		if ev.kind == evPayload {
-			out = append(out, seg)
-			return
-		}
-		if c.outbound(*ev) {
-			out = append(out, seg)
-		}
-	})
-	for _, seg := range out {
-		if _, err := c.Conn.Write(seg); err != nil {
-			c.wErr = err
-			return 0, err
+		if s.boundary {
+			if err := c.flushEarly(); err != nil {
+				c.wErr = err
+				return 0, err
+			}
 		}
 	}
 	return len(p), nil
@@ -574,17 +583,41 @@ func (c *Conn) outbound(ev event) bool {
 	case msgBitfield:
 		c.mu.Lock()
 		c.local.setBytes(ev.payload)
+		c.openSent = true
 		c.mu.Unlock()
 		return true
 	case msgHaveAll:
 		c.mu.Lock()
 		c.localAll = true
+		c.openSent = true
+		c.mu.Unlock()
+		return true
+	case msgHaveNone:
+		c.mu.Lock()
+		c.openSent = true
 		c.mu.Unlock()
 		return true
 	case msgHave:
 	default:
 		return true
 	}
+	c.mu.Lock()
+	c.openSent = true
+	if c.early.has(ev.index) {
+		// Havewire announced it already, at the piece's completion.
+		c.early.clear(ev.index)
+		c.mu.Unlock()
+		return false
+	}
+	c.pending = slices.DeleteFunc(c.pending, func(p uint32) bool { return p == ev.index })
+	c.mu.Unlock()
+	return c.announce(ev.index)
+}
+
+// announce applies the mode to a HAVE for piece and reports whether to put
+// it on the wire now. The caller holds wmu.
+func (c *Conn) announce(piece uint32) bool {
+	ev := event{kind: evMessage, id: msgHave, index: piece}
 	now := time.Now()
 	c.mu.Lock()
 	c.counts.Emitted++

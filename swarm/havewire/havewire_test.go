@@ -392,3 +392,43 @@ func TestPieceLog(t *testing.T) {
 		t.Errorf("completion of piece 3 not logged: %v", l.Completed)
 	}
 }
+
+// TestEarlyHave checks that a completed piece is announced at once (not
+// behind what the library queued), that the library's own HAVE for it is
+// then dropped, and that off mode leaves HAVEs to the library.
+func TestEarlyHave(t *testing.T) {
+	for _, tt := range []struct {
+		mode      Mode
+		wantEarly bool
+	}{{Redundant, true}, {Adaptive, true}, {Off, false}} {
+		t.Run(tt.mode.String(), func(t *testing.T) {
+			w := New(Config{Mode: tt.mode, Pieces: func([20]byte) int { return 8 }})
+			p := newPair(t, w)
+			p.remoteSends(t, append(handshake(1), msg(msgHaveNone)...))
+			if _, err := p.c.Write(append(handshake(1), msg(msgHaveNone)...)); err != nil {
+				t.Fatal(err)
+			}
+			var ih [20]byte
+			for i := range ih {
+				ih[i] = 1
+			}
+			w.PieceCompleted(ih, 2)
+			time.Sleep(20 * time.Millisecond)
+			early := len(p.received()) > 68+5
+			if early != tt.wantEarly {
+				t.Fatalf("HAVE on the wire before the library wrote it: %v, want %v", early, tt.wantEarly)
+			}
+			if _, err := p.c.Write(have(2)); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(20 * time.Millisecond)
+			fs := frames(t, p.received()[68:])
+			if len(fs) != 2 || !bytes.Equal(fs[1], have(2)) {
+				t.Errorf("frames %x, want HAVE NONE and one HAVE 2", fs)
+			}
+			if c := p.c.counters().Counters; c.Emitted != 1 || c.Sent != 1 {
+				t.Errorf("counters %+v, want one emitted and sent", c)
+			}
+		})
+	}
+}

@@ -1,6 +1,7 @@
 package havewire
 
 import (
+	"encoding/binary"
 	"encoding/hex"
 	"net"
 	"sync"
@@ -55,15 +56,18 @@ func (w *Wire) PieceCompleted(infoHash [20]byte, piece uint32) {
 	l := &w.pieces
 	now := time.Now().UnixNano()
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	m := l.completed[infoHash]
 	if m == nil {
 		m = map[uint32]int64{}
 		l.completed[infoHash] = m
 	}
-	if _, ok := m[piece]; !ok {
-		m[piece] = now
+	if _, ok := m[piece]; ok {
+		l.mu.Unlock()
+		return
 	}
+	m[piece] = now
+	l.mu.Unlock()
+	w.earlyHaves(infoHash, piece)
 }
 
 // learned records pieces a remote announced that this node has not
@@ -120,4 +124,67 @@ func (w *Wire) emitted(lag time.Duration) {
 	w.mu.Lock()
 	w.emitLag[b]++
 	w.mu.Unlock()
+}
+
+// earlyHaves announces a just-completed piece on every connection of its
+// torrent at once (unless the mode is Off, which leaves HAVEs to the
+// library): the library queues its HAVE behind the piece data already
+// buffered for each connection, which on a busy link delays piece
+// information by up to seconds. The library's own HAVE is dropped later.
+func (w *Wire) earlyHaves(ih [20]byte, piece uint32) {
+	if w.cfg.Mode == Off {
+		return
+	}
+	w.mu.Lock()
+	conns := make([]*Conn, 0, len(w.conns))
+	for c := range w.conns {
+		conns = append(conns, c)
+	}
+	w.mu.Unlock()
+	for _, c := range conns {
+		c.mu.Lock()
+		ok := c.haveIH && c.infoHash == ih && c.openSent && !c.unparsable
+		if ok {
+			c.pending = append(c.pending, piece)
+		}
+		c.mu.Unlock()
+		if !ok {
+			continue
+		}
+		// A Write in progress sends it at its next message boundary;
+		// otherwise send it now.
+		if c.wmu.TryLock() {
+			if c.wErr == nil && c.wr.atBoundary() {
+				if err := c.flushEarly(); err != nil {
+					c.wErr = err
+				}
+			}
+			c.wmu.Unlock()
+		}
+	}
+}
+
+// flushEarly announces pending completed pieces. The caller holds wmu and
+// the outbound stream is at a message boundary.
+func (c *Conn) flushEarly() error {
+	c.mu.Lock()
+	ps := c.pending
+	c.pending = nil
+	for _, p := range ps {
+		c.early.set(p)
+	}
+	c.mu.Unlock()
+	var msg []byte
+	for _, p := range ps {
+		if c.announce(p) {
+			msg = binary.BigEndian.AppendUint32(msg, 5)
+			msg = append(msg, msgHave)
+			msg = binary.BigEndian.AppendUint32(msg, p)
+		}
+	}
+	if len(msg) == 0 {
+		return nil
+	}
+	_, err := c.Conn.Write(msg)
+	return err
 }

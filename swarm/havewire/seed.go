@@ -93,6 +93,16 @@ func (c *Conn) seedRewrite(seg []byte, ev event) ([]byte, bool) {
 	return nil, false
 }
 
+// seedRewriteOK applies seedRewrite to *seg in place and reports whether
+// it did.
+func (c *Conn) seedRewriteOK(seg *[]byte, ev event) bool {
+	s, ok := c.seedRewrite(*seg, ev)
+	if ok {
+		*seg = s
+	}
+	return ok
+}
+
 func (c *Conn) seedReadied() {
 	c.mu.Lock()
 	c.seed.ready = true
