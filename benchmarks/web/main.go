@@ -32,6 +32,7 @@ import (
 	"github.com/esir-project/esir/imaging"
 	"github.com/esir-project/esir/server"
 	"github.com/esir-project/esir/server/agentapi"
+	"github.com/esir-project/esir/server/api"
 	"github.com/esir-project/esir/server/deploy"
 	"github.com/esir-project/esir/server/store"
 	"github.com/esir-project/esir/web"
@@ -72,6 +73,9 @@ func main() {
 }
 
 func run(nNodes, nAgents, nClients, secs, nReq int, jsonOut string) error {
+	if nNodes > api.MaxPageSize {
+		return fmt.Errorf("--nodes %d: at most %d (the JSON baseline reads every node in one API page)", nNodes, api.MaxPageSize)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	dir, err := os.MkdirTemp("", "esir-bench-web-")
@@ -116,7 +120,7 @@ func run(nNodes, nAgents, nClients, secs, nReq int, jsonOut string) error {
 		{"node list (100/page)", "/ui/nodes"},
 		{"node list, sorted by state, filtered", "/ui/nodes?sort=state&q=rack"},
 		{fmt.Sprintf("node list (all %d rows)", nNodes), fmt.Sprintf("/ui/nodes?per=%d", nNodes)},
-		{"baseline: JSON API GET /api/v1/nodes", "/api/v1/nodes"},
+		{fmt.Sprintf("baseline: JSON API, all %d nodes", nNodes), fmt.Sprintf("/api/v1/nodes?limit=%d", nNodes)},
 	} {
 		r, err := measure(hc, base+p.path, strings.TrimSpace(string(tok)), nReq)
 		if err != nil {
