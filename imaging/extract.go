@@ -57,18 +57,25 @@ var ErrUnsafePath = errors.New("entry would land outside the target root")
 // entry whose parent path goes through a symlink (so a symlink planted by the
 // archive cannot be written through) and hardlinks to outside the root.
 func Extract(ctx context.Context, r io.Reader, root string, opts ExtractOptions) (ExtractStats, error) {
-	// The decoder's concurrent mode decodes blocks ahead in its own
-	// goroutines, overlapping decompression with the file system work.
-	// (Handing its output over in large chunks through a goroutine of our
-	// own cost an extra copy and measured more CPU, not less.)
+	// The decoder runs ahead in its own goroutines and hands its output
+	// over in 1 MiB chunks, so decompression overlaps the file system work
+	// with one handoff per chunk rather than one per 128 KiB zstd block
+	// (measured on 2 cores: rootfs extraction 0.35 s instead of 0.46 s,
+	// and less CPU). The producer owns the decoder and closes it when it
+	// returns.
 	dec, err := zstd.NewReader(r,
-		zstd.WithDecoderConcurrency(min(4, runtime.GOMAXPROCS(0))),
+		zstd.WithDecoderConcurrency(min(2, runtime.GOMAXPROCS(0))),
 		zstd.WithDecoderMaxWindow(1<<30))
 	if err != nil {
 		return ExtractStats{}, fmt.Errorf("extract: zstd decoder: %w", err)
 	}
-	defer dec.Close()
-	return ExtractTar(ctx, dec, root, opts)
+	ra := newReadAhead(1<<20, 4, func(w io.Writer) error {
+		defer dec.Close()
+		_, err := dec.WriteTo(w)
+		return err
+	})
+	defer ra.Close()
+	return ExtractTar(ctx, ra, root, opts)
 }
 
 // ExtractTar is Extract for an uncompressed tar stream.

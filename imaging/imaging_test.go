@@ -1253,3 +1253,85 @@ func TestExtractOwnerAndMode(t *testing.T) {
 		})
 	}
 }
+
+// TestReadAhead: the read-ahead hands over exactly the producer's bytes
+// whatever the chunk and read sizes, passes its error on after the bytes
+// written before it, and stops a producer blocked on a reader that quit.
+func TestReadAhead(t *testing.T) {
+	data := make([]byte, 300_001)
+	rand.Read(data)
+	boom := errors.New("boom")
+	for _, tc := range []struct {
+		name          string
+		chunk, chunks int
+		write, read   int
+		fail          error
+	}{
+		{"small chunks", 1000, 2, 777, 333, nil},
+		{"writes larger than chunks", 4096, 3, 100_000, 5000, nil},
+		{"reads larger than chunks", 4096, 4, 1000, 100_000, nil},
+		{"one chunk", 1 << 20, 1, 64 << 10, 64 << 10, nil},
+		{"exact multiple", 300_001, 2, 300_001, 1 << 20, nil},
+		{"producer error", 1000, 2, 777, 333, boom},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ra := newReadAhead(tc.chunk, tc.chunks, func(w io.Writer) error {
+				for off := 0; off < len(data); off += tc.write {
+					if _, err := w.Write(data[off:min(off+tc.write, len(data))]); err != nil {
+						return err
+					}
+				}
+				return tc.fail
+			})
+			defer ra.Close()
+			var got []byte
+			buf := make([]byte, tc.read)
+			var err error
+			for {
+				var n int
+				n, err = ra.Read(buf)
+				got = append(got, buf[:n]...)
+				if err != nil {
+					break
+				}
+			}
+			want := tc.fail
+			if want == nil {
+				want = io.EOF
+			}
+			if !errors.Is(err, want) {
+				t.Errorf("error %v, want %v", err, want)
+			}
+			if !bytes.Equal(got, data) {
+				t.Errorf("got %d bytes, want the %d written", len(got), len(data))
+			}
+			if n, err := ra.Read(buf); n != 0 || !errors.Is(err, want) {
+				t.Errorf("read after the end: %d, %v", n, err)
+			}
+		})
+	}
+	t.Run("reader quits", func(t *testing.T) {
+		returned := make(chan error, 1)
+		ra := newReadAhead(1000, 2, func(w io.Writer) error {
+			for {
+				if _, err := w.Write(data[:5000]); err != nil {
+					returned <- err
+					return err
+				}
+			}
+		})
+		if _, err := io.ReadFull(ra, make([]byte, 2500)); err != nil {
+			t.Fatal(err)
+		}
+		ra.Close()
+		select {
+		case err := <-returned:
+			if err == nil {
+				t.Error("producer's write succeeded after Close")
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("producer still blocked 10 s after Close")
+		}
+		<-ra.ended
+	})
+}
