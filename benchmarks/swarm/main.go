@@ -57,8 +57,11 @@ type method struct {
 	HostCPU   float64 `json:"host_cpu_pct"`
 	OwnCPUSec float64 `json:"own_cpu_s"`
 	HostBound bool    `json:"host_bound"`
-	// Bottleneck is "host" when the host's CPUs were busy more than 85% of
-	// the run (the links then were not what limited it), else "links".
+	// OwnCPUPct is the method's own processes' CPU time as a share of all
+	// the host's CPUs over the run.
+	OwnCPUPct float64 `json:"own_cpu_pct"`
+	// Bottleneck names what limited the run: the host's CPUs (busy with
+	// this method's processes, or over 85% busy with other work) or the links.
 	Bottleneck    string  `json:"bottleneck,omitempty"`
 	FromPeersFrac float64 `json:"bytes_from_peers_frac"`
 	Err           string  `json:"error,omitempty"`
@@ -297,9 +300,17 @@ func run(ctx context.Context, cfg config, name string, n int, img *swarm.Image, 
 	if t1 > t0 {
 		m.HostCPU = 100 * float64(b1-b0) / float64(t1-t0)
 		m.HostBound = m.HostCPU > 85
-		m.Bottleneck = "links"
-		if m.HostBound {
-			m.Bottleneck = "host"
+		wall := float64(t1-t0) / float64(cpus()) / 100 // jiffies at 100 Hz
+		if wall > 0 {
+			m.OwnCPUPct = 100 * m.OwnCPUSec / (wall * float64(cpus()))
+		}
+		switch {
+		case m.OwnCPUPct > 70:
+			m.Bottleneck = "host (this method's processes)"
+		case m.HostBound:
+			m.Bottleneck = "host (other work on the machine)"
+		default:
+			m.Bottleneck = "links"
 		}
 	}
 	if err != nil {
@@ -573,8 +584,8 @@ func printTable(n int, rows []method, bound float64, size int64) {
 			d50, d99 = fmt.Sprintf("%.1f", r.DelayP50Ms), fmt.Sprintf("%.1f", r.DelayP99Ms)
 		}
 		note := r.Bottleneck
-		if r.HostBound {
-			note = "HOST (CPU busy, other work included; lower --rate)"
+		if r.HostCPU > 0 {
+			note = fmt.Sprintf("%s (own CPU %.0f%% of the host)", note, r.OwnCPUPct)
 		}
 		note = strings.TrimSpace(note + " " + r.Err)
 		if strings.HasPrefix(r.Name, "esir") && r.Err == "" {

@@ -152,14 +152,18 @@ func (w *Wire) earlyHaves(ih [20]byte, piece uint32) {
 			continue
 		}
 		// A Write in progress sends it at its next message boundary;
-		// otherwise send it now.
+		// otherwise send it now, each connection on its own so one full
+		// socket delays no other connection's HAVE (nor the caller, the
+		// library's hasher).
 		if c.wmu.TryLock() {
-			if c.wErr == nil && c.wr.atBoundary() {
-				if err := c.flushEarly(); err != nil {
-					c.wErr = err
+			go func() {
+				defer c.wmu.Unlock()
+				if c.wErr == nil && c.wr.atBoundary() {
+					if err := c.flushEarly(); err != nil {
+						c.wErr = err
+					}
 				}
-			}
-			c.wmu.Unlock()
+			}()
 		}
 	}
 }
