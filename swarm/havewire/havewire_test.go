@@ -279,7 +279,7 @@ func TestInitialSeeding(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 16 },
-				Seed: &SeedConfig{Slots: 2, InFlight: 2, Stale: time.Hour, Every: 5 * time.Millisecond}})
+				Seed: &SeedConfig{Slots: 2, InFlight: 2, Stale: time.Hour, Alone: time.Hour, Every: 5 * time.Millisecond}})
 			var peers []*pair
 			for range 3 {
 				p := newPair(t, w)
@@ -430,5 +430,39 @@ func TestEarlyHave(t *testing.T) {
 				t.Errorf("counters %+v, want one emitted and sent", c)
 			}
 		})
+	}
+}
+
+// TestInitialSeedingLonePeer checks that a downloader alone in the swarm
+// for Alone gets every piece revealed: nobody could take pieces from it, so
+// holding them back would only slow it down.
+func TestInitialSeedingLonePeer(t *testing.T) {
+	w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 16 },
+		Seed: &SeedConfig{Slots: 2, InFlight: 2, Stale: time.Hour, Alone: 50 * time.Millisecond, Every: 5 * time.Millisecond}})
+	p := newPair(t, w)
+	p.remoteSends(t, append(handshake(1), extHandshake(ExtensionName)...))
+	if _, err := p.c.Write(append(handshake(1), msg(msgHaveAll)...)); err != nil {
+		t.Fatal(err)
+	}
+	count := func() int {
+		fs := frames(t, p.received()[68:])
+		n := 0
+		for _, f := range fs[1:] {
+			if f[4] == msgHave {
+				n++
+			}
+		}
+		return n
+	}
+	time.Sleep(20 * time.Millisecond)
+	if n := count(); n > 2 {
+		t.Errorf("%d pieces revealed before the peer was alone for Alone, want at most 2", n)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for count() < 16 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := count(); n != 16 {
+		t.Errorf("lone peer got %d of 16 pieces revealed, want all", n)
 	}
 }

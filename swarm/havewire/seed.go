@@ -26,6 +26,10 @@ type SeedConfig struct {
 	// undistributed pieces stop counting against it (2 s when zero), so the
 	// seeder never stalls on a peer that cannot pass pieces on.
 	Stale time.Duration
+	// Alone is how long a peer must be the only one lacking pieces before
+	// it gets every piece revealed at once (250 ms when zero): nobody could
+	// take pieces from it, so holding them back would only slow it down.
+	Alone time.Duration
 	// Every is the period at which reveals are re-examined besides every
 	// inbound HAVE (50 ms when zero).
 	Every time.Duration
@@ -41,6 +45,9 @@ func (c *SeedConfig) defaults() {
 	if c.Stale <= 0 {
 		c.Stale = 2 * time.Second
 	}
+	if c.Alone <= 0 {
+		c.Alone = 250 * time.Millisecond
+	}
 	if c.Every <= 0 {
 		c.Every = 50 * time.Millisecond
 	}
@@ -50,14 +57,15 @@ func (c *SeedConfig) defaults() {
 // Wire's mu.
 type seeder struct {
 	cfg     SeedConfig
-	given   map[[20]byte][]int32 // how often each piece was revealed
+	given   map[[20]byte][]int32   // how often each piece was revealed
+	lone    map[[20]byte]time.Time // since when one peer alone lacks pieces
 	kick    chan struct{}
 	running bool
 }
 
 func newSeeder(cfg SeedConfig) *seeder {
 	cfg.defaults()
-	return &seeder{cfg: cfg, given: map[[20]byte][]int32{}, kick: make(chan struct{}, 1)}
+	return &seeder{cfg: cfg, given: map[[20]byte][]int32{}, lone: map[[20]byte]time.Time{}, kick: make(chan struct{}, 1)}
 }
 
 // seedState is a connection's part of initial seeding, guarded by Conn.mu.
@@ -206,13 +214,34 @@ func (w *Wire) seedRound(now time.Time) bool {
 			given = make([]int32, n)
 			w.seed.given[ih] = given
 		}
-		copies := make([]int, n)
+		// copies: peers that have each piece; lacking: peers that do not.
+		copies, lacking := make([]int, n), make([]int, n)
+		incomplete := 0
 		for _, v := range views {
 			for i := range n {
 				if v.all || v.has.has(uint32(i)) {
 					copies[i]++
+				} else {
+					lacking[i]++
 				}
 			}
+			if !v.all && v.count < n {
+				incomplete++
+			}
+		}
+		// A lone downloader has nobody to pass pieces on to: holding pieces
+		// back would only slow it, so once it has been alone for Alone it
+		// gets them all.
+		lone := false
+		if incomplete == 1 {
+			since, ok := w.seed.lone[ih]
+			if !ok {
+				since = now
+				w.seed.lone[ih] = now
+			}
+			lone = now.Sub(since) >= cfg.Alone
+		} else {
+			delete(w.seed.lone, ih)
 		}
 		// Peers with the fewest pieces first.
 		slices.SortFunc(views, func(a, b *seedView) int { return a.count - b.count })
@@ -230,8 +259,10 @@ func (w *Wire) seedRound(now time.Time) bool {
 					// Not downloaded yet (a standard peer may not say, so
 					// after Stale it stops counting).
 					inflight[k]++
-				case copies[i] <= 1 && fresh:
-					inflight[k]++ // downloaded, not passed on yet
+				case copies[i] <= 1 && lacking[i] > 0 && fresh:
+					// Downloaded, not passed on yet to the peers that
+					// lack it (none lacking: nothing to wait for).
+					inflight[k]++
 				}
 			}
 			if inflight[k] > 0 {
@@ -239,7 +270,7 @@ func (w *Wire) seedRound(now time.Time) bool {
 			}
 		}
 		for k, v := range views {
-			if v.all || v.count >= n || inflight[k] >= cfg.InFlight {
+			if v.all || v.count >= n || (inflight[k] >= cfg.InFlight && !lone) {
 				continue
 			}
 			if inflight[k] == 0 && served >= cfg.Slots {
@@ -264,7 +295,9 @@ func (w *Wire) seedRound(now time.Time) bool {
 				}
 				return copies[a] - copies[b]
 			})
-			cand = cand[:min(len(cand), cfg.InFlight-inflight[k])]
+			if !lone {
+				cand = cand[:min(len(cand), cfg.InFlight-inflight[k])]
+			}
 			for _, p := range cand {
 				given[p]++
 			}
