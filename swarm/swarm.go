@@ -158,7 +158,8 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Log, torrents: map[metainfo.Hash]*torrent.Torrent{},
 		received: map[string]int64{}, closed: map[string]int{}}
-	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces, Seed: cfg.Seed})
+	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces, Seed: cfg.Seed,
+		UploadRate: cfg.UploadRate})
 
 	tc := torrent.NewDefaultClientConfig()
 	tc.Seed = true
@@ -201,9 +202,6 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		n.mu.Lock()
 		n.closed[ip]++
 		n.mu.Unlock()
-	}
-	if cfg.UploadRate > 0 {
-		tc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.UploadRate), 1<<20)
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {

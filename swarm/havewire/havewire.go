@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 )
 
 // ExtensionName is the LTEP extension name ESIR peers advertise in their
@@ -93,6 +94,13 @@ type Config struct {
 	// Seed, when set, makes this (complete) node an initial seeder; see
 	// SeedConfig. Nil: it advertises every piece it has to every peer.
 	Seed *SeedConfig
+	// UploadRate caps what the node writes to all its peers together, in
+	// bytes per second (0: unlimited). The cap is applied here, as writes
+	// block, rather than by the BitTorrent library's upload limiter: that
+	// one re-arms the library's writer with a timer whose wake-up can be
+	// lost, and a lost wake-up left a peer without data until it gave up
+	// on the connection.
+	UploadRate int64
 }
 
 // Counters are HAVE counts as seen on the wire.
@@ -185,6 +193,7 @@ type Wire struct {
 	emitLag   [holdBuckets]int64 // completion to the library's HAVE, 10 ms buckets
 	seed      *seeder            // nil unless initial seeding
 	pieces    pieceLog
+	limit     *rate.Limiter // nil: upload unlimited
 }
 
 type pieceKey struct {
@@ -204,6 +213,9 @@ func New(cfg Config) *Wire {
 		pieces: newPieceLog()}
 	if cfg.Seed != nil && cfg.Pieces != nil {
 		w.seed = newSeeder(*cfg.Seed)
+	}
+	if cfg.UploadRate > 0 {
+		w.limit = rate.NewLimiter(rate.Limit(cfg.UploadRate), uploadBurst(cfg.UploadRate))
 	}
 	return w
 }
@@ -400,7 +412,7 @@ func (w *Wire) Wrap(c net.Conn) *Conn {
 			})
 		}
 	}
-	x := &Conn{Conn: c, w: w}
+	x := &Conn{Conn: c, w: w, done: make(chan struct{})}
 	x.remote = c.RemoteAddr().String()
 	w.register(x)
 	return x
@@ -431,12 +443,14 @@ type Conn struct {
 	counts      Counters
 	closeOnce   sync.Once
 	unparsable  bool
-	sawHaves    bool      // the remote sent a HAVE-related message already
-	openSent    bool      // the library sent its opening BITFIELD / HAVE ALL / HAVE NONE / first HAVE
-	early       bitset    // pieces announced at completion, before the library's HAVE
-	pending     []uint32  // completed pieces to announce at the next message boundary
-	remoteSeeds bool      // the remote is an ESIR initial seeder: it needs every HAVE
-	seed        seedState // initial seeding (when the Wire seeds)
+	sawHaves    bool          // the remote sent a HAVE-related message already
+	openSent    bool          // the library sent its opening BITFIELD / HAVE ALL / HAVE NONE / first HAVE
+	early       bitset        // pieces announced at completion, before the library's HAVE
+	pending     []uint32      // completed pieces to announce at the next message boundary
+	remoteSeeds bool          // the remote is an ESIR initial seeder: it needs every HAVE
+	seed        seedState     // initial seeding (when the Wire seeds)
+	done        chan struct{} // closed by Close: stops waiting on the upload cap
+	doneOnce    sync.Once
 }
 
 type heldHave struct {
@@ -523,6 +537,9 @@ func advertises(payload []byte, ext string) bool {
 
 // Write parses what the library writes, dropping or holding HAVE frames.
 func (c *Conn) Write(p []byte) (int, error) {
+	if err := c.w.waitUpload(c.done, len(p)); err != nil {
+		return 0, err
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.wErr != nil {
@@ -727,6 +744,7 @@ func (c *Conn) flushLocked() error {
 
 // Close flushes held HAVEs and closes the connection.
 func (c *Conn) Close() error {
+	c.doneOnce.Do(func() { close(c.done) })
 	c.wmu.Lock()
 	if c.timer != nil {
 		c.timer.Stop()
@@ -985,3 +1003,34 @@ func couldBeHave(b []byte) bool {
 }
 
 func isHave(b []byte) bool { return len(b) == 9 && couldBeHave(b) }
+
+// uploadBurst is the upload cap's bucket: a tenth of a second's worth,
+// at least one 16 KiB block and at most 1 MiB, so a capped node sends in
+// short bursts rather than a second's worth at once.
+func uploadBurst(perSecond int64) int {
+	return int(min(max(perSecond/10, 16<<10), 1<<20))
+}
+
+// waitUpload blocks until the upload cap lets n more bytes out, or done is
+// closed (net.ErrClosed). Without a cap it returns at once.
+func (w *Wire) waitUpload(done <-chan struct{}, n int) error {
+	if w.limit == nil {
+		return nil
+	}
+	for n > 0 {
+		k := min(n, w.limit.Burst())
+		r := w.limit.ReserveN(time.Now(), k)
+		if d := r.Delay(); d > 0 {
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-done:
+				t.Stop()
+				r.Cancel()
+				return net.ErrClosed
+			}
+		}
+		n -= k
+	}
+	return nil
+}

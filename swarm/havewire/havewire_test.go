@@ -3,6 +3,7 @@ package havewire
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -464,5 +465,56 @@ func TestInitialSeedingLonePeer(t *testing.T) {
 	}
 	if n := count(); n != 16 {
 		t.Errorf("lone peer got %d of 16 pieces revealed, want all", n)
+	}
+}
+
+// TestUploadCap checks the node-wide upload cap: writes on two connections
+// together do not exceed it, and closing a connection frees a write that
+// waits on the cap.
+func TestUploadCap(t *testing.T) {
+	const perSecond = 256 << 10
+	w := New(Config{Mode: Off, UploadRate: perSecond})
+	a, b := newPair(t, w), newPair(t, w)
+	for _, p := range []*pair{a, b} {
+		p.c.Write(handshake(1))
+	}
+	// A piece message's worth of bytes per write, 512 KiB in all: at 256
+	// KiB/s after a 25.6 KiB burst that takes at least 1.9 s.
+	chunk := msg(7, make([]byte, 8+16<<10)...)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, p := range []*pair{a, b} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 16 {
+				if _, err := p.c.Write(chunk); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if took, least := time.Since(start), 1500*time.Millisecond; took < least {
+		t.Fatalf("512 KiB went out in %v under a %d B/s cap; want at least %v", took, perSecond, least)
+	}
+	if got := len(a.received()) + len(b.received()); got < 2*16*len(chunk) {
+		// net.Pipe writes are synchronous, so everything written was read.
+		t.Fatalf("peers received %d bytes, want %d", got, 2*16*len(chunk))
+	}
+
+	// A write that must wait about 4 s returns as soon as its Conn closes.
+	errc := make(chan error, 1)
+	go func() { _, err := a.c.Write(make([]byte, 1<<20)); errc <- err }()
+	time.Sleep(100 * time.Millisecond)
+	a.c.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("write on a closed capped connection: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("a write waiting on the upload cap did not return when its connection closed")
 	}
 }
