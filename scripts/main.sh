@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 go=$(scripts/setup.sh lab | tail -n 1)
 export CGO_ENABLED=0 GOTOOLCHAIN=auto
 "$go" build -o bin/esir ./cmd/esir
-"$go" build -o bin/esir-agent ./cmd/esir-agent
+"$go" build -trimpath -ldflags="-s -w" -o bin/esir-agent ./cmd/esir-agent
 
 dir=${ESIR_LAB_DIR:-/var/lib/esir-lab}
 bin/esir lab down --dir "$dir"

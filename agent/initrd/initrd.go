@@ -47,10 +47,17 @@ type Config struct {
 	Init       string `json:"init"` // default /sbin/init
 }
 
-// Add puts the early boot into a: agent (the static esir-agent binary) as
-// /init, /dev/console, the mount points and cfg. The modules and their load
-// list come from modules.AddToInitramfs.
-func Add(a *initramfs.Archive, agent string, cfg Config) error {
+// The installer writes the early boot as two concatenated archives, each
+// compressed on its own (the kernel unpacks concatenated archives in
+// order): AddBase's part, which depends only on the agent binary and is
+// built while the image still downloads, then AddConfig's part with cfg,
+// the modules and their load list (modules.AddToInitramfs), which needs
+// the unpacked image.
+
+// AddBase puts the part of the early boot that does not depend on the
+// image into a: agent (the static esir-agent binary) as /init,
+// /dev/console and the mount points.
+func AddBase(a *initramfs.Archive, agent string) error {
 	if err := a.File("init", agent, 0o755); err != nil {
 		return err
 	}
@@ -62,6 +69,11 @@ func Add(a *initramfs.Archive, agent string, cfg Config) error {
 			return err
 		}
 	}
+	return nil
+}
+
+// AddConfig puts cfg into a.
+func AddConfig(a *initramfs.Archive, cfg Config) error {
 	data, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
 		return err

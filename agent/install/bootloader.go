@@ -167,9 +167,14 @@ func (r *run) espInitrd() string { return espKernelDir + "/initrd.img-" + r.kern
 // kernel and loader.conf (systemd-boot reads only FAT). go-diskfs writes
 // it, so no vfat driver is needed here.
 func (r *run) espPrepare(p *bootPrep) error {
-	d, err := diskfs.Open(r.disk.Path, diskfs.WithOpenMode(diskfs.ReadWrite), diskfs.WithSectorSize(512))
+	b, err := openCoalescing(r.disk.Path)
 	if err != nil {
 		return err
+	}
+	d, err := diskfs.OpenBackend(b, diskfs.WithOpenMode(diskfs.ReadWrite), diskfs.WithSectorSize(512))
+	if err != nil {
+		b.Close()
+		return fmt.Errorf("open %s: %w", r.disk.Path, err)
 	}
 	p.esp = d
 	fs, err := d.CreateFilesystem(fsdisk.FilesystemSpec{Partition: espPart, FSType: filesystem.TypeFat32, VolumeLabel: "ESP", Reproducible: true})

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -73,6 +74,45 @@ func digits(s string) int {
 	return i
 }
 
+// earlyBase is the image-independent part of the early-boot initramfs,
+// compressed in the background from the install's start.
+type earlyBase struct {
+	done chan struct{}
+	b    []byte
+	err  error
+}
+
+// startEarlyBase starts compressing the early boot's image-independent
+// part: the agent binary is most of the initramfs's bytes, and it need not
+// wait for the image.
+func (r *run) startEarlyBase() {
+	e := &earlyBase{done: make(chan struct{})}
+	r.base = e
+	go func() {
+		defer close(e.done)
+		if r.opts.Agent == "" {
+			e.err = fmt.Errorf("no esir-agent binary given for the early boot's /init")
+			return
+		}
+		a := initramfs.New()
+		if e.err = initrd.AddBase(a, r.opts.Agent); e.err != nil {
+			return
+		}
+		var buf bytes.Buffer
+		if _, err := a.WriteTo(&buf); err != nil {
+			e.err = fmt.Errorf("early-boot initramfs: %w", err)
+			return
+		}
+		e.b = buf.Bytes()
+	}()
+}
+
+// wait returns the compressed part (its own slice: the caller may append).
+func (e *earlyBase) wait() ([]byte, error) {
+	<-e.done
+	return slices.Clip(e.b), e.err
+}
+
 // earlyBoot writes the node's early-boot initramfs next to the kernel.
 func (r *run) earlyBoot() (string, error) {
 	k, err := findKernel(r.mnt)
@@ -99,12 +139,9 @@ func (r *run) earlyBoot() (string, error) {
 		return "", err
 	}
 	r.res.BootModules = plan.Names()
-	if r.opts.Agent == "" {
-		return "", fmt.Errorf("no esir-agent binary given for the early boot's /init")
-	}
 	a := initramfs.New()
 	cfg := initrd.Config{Kernel: k.version, Root: r.res.RootPartUUID, RootFSType: "ext4", Init: "/sbin/init"}
-	if err := initrd.Add(a, r.opts.Agent, cfg); err != nil {
+	if err := initrd.AddConfig(a, cfg); err != nil {
 		return "", err
 	}
 	if err := modules.AddToInitramfs(a, tree, plan); err != nil {
@@ -116,8 +153,12 @@ func (r *run) earlyBoot() (string, error) {
 	if err := r.writeFile("/etc/esir/boot-modules", plan.ModuleList(true), 0o644); err != nil {
 		return "", err
 	}
-	var buf bytes.Buffer
-	if _, err := a.WriteTo(&buf); err != nil {
+	base, err := r.base.wait()
+	if err != nil {
+		return "", err
+	}
+	buf := bytes.NewBuffer(base)
+	if _, err := a.WriteTo(buf); err != nil {
 		return "", fmt.Errorf("early-boot initramfs: %w", err)
 	}
 	if err := r.writeFile(k.initrd, buf.Bytes(), 0o644); err != nil {

@@ -200,7 +200,9 @@ func Run(ctx context.Context, img Image, asg *agentapi.Assignment, opts Options)
 		opts.Tools = DefaultTools()
 	}
 	r := &run{ctx: ctx, img: img, asg: asg, opts: opts, res: &Result{}}
+	r.startEarlyBase()
 	err := r.all()
+	<-r.base.done
 	if perr := r.closeBootPrep(); perr != nil && err == nil {
 		err = &StepError{Step: StepBootloader, Device: r.disk.Path, Err: perr}
 	}
@@ -228,7 +230,8 @@ type run struct {
 	rootDev string // root partition's device
 	mnt     string // where root is mounted
 	kernel  kernelFiles
-	prep    *bootPrep // the bootloader's preparation, started by earlyboot
+	prep    *bootPrep  // the bootloader's preparation, started by earlyboot
+	base    *earlyBase // the early boot's image-independent part, started with the install
 }
 
 func (r *run) report(e Event) {

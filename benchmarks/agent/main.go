@@ -27,6 +27,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
 	"sort"
@@ -122,11 +123,13 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	os.RemoveAll(tree)
 	m := img.Manifest
 
-	// The agent binary the install puts on the disk: this program stands in
-	// for its bytes (the install copies whatever file it is given).
-	agentBin, err := os.Executable()
-	if err != nil {
-		return err
+	// The agent binary the install puts on the disk and into the early
+	// boot, built as releases build it (static, stripped).
+	agentBin := filepath.Join(work, "esir-agent")
+	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", agentBin, "./cmd/esir-agent")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build ./cmd/esir-agent (run from the repository root): %w\n%s", err, out)
 	}
 	devs, err := modules.ReadDevices("/sys")
 	if err != nil {

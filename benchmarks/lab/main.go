@@ -110,7 +110,7 @@ func run(ctx context.Context, sizeList, png, jsonOut, dir, agentBin, shot string
 		agent, builds = agentBin, builds[:1]
 	}
 	for _, b := range builds {
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", b[0], b[1])
+		cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", b[0], b[1])
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("go build %s (run from the repository root): %w\n%s", b[1], err, out)

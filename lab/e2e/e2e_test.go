@@ -34,7 +34,7 @@ func buildBinaries(t *testing.T, dir string) (esir, agent string) {
 	}
 	esir, agent = filepath.Join(dir, "esir"), filepath.Join(dir, "esir-agent")
 	for _, b := range [][2]string{{esir, "./cmd/esir"}, {agent, "./cmd/esir-agent"}} {
-		cmd := exec.Command("go", "build", "-o", b[0], b[1])
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", b[0], b[1])
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
