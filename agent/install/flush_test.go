@@ -78,10 +78,19 @@ func TestWriteFAT(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
 	tbl := &gpt.Table{LogicalSectorSize: 512, PhysicalSectorSize: 512, ProtectiveMBR: true,
 		Partitions: []*gpt.Partition{{Index: 1, Start: 2048, End: 2048 + 64<<11 - 1, Type: gpt.EFISystemPartition, Name: "ESP"}}}
 	if err := d.Partition(tbl); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	// Through the installer's write-merging backend, as espPrepare does.
+	b, err := openCoalescing(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err = diskfs.OpenBackend(b, diskfs.WithOpenMode(diskfs.ReadWrite), diskfs.WithSectorSize(512))
+	if err != nil {
 		t.Fatal(err)
 	}
 	fs, err := d.CreateFilesystem(fsdisk.FilesystemSpec{Partition: 1, FSType: filesystem.TypeFat32, VolumeLabel: "ESP"})
@@ -124,5 +133,27 @@ func TestWriteFAT(t *testing.T) {
 		if !bytes.Equal(got.Bytes(), want) {
 			t.Errorf("%s: read back %d bytes, wrote %d (equal prefix: %v)", f.name, got.Len(), len(want), bytes.HasPrefix(want, got.Bytes()))
 		}
+	}
+	// What was merged reached the file: reopened without the backend,
+	// the last file written reads back whole.
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d, err = diskfs.Open(img, diskfs.WithOpenMode(diskfs.ReadOnly))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	fs2, err := d.GetFilesystem(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := fs2.OpenFile("/esir/vmlinuz-6.1", os.O_RDONLY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	if _, err := got.ReadFrom(r); err != nil || !bytes.Equal(got.Bytes(), big) {
+		t.Errorf("reopened: /esir/vmlinuz-6.1 read back %d bytes (%v), want the %d written", got.Len(), err, len(big))
 	}
 }
