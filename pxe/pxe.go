@@ -72,6 +72,13 @@ const (
 	LocalDisk
 )
 
+// LocalDiskFile is the boot file UEFI HTTP boot offers name for a node that
+// boots its local disk. No such file is served: the firmware's HTTP boot
+// attempt ends with a 404 at once, where an offer without a boot URI would
+// keep it asking through its DHCP retries (60 s in EDK2), and the firmware
+// goes on to the disk. (Firmware PXE gets iPXE, whose script says exit.)
+const LocalDiskFile = "esir-boots-local-disk"
+
 // String returns the action's name as used in files and logs.
 func (a Action) String() string {
 	switch a {

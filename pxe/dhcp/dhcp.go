@@ -129,7 +129,7 @@ type Stats struct {
 	RateLimited                             int64
 	PolicyErrors                            int64
 	SendErrors                              int64
-	LocalHTTPBoot                           int64 // HTTP boot attempts of local-disk nodes, left unanswered
+	LocalHTTPBoot                           int64 // HTTP boot attempts of local-disk nodes, offered pxe.LocalDiskFile
 }
 
 type counters struct {
@@ -569,13 +569,14 @@ func (s *Server) boot(ctx context.Context, req *dhcpv4.DHCPv4) (bootInfo, bool) 
 		return bootInfo{}, false
 	}
 	if d.Action == pxe.LocalDisk && fw == pxe.FirmwareUEFIHTTP && !ipxe {
-		// UEFI firmware tries HTTP boot after PXE (or instead of it). A
-		// node that boots its disk gets an address but no boot file (in
-		// proxy mode: no answer), so the firmware moves straight on to the
-		// disk instead of loading iPXE only to hear `exit` again.
+		// UEFI firmware tries HTTP boot after PXE (or instead of it). An
+		// offer without a boot URI does not end that attempt: EDK2 keeps
+		// asking for one through its DHCP retries, 60 s. A node that boots
+		// its disk is offered a URI the server answers with 404, so the
+		// attempt fails at once and the firmware moves on to the disk.
 		s.c.localHTTP.Add(1)
-		s.log.Debug("dhcp: local-disk node, no HTTP boot offer", "mac", req.ClientHWAddr.String())
-		return bootInfo{}, true
+		s.log.Debug("dhcp: local-disk node, failing HTTP boot offer", "mac", req.ClientHWAddr.String())
+		return bootInfo{file: strings.TrimSuffix(s.cfg.HTTPBootURL, "/") + "/" + pxe.LocalDiskFile, class: "HTTPClient"}, true
 	}
 	bi := bootInfo{class: "PXEClient", option43: true}
 	switch {

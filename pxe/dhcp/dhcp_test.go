@@ -357,10 +357,10 @@ func FuzzHandle(f *testing.F) {
 }
 
 // A node that boots its own disk: firmware PXE still gets iPXE (whose script
-// says exit), but the UEFI HTTP boot attempt that follows gets an address and
-// no boot file in full mode, and no answer in proxy mode, so the firmware
-// goes on to the disk.
-func TestLocalDiskNodeGetsNoHTTPBoot(t *testing.T) {
+// says exit), and the UEFI HTTP boot attempt that follows gets a boot URI
+// that is not served, so it fails at once and the firmware goes on to the
+// disk (without a URI, EDK2 would keep asking for 60 s).
+func TestLocalDiskNodeHTTPBootFailsFast(t *testing.T) {
 	local := func(c *Config) {
 		c.Policy = &pxe.StaticPolicy{Kernel: "http://198.18.0.1/k", Initrd: "http://198.18.0.1/i",
 			Nodes: map[string]pxe.Action{known.String(): pxe.LocalDisk}}
@@ -374,8 +374,9 @@ func TestLocalDiskNodeGetsNoHTTPBoot(t *testing.T) {
 	if r == nil || r.MessageType() != dhcpv4.MessageTypeOffer || r.YourIPAddr.IsUnspecified() {
 		t.Fatalf("full mode: want an address offer, got %v", r)
 	}
-	if f := r.BootFileNameOption(); f != "" || r.ClassIdentifier() != "" {
-		t.Fatalf("full mode: local-disk node offered HTTP boot %q class %q", f, r.ClassIdentifier())
+	want := "http://198.18.0.1:8080/pxe/files/" + pxe.LocalDiskFile
+	if f := r.BootFileNameOption(); f != want || r.ClassIdentifier() != "HTTPClient" {
+		t.Fatalf("full mode: local-disk node offered HTTP boot %q class %q, want %q class HTTPClient", f, r.ClassIdentifier(), want)
 	}
 	if s.Stats().LocalHTTPBoot != 1 {
 		t.Fatalf("LocalHTTPBoot = %d", s.Stats().LocalHTTPBoot)
@@ -385,7 +386,7 @@ func TestLocalDiskNodeGetsNoHTTPBoot(t *testing.T) {
 		t.Fatalf("firmware PXE of a local-disk node: want ipxe.efi, got %v", r)
 	}
 	p := newServer(t, Proxy, local)
-	if r, _ := p.Handle(context.Background(), discover(t, known, httpMods...), 67, nil); r != nil {
-		t.Fatalf("proxy mode answered a local-disk node's HTTP boot: %v", r.Summary())
+	if r, _ := p.Handle(context.Background(), discover(t, known, httpMods...), 67, nil); r == nil || r.BootFileNameOption() != want {
+		t.Fatalf("proxy mode: local-disk node's HTTP boot: want an offer of %q, got %v", want, r)
 	}
 }
