@@ -349,6 +349,38 @@ dhcp_dns: 198.18.0.1
 		return start(t, ctx, "agent-"+h.Name, h.NS, agent, args...)
 	}
 	a1 := run(n1, mac1, disk1, "--dhcp")
+	// Agent 1's progress is watched from its start: its whole install can
+	// be over before the subtests below get to it.
+	type progressWatch struct {
+		seen  *api.Progress
+		polls []string
+	}
+	watched := make(chan progressWatch, 1)
+	go func() {
+		var w progressWatch
+		defer func() { watched <- w }()
+		for {
+			select {
+			case <-a1.done:
+				return
+			case <-ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			n := state(mac1)
+			switch {
+			case n == nil:
+				continue
+			case n.Progress == nil:
+				w.polls = append(w.polls, "state "+string(n.State)+" no progress")
+			default:
+				w.polls = append(w.polls, fmt.Sprintf("%s/%s %d/%d have %v", n.Progress.Phase, n.Progress.Step, n.Progress.Bytes, n.Progress.Total, n.Progress.Have != nil))
+				if n.Progress.Have != nil && n.Progress.Total == img.Manifest.CompressedSize {
+					w.seen = n.Progress
+				}
+			}
+		}
+	}()
 	a2 := run(n2, mac2, disk2)
 	a3 := run(n3, mac3, disk3)
 
@@ -395,22 +427,9 @@ dhcp_dns: 198.18.0.1
 
 	var root string
 	t.Run("install-reported-installed", func(t *testing.T) {
-		// While the agent works, its progress events show at the server.
-		var seen *api.Progress
-		for done := false; !done; {
-			select {
-			case <-a1.done:
-				done = true
-			case <-time.After(300 * time.Millisecond):
-				if n := state(mac1); n != nil && n.Progress != nil && n.Progress.Have != nil && n.Progress.Total == img.Manifest.CompressedSize {
-					seen = n.Progress
-				}
-			case <-ctx.Done():
-				done = true
-			}
-		}
-		if seen == nil {
-			t.Error("no progress event with the image's size and HAVE counters reached the server")
+		// While the agent worked, its progress events showed at the server.
+		if w := <-watched; w.seen == nil {
+			t.Errorf("no progress event with the image's size and HAVE counters reached the server; seen every 100 ms: %s", strings.Join(w.polls, "; "))
 		}
 		if err := a1.wait(t, ctx); err != nil {
 			t.Fatalf("agent: %v\n%s", err, tailLines(a1.out.String(), 40))
