@@ -450,7 +450,6 @@ type Conn struct {
 	remoteSeeds bool          // the remote is an ESIR initial seeder: it needs every HAVE
 	seed        seedState     // initial seeding (when the Wire seeds)
 	done        chan struct{} // closed by Close: stops waiting on the upload cap
-	doneOnce    sync.Once
 }
 
 type heldHave struct {
@@ -744,7 +743,6 @@ func (c *Conn) flushLocked() error {
 
 // Close flushes held HAVEs and closes the connection.
 func (c *Conn) Close() error {
-	c.doneOnce.Do(func() { close(c.done) })
 	c.wmu.Lock()
 	if c.timer != nil {
 		c.timer.Stop()
@@ -752,7 +750,7 @@ func (c *Conn) Close() error {
 	c.held = nil
 	c.wErr = errors.Join(c.wErr, net.ErrClosed)
 	c.wmu.Unlock()
-	c.closeOnce.Do(func() { c.w.unregister(c) })
+	c.closeOnce.Do(func() { close(c.done); c.w.unregister(c) })
 	return c.Conn.Close()
 }
 
