@@ -13,7 +13,7 @@ common=(ca-certificates git tar zstd xz-utils cpio e2fsprogs attr libcap2-bin ip
   qemu-system-x86 qemu-utils ipxe ipxe-qemu ovmf systemd-boot-efi busybox-static linux-image-amd64
   extlinux syslinux-common mtools dosfstools fdisk)
 testonly=(udhcpc isc-dhcp-client dnsmasq tftp-hpa tftpd-hpa curl aria2 transmission-cli udpcast
-  kea-admin squashfs-tools debootstrap chromium python3 gnuplot-nox corosync pacemaker chrony keepalived)
+  kea-admin squashfs-tools debootstrap chromium python3 gnuplot-nox corosync pacemaker pacemaker-cli-utils chrony keepalived ipvsadm clustershell)
 case "$what" in
   test) pkgs=("${common[@]}" "${testonly[@]}") ;;
   lab) pkgs=("${common[@]}") ;;
@@ -36,6 +36,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
   [ $had_policy = 1 ] || rm -f /usr/sbin/policy-rc.d
+fi
+
+# Debian 12's pacemaker-remote conflicts with pacemaker, but the SSI level-1
+# test runs remote members beside core members on one host: its daemon is
+# unpacked aside (the test puts this directory first in a remote node's PATH).
+remote=/opt/esir-test/pacemaker-remote
+if [ "$what" = test ] && [ ! -x $remote/usr/sbin/pacemaker-remoted ]; then
+  tmp=$(mktemp -d); chmod 755 "$tmp"
+  (cd "$tmp" && apt-get download -qq pacemaker-remote >&2)
+  rm -rf $remote.tmp && mkdir -p $remote.tmp && dpkg-deb -x "$tmp"/pacemaker-remote_*.deb $remote.tmp
+  rm -rf $remote && mv $remote.tmp $remote && rm -rf "$tmp"
 fi
 
 # Go: go.mod names the toolchain. A Go of 1.21 or later fetches it from the
