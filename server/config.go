@@ -59,6 +59,12 @@ type Config struct {
 	// DebugListen serves Go's profiler (net/http/pprof) on its own
 	// address, loopback only; empty disables it.
 	DebugListen string `yaml:"debug_listen"`
+	// ClusterDefinition is the SSI cluster definition file (ssi.Load); empty:
+	// the server keeps no cluster and nodes are enrolled at first boot.
+	ClusterDefinition string `yaml:"cluster_definition"`
+	// ClusterLeaveTimeout is how long a leaving member may take to confirm
+	// that its stack stopped before it is removed anyway.
+	ClusterLeaveTimeout time.Duration `yaml:"cluster_leave_timeout"`
 }
 
 // DefaultConfig returns the defaults.
@@ -78,6 +84,8 @@ func DefaultConfig() Config {
 		BootInitrd:      "initrd",
 		BootCmdline:     "console=ttyS0,115200 console=tty0",
 		DHCPMode:        "proxy",
+
+		ClusterLeaveTimeout: 30 * time.Second,
 	}
 }
 
@@ -128,6 +136,8 @@ func (c *Config) Fields() []Field {
 		{"dhcp_lease_file", "full mode lease file (default <data_dir>/leases.json)", &c.DHCPLeaseFile},
 		{"tftp_listen", "TFTP listen address, e.g. :69 (empty: no TFTP)", &c.TFTPListen},
 		{"tftp_dir", "directory of iPXE binaries served over TFTP and HTTP (empty: Debian's ipxe package)", &c.TFTPDir},
+		{"cluster_definition", "SSI cluster definition file: enrolling nodes join this cluster (empty: no cluster)", &c.ClusterDefinition},
+		{"cluster_leave_timeout", "how long a leaving cluster member may take to stop its stack before it is removed anyway", &c.ClusterLeaveTimeout},
 		{"debug_listen", "serve Go's profiler (/debug/pprof/) on this loopback address, e.g. 127.0.0.1:6060 (empty: off)", &c.DebugListen},
 	}
 }

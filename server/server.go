@@ -24,6 +24,7 @@ import (
 	"github.com/esir-project/esir/pxe"
 	"github.com/esir-project/esir/server/api"
 	"github.com/esir-project/esir/server/auth"
+	"github.com/esir-project/esir/server/cluster"
 	"github.com/esir-project/esir/server/rollout"
 	"github.com/esir-project/esir/server/store"
 	"github.com/esir-project/esir/swarm"
@@ -45,7 +46,9 @@ type Server struct {
 	sched  *rollout.Scheduler
 	echo   *echo.Echo
 	swarm  *swarm.Server
-	ln     net.Listener
+	// cluster is the SSI cluster, when ClusterDefinition is set.
+	cluster *cluster.Service
+	ln      net.Listener
 	// debugLn serves the profiler when DebugListen is set.
 	debugLn net.Listener
 
@@ -97,6 +100,13 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 	}, log, nil)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.ClusterDefinition != "" {
+		if s.cluster, err = cluster.Open(cfg.ClusterDefinition, filepath.Join(cfg.DataDir, "ssi"),
+			cluster.Options{LeaveTimeout: cfg.ClusterLeaveTimeout, Log: log}); err != nil {
+			return nil, fmt.Errorf("cluster_definition: %w", err)
+		}
+		s.api.SetCluster(s.cluster)
 	}
 	s.echo = s.api.Echo(s.health)
 	if cfg.SwarmListen != "" {
@@ -309,6 +319,20 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 		})
 	}
+	if s.cluster != nil {
+		g.Go(func() error {
+			t := time.NewTicker(2 * time.Second)
+			defer t.Stop()
+			for {
+				select {
+				case <-gctx.Done():
+					return nil
+				case <-t.C:
+					s.cluster.Tick()
+				}
+			}
+		})
+	}
 	if err := s.startBoot(gctx, g); err != nil {
 		cancel()
 		g.Wait()
@@ -316,6 +340,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	g.Go(func() error {
 		<-gctx.Done()
+		s.api.Stop() // ends the long polls, which Shutdown would wait for
 		sctx, scancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
 		defer scancel()
 		if err := hs.Shutdown(sctx); err != nil {

@@ -15,6 +15,14 @@
 //	POST events      EventBatch       -> Ack
 //	POST report      Report           -> Ack
 //	POST enroll      EnrollRequest    -> Ack
+//	GET  ssi?version=N                -> SSIAssignment (long poll)
+//	POST ssi/status  SSIStatus        -> Ack
+//
+// The installed system's node service uses its enroll token for enroll and
+// for the ssi calls. When the server keeps an SSI cluster, the enroll Ack
+// names it and the node service then follows its SSI assignment: it applies
+// each new bundle version, reports the verdict of the engines' own checks and
+// its membership view, and leaves when told to.
 //
 // Events and reports are idempotent: a repeated event or report (same
 // assignment and sequence number, or a phase the node already passed)
@@ -236,6 +244,50 @@ type EnrollRequest struct {
 	Hostname  string    `json:"hostname"`
 	Image     string    `json:"image,omitempty"`
 	Inventory Inventory `json:"inventory"`
+	// Addr is the node's address on the network it reaches the server by:
+	// its cluster interconnect address when the server keeps an SSI cluster.
+	Addr string `json:"addr,omitempty"`
+}
+
+// SSI actions.
+const (
+	// SSIJoin: apply the bundle (install, start or reload, verify).
+	SSIJoin = "join"
+	// SSILeave: stop the node's stack and report SSILeft.
+	SSILeave = "leave"
+)
+
+// SSI states a node service reports.
+const (
+	SSIEnrolled = "enrolled" // every check of the bundle's engines passed
+	SSIFailed   = "failed"   // Check names the check that failed
+	SSILeft     = "left"     // the stack is stopped after an SSILeave
+)
+
+// SSIAssignment is a node's part in the SSI cluster.
+type SSIAssignment struct {
+	Cluster string `json:"cluster"`
+	Action  string `json:"action"`
+	// Version is the cluster's nodelist version the bundle was rendered at.
+	Version int `json:"version"`
+	// Bundle is the node's ssi.Bundle (files with secrets, services, role)
+	// as JSON.
+	Bundle json.RawMessage `json:"bundle,omitempty"`
+	// Token, when set, replaces the node service's token (renewal).
+	Token string `json:"token,omitempty"`
+}
+
+// SSIStatus is a node service's verdict on its SSI bundle.
+type SSIStatus struct {
+	MAC     string `json:"mac"`
+	Version int    `json:"version"`
+	State   string `json:"state"`
+	// Check names the failed check (membership, quorum, pacemaker, time...)
+	// and Error says why, when State is SSIFailed.
+	Check string `json:"check,omitempty"`
+	Error string `json:"error,omitempty"`
+	// View is the node's membership view (ssi/enroll.Membership as JSON).
+	View json.RawMessage `json:"view,omitempty"`
 }
 
 // Ack answers events, reports and enrollment. Applied is false when the
@@ -244,6 +296,8 @@ type Ack struct {
 	Applied bool   `json:"applied"`
 	State   string `json:"state"`
 	Note    string `json:"note,omitempty"`
+	// Cluster, in an enroll Ack, names the SSI cluster the node joins.
+	Cluster string `json:"cluster,omitempty"`
 }
 
 // Error is the body of every non-2xx answer.
@@ -317,6 +371,27 @@ func (c *Client) Report(ctx context.Context, r Report) (*Ack, error) {
 func (c *Client) Enroll(ctx context.Context, r EnrollRequest) (*Ack, error) {
 	var out Ack
 	if err := c.do(ctx, http.MethodPost, "enroll", r, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// SSI asks for the node's SSI assignment. With version >= 0 the server waits
+// (up to wait) until the nodelist version differs from version or the action
+// changes, so a node service learns of a change as it happens.
+func (c *Client) SSI(ctx context.Context, version int, wait time.Duration) (*SSIAssignment, error) {
+	var out SSIAssignment
+	path := fmt.Sprintf("ssi?version=%d&wait=%d", version, int(wait/time.Millisecond))
+	if err := c.do(ctx, http.MethodGet, path, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// SSIStatus reports the node's SSI verdict and membership view.
+func (c *Client) SSIStatus(ctx context.Context, s SSIStatus) (*Ack, error) {
+	var out Ack
+	if err := c.do(ctx, http.MethodPost, "ssi/status", s, &out); err != nil {
 		return nil, err
 	}
 	return &out, nil

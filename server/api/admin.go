@@ -356,6 +356,15 @@ func (a *API) deleteNode(c echo.Context) error {
 		return err
 	}
 	a.live.reset(mac)
+	if a.cluster != nil {
+		// The node leaves the cluster in the engines' order: its node
+		// service stops its stack, then the others drop it.
+		if m, ok := a.cluster.MemberOf(mac); ok {
+			if _, err := a.cluster.Leave(m.Name, "node removed (esir node rm)"); err != nil {
+				return clusterError(err)
+			}
+		}
+	}
 	return c.NoContent(http.StatusNoContent)
 }
 

@@ -121,6 +121,18 @@ func (a *API) assign(c echo.Context, mac string, inv *agentapi.Inventory) error 
 			if err != nil {
 				return err
 			}
+			if a.cluster != nil {
+				// A reinstall: the node netbooted, so its stack is down;
+				// the other members drop it from the nodelist now.
+				if m, ok := a.cluster.MemberOf(mac); ok {
+					if err := a.cluster.Remove(m.Name, "reinstall"); err != nil {
+						return err
+					}
+					if err := tx.AddEvent(deploy.Event{MAC: mac, Time: now, Reason: fmt.Sprintf("left cluster %s for its reinstall: id %d retired", a.cluster.Name(), m.ID)}); err != nil {
+						return err
+					}
+				}
+			}
 			n.Assignment, n.Phase = asg.ID, agentapi.PhaseBooting
 			if err := tx.AddEvent(ev); err != nil {
 				return err
@@ -417,11 +429,13 @@ func (a *API) enroll(c echo.Context) error {
 	}
 	now := a.now().UTC()
 	var ack agentapi.Ack
+	var node *deploy.Node
 	err = a.st.Update(c.Request().Context(), func(tx store.Tx) error {
 		n, err := tx.Node(mac)
 		if err != nil {
 			return err
 		}
+		node = n
 		ack.State = string(n.State)
 		switch n.State {
 		case deploy.Enrolled:
@@ -431,6 +445,15 @@ func (a *API) enroll(c echo.Context) error {
 		default:
 			return echo.NewHTTPError(http.StatusConflict, fmt.Sprintf("node %s is %s, not installed: cannot enroll", mac, n.State))
 		}
+		if r.Inventory.MemoryBytes > 0 || len(r.Inventory.Disks) > 0 {
+			inv := r.Inventory
+			n.Inventory = &inv
+		}
+		if a.cluster != nil {
+			// Enrolled only once the node's engines agree (ssiStatus).
+			ack.Note = "joining cluster " + a.cluster.Name()
+			return tx.PutNode(n)
+		}
 		reason := "enrolled at first boot"
 		if r.Hostname != "" && r.Hostname != n.Hostname {
 			reason += fmt.Sprintf(" (reports hostname %q)", r.Hostname)
@@ -438,10 +461,6 @@ func (a *API) enroll(c echo.Context) error {
 		ev, err := n.Transition(deploy.Enrolled, reason, now)
 		if err != nil {
 			return err
-		}
-		if r.Inventory.MemoryBytes > 0 || len(r.Inventory.Disks) > 0 {
-			inv := r.Inventory
-			n.Inventory = &inv
 		}
 		if err := tx.AddEvent(ev); err != nil {
 			return err
@@ -451,6 +470,18 @@ func (a *API) enroll(c echo.Context) error {
 	})
 	if err != nil {
 		return err
+	}
+	if a.cluster != nil {
+		prev, was := a.cluster.MemberOf(mac)
+		m, err := a.ssiJoin(c, node, r.Addr)
+		if err != nil {
+			return err
+		}
+		if !was || prev.ID != m.ID || prev.Addr != m.Addr {
+			a.note(c, mac, fmt.Sprintf("joining cluster %s as %s member id %d at %s (nodelist version %d)",
+				a.cluster.Name(), m.Role, m.ID, m.Addr, a.cluster.Snapshot().Version))
+		}
+		ack.Applied, ack.Cluster = true, a.cluster.Name()
 	}
 	return c.JSON(http.StatusOK, ack)
 }

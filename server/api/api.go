@@ -21,6 +21,7 @@ import (
 
 	"github.com/esir-project/esir/server/agentapi"
 	"github.com/esir-project/esir/server/auth"
+	"github.com/esir-project/esir/server/cluster"
 	"github.com/esir-project/esir/server/deploy"
 	"github.com/esir-project/esir/server/rollout"
 	"github.com/esir-project/esir/server/store"
@@ -96,6 +97,10 @@ type API struct {
 	now     func() time.Time
 	live    *Live
 	metrics *Metrics
+	cluster *cluster.Service
+	// stopping ends long polls when the server shuts down.
+	stopping context.Context
+	stop     context.CancelFunc
 }
 
 // New returns the API. now is the clock (time.Now when nil).
@@ -124,8 +129,14 @@ func New(st store.Store, sched *rollout.Scheduler, signer *auth.Signer, images I
 	if cfg.Disk.ESPMiB == 0 {
 		cfg.Disk.ESPMiB = 256
 	}
-	return &API{st: st, sched: sched, signer: signer, images: images, cfg: cfg, log: log, now: now, live: NewLive(), metrics: NewMetrics()}, nil
+	stopping, stop := context.WithCancel(context.Background())
+	return &API{st: st, sched: sched, signer: signer, images: images, cfg: cfg, log: log, now: now, live: NewLive(), metrics: NewMetrics(),
+		stopping: stopping, stop: stop}, nil
 }
+
+// Stop ends the API's long polls (node services' SSI waits): call it before
+// the HTTP server's Shutdown, which waits for requests in flight.
+func (a *API) Stop() { a.stop() }
 
 // Live returns the live progress of agents (for the web console).
 func (a *API) Live() *Live { return a.live }
@@ -195,6 +206,10 @@ func (a *API) Mount(e *echo.Echo) {
 	ag.POST("/events", a.events)
 	ag.POST("/report", a.report)
 	ag.POST("/enroll", a.enroll)
+	ag.GET("/ssi", a.ssiAssignment)
+	ag.POST("/ssi/status", a.ssiStatus)
+	g.GET("/cluster", a.getCluster)
+	g.POST("/cluster/members/:name/leave", a.leaveCluster)
 }
 
 // badRequest is a 400 naming the field.

@@ -57,9 +57,11 @@ func (a *API) requireNode(next echo.HandlerFunc) echo.HandlerFunc {
 		if err != nil {
 			return echo.NewHTTPError(http.StatusUnauthorized, "authorization: "+err.Error())
 		}
-		enroll := strings.HasSuffix(c.Path(), "/enroll")
-		if cl.Kind == auth.Enroll && !enroll {
-			return echo.NewHTTPError(http.StatusForbidden, "authorization: an enroll token may only enroll")
+		// The installed system's token enrolls and follows its SSI
+		// assignment, nothing else.
+		installed := strings.HasSuffix(c.Path(), "/enroll") || strings.HasSuffix(c.Path(), "/ssi") || strings.HasSuffix(c.Path(), "/ssi/status")
+		if cl.Kind == auth.Enroll && !installed {
+			return echo.NewHTTPError(http.StatusForbidden, "authorization: an enroll token may only enroll and follow the node's SSI assignment")
 		}
 		c.Set(claimsKey, cl)
 		return next(c)

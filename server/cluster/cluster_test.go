@@ -1,0 +1,223 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/esir-project/esir/ssi"
+)
+
+const def = `name: lab
+profile: {corosync: true, pacemaker: true, keepalived: true, chrony: true}
+core_size: 3
+vips:
+  - name: web
+    address: 198.18.0.100/24
+    vrid: 51
+    services: [{port: 80}]
+time:
+  allow: 198.18.0.0/24
+`
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time        { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) add(d time.Duration)   { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+func addr(i int) netip.Addr            { return netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}) }
+func mac(i int) string                 { return "52:54:00:00:00:0" + string(rune('0'+i)) }
+func view(t *testing.T, v View) []byte { b, err := json.Marshal(v); must(t, err); return b }
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func open(t *testing.T, dir string, c *clock) *Service {
+	t.Helper()
+	p := filepath.Join(dir, "cluster.yaml")
+	if _, err := os.Stat(p); err != nil {
+		must(t, os.WriteFile(p, []byte(def), 0o644))
+	}
+	s, err := Open(p, filepath.Join(dir, "state"), Options{Now: c.now, LeaveTimeout: 30 * time.Second, StaleAfter: 30 * time.Second})
+	must(t, err)
+	return s
+}
+
+func TestJoinRolesAndRefusals(t *testing.T) {
+	c := &clock{t: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
+	s := open(t, t.TempDir(), c)
+	for i := 1; i <= 4; i++ {
+		m, err := s.Join("n"+string(rune('0'+i)), mac(i), addr(i))
+		must(t, err)
+		want := ssi.Core
+		if i == 4 {
+			want = ssi.Remote
+		}
+		if m.ID != i || m.Role != want || m.State != Joining {
+			t.Fatalf("join n%d = id %d role %s state %s, want id %d role %s joining", i, m.ID, m.Role, m.State, i, want)
+		}
+	}
+	// A reboot joins again: same allocation, same version.
+	v := s.Snapshot().Version
+	if m, err := s.Join("n2", mac(2), addr(2)); err != nil || m.ID != 2 || s.Snapshot().Version != v {
+		t.Fatalf("rejoin n2 = %+v, %v (version %d, was %d)", m, err, s.Snapshot().Version, v)
+	}
+	for _, tc := range []struct {
+		name, mac string
+		addr      netip.Addr
+	}{
+		{"n2", mac(9), addr(9)}, // another machine claims n2's name
+		{"n9", mac(1), addr(9)}, // n1's MAC under another name
+		{"n9", mac(9), addr(3)}, // n3's address
+	} {
+		if _, err := s.Join(tc.name, tc.mac, tc.addr); !errors.Is(err, ErrConflict) {
+			t.Errorf("join %s %s %s: err %v, want a conflict", tc.name, tc.mac, tc.addr, err)
+		}
+	}
+	b, action, err := s.Assignment(mac(4))
+	must(t, err)
+	if action != "join" || b.Member.Name != "n4" || b.Member.Role != ssi.Remote || len(b.Core) != 3 {
+		t.Fatalf("assignment of n4: action %s bundle member %+v core %d", action, b.Member, len(b.Core))
+	}
+	if _, _, err := s.Assignment(mac(8)); !errors.Is(err, ErrNotMember) {
+		t.Fatalf("assignment of a stranger: %v", err)
+	}
+}
+
+func TestReportsLeaveAndRestart(t *testing.T) {
+	dir := t.TempDir()
+	c := &clock{t: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
+	s := open(t, dir, c)
+	for i := 1; i <= 4; i++ {
+		_, err := s.Join("n"+string(rune('0'+i)), mac(i), addr(i))
+		must(t, err)
+	}
+	ver := s.Snapshot().Version
+	_, first, err := s.Report(mac(1), Report{Version: ver, State: "failed", Check: "quorum", Error: "partition is not quorate (1 of 3 votes)"})
+	must(t, err)
+	if first {
+		t.Fatal("a failed report counted as the first enrollment")
+	}
+	for i := 1; i <= 4; i++ {
+		v := View{NodeID: i, Joined: []int{1, 2, 3}, Quorate: true, Online: []string{"n1", "n2", "n3", "n4"}}
+		if i == 1 {
+			v.VIPs = []string{"198.18.0.100"}
+		}
+		_, first, err := s.Report(mac(i), Report{Version: ver, State: "enrolled", View: view(t, v)})
+		must(t, err)
+		if !first {
+			t.Fatalf("n%d: first enrolled report not flagged first", i)
+		}
+		c.add(time.Second)
+	}
+	if _, first, _ := s.Report(mac(2), Report{Version: ver, State: "enrolled"}); first {
+		t.Fatal("a repeated enrolled report flagged first")
+	}
+	snap := s.Snapshot()
+	if !snap.Quorate || !slices.Equal(snap.Joined, []int{1, 2, 3}) || !slices.Equal(snap.VIPHolders["198.18.0.100"], []string{"n1"}) {
+		t.Fatalf("snapshot: quorate %v joined %v vip holders %v", snap.Quorate, snap.Joined, snap.VIPHolders)
+	}
+	for _, m := range snap.Members {
+		if m.State != Enrolled {
+			t.Fatalf("%s is %s, want enrolled", m.Name, m.State)
+		}
+	}
+	if _, _, err := s.Report(mac(3), Report{Version: ver, State: "left"}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("left without a leave: %v", err)
+	}
+
+	// A leave waits for the node to stop its stack; the node is told.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	woke := make(chan struct{})
+	go func() { s.Wait(ctx, mac(3), ver, time.Minute); close(woke) }()
+	if _, err := s.Leave("n3", "test"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-woke:
+	case <-ctx.Done():
+		t.Fatal("Wait did not return when the node was told to leave")
+	}
+	if _, action, _ := s.Assignment(mac(3)); action != "leave" {
+		t.Fatalf("n3's action %q, want leave", action)
+	}
+	if _, err := s.Join("n3", mac(3), addr(3)); !errors.Is(err, ErrConflict) {
+		t.Fatalf("a leaving node joined again: %v", err)
+	}
+	if s.Snapshot().Version != ver {
+		t.Fatal("the nodelist changed before the node confirmed its leave")
+	}
+	_, _, err = s.Report(mac(3), Report{Version: ver, State: "left"})
+	must(t, err)
+	snap = s.Snapshot()
+	if snap.Version != ver+1 || !slices.Equal(snap.Retired, []int{3}) || len(snap.Members) != 3 {
+		t.Fatalf("after n3 left: version %d (want %d) retired %v members %d", snap.Version, ver+1, snap.Retired, len(snap.Members))
+	}
+
+	// A silent member shows as unreachable, and its leave does not wait.
+	c.add(time.Minute)
+	if _, _, err := s.Report(mac(1), Report{Version: ver + 1, State: "enrolled"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range s.Snapshot().Members {
+		if want := map[string]State{"n1": Enrolled, "n2": Unreachable, "n4": Unreachable}[m.Name]; m.State != want {
+			t.Errorf("%s is %s, want %s", m.Name, m.State, want)
+		}
+	}
+	if _, err := s.Leave("n4", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s.MemberOf(mac(4)); ok {
+		t.Fatal("an unreachable member's leave waited for it")
+	}
+
+	// A reachable member that never confirms is removed after the timeout.
+	_, _, err = s.Report(mac(2), Report{Version: ver + 2, State: "enrolled"})
+	must(t, err)
+	if _, err := s.Leave("n2", "test"); err != nil {
+		t.Fatal(err)
+	}
+	s.Tick()
+	if _, ok := s.MemberOf(mac(2)); !ok {
+		t.Fatal("n2 removed before its leave timeout")
+	}
+	c.add(31 * time.Second)
+	s.Tick()
+	if _, ok := s.MemberOf(mac(2)); ok {
+		t.Fatal("n2 still a member after its leave timeout")
+	}
+
+	// A restart keeps the allocation, the retired ids and the reports; a
+	// new node never gets a retired id.
+	// (Heartbeats are not written: after a restart a member shows as
+	// unreachable until it reports again.)
+	s2 := open(t, dir, c)
+	snap = s2.Snapshot()
+	if n1, _ := s2.MemberOf(mac(1)); len(snap.Members) != 1 || n1.State != Enrolled || !slices.Equal(snap.Retired, []int{2, 3, 4}) {
+		t.Fatalf("after restart: members %+v retired %v", snap.Members, snap.Retired)
+	}
+	m, err := s2.Join("n5", mac(5), addr(5))
+	must(t, err)
+	if m.ID != 5 || m.Role != ssi.Core {
+		t.Fatalf("n5 after restart: id %d role %s, want id 5 core", m.ID, m.Role)
+	}
+	fi, err := os.Stat(filepath.Join(dir, "state", "secrets"))
+	must(t, err)
+	if fi.Mode().Perm() != 0o700 {
+		t.Fatalf("secrets directory mode %v", fi.Mode().Perm())
+	}
+}
