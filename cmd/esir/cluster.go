@@ -3,49 +3,41 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"net/netip"
+	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/esir-project/esir/cmd/internal/cli"
+	"github.com/esir-project/esir/server/cluster"
 	"github.com/esir-project/esir/ssi"
 	"github.com/esir-project/esir/ssi/enroll"
 	"github.com/spf13/cobra"
 )
 
-// newClusterCmd is the SSI cluster noun. It works on the cluster definition,
-// the allocation state and the secrets directory as files (the server keeps
-// the same files); the live membership view comes from the nodes.
+// newClusterCmd is the SSI cluster noun. show, members and leave ask the
+// server, which keeps the cluster; check and render work on files (a
+// definition before the server gets it; a node's configuration for a look).
 func newClusterCmd(app *cli.App) *cobra.Command {
+	var r remote
 	var defPath, statePath, secrets string
-	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "cluster",
-		Short: "SSI cluster: definition, node ids and roles, per-node engine configuration",
-		Example: `  esir cluster check --def cluster.yaml
-  esir cluster join n1 198.18.0.1 --def cluster.yaml --state alloc.json
-  esir cluster members --state alloc.json
-  esir cluster render n1 --out /mnt/n1 --def cluster.yaml --state alloc.json --secrets /var/lib/esir/ssi
-  esir cluster leave n1 --state alloc.json`,
+		Short: "SSI cluster: members, quorum, VIPs; definition checks",
+		Example: `  esir cluster show
+  esir cluster members -o json
+  esir cluster leave node004
+  esir cluster check --def cluster.yaml
+  esir cluster render node001 --out /tmp/n1 --def cluster.yaml --state /var/lib/esir/server/ssi/alloc.json --secrets /var/lib/esir/server/ssi/secrets`,
 	}
+	r.addFlags(cmd)
 	pf := cmd.PersistentFlags()
-	pf.StringVar(&defPath, "def", "cluster.yaml", "cluster definition file")
-	pf.StringVar(&statePath, "state", "ssi-alloc.json", "allocation state file (node ids, roles, nodelist version)")
-	pf.StringVar(&secrets, "secrets", "ssi-secrets", "directory of the cluster's secrets (0700, keys 0600)")
-	pf.BoolVar(&asJSON, "json", false, "print JSON")
+	pf.StringVar(&defPath, "def", "cluster.yaml", "cluster definition file (check, render)")
+	pf.StringVar(&statePath, "state", "ssi-alloc.json", "allocation state file (render)")
+	pf.StringVar(&secrets, "secrets", "ssi-secrets", "directory of the cluster's secrets (render)")
 
-	load := func() (*ssi.Cluster, error) {
-		c, warn, err := ssi.Load(defPath)
-		if err != nil {
-			return nil, err
-		}
-		for _, w := range warn {
-			app.Log.Warn("cluster definition", "file", defPath, "warning", w)
-		}
-		return c, nil
-	}
 	check := &cobra.Command{
 		Use:   "check",
-		Short: "Validate the cluster definition and print its warnings",
+		Short: "Validate a cluster definition file and print its warnings",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			_, warn, err := ssi.Load(defPath)
@@ -61,108 +53,118 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 	}
 	show := &cobra.Command{
 		Use:   "show",
-		Short: "Show the definition's parts and the allocation's nodelist version",
+		Short: "Show the cluster: quorum, members by state, who holds each VIP",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := load()
+			c, err := r.client()
 			if err != nil {
 				return err
 			}
-			s, err := ssi.LoadState(statePath)
+			s, err := c.Cluster(cmd.Context())
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return json.NewEncoder(app.Stdout).Encode(map[string]any{"cluster": c, "state": s})
+			if r.output == "json" {
+				return json.NewEncoder(app.Stdout).Encode(s)
 			}
-			fmt.Fprintf(app.Stdout, "cluster %s: %d core voters wanted, %d members (%d core), nodelist version %d\n",
-				c.Name, c.CoreSize, len(s.Members), len(s.Core()), s.Version)
-			fmt.Fprintf(app.Stdout, "parts: %+v\n", c.Profile)
-			for _, v := range c.VIPs {
-				fmt.Fprintf(app.Stdout, "vip %s %s vrid %d, %d services\n", v.Name, v.Address, v.VRID, len(v.Services))
+			quorum := "NOT quorate"
+			if s.Quorate {
+				quorum = "quorate"
+			}
+			if s.ViewFrom == "" {
+				quorum = "unknown (no core member reports)"
+			}
+			fmt.Fprintf(app.Stdout, "cluster %s: nodelist version %d, %d members, %s", s.Name, s.Version, len(s.Members), quorum)
+			if s.ViewFrom != "" {
+				fmt.Fprintf(app.Stdout, " (view of %s: joined %v, online %v)", s.ViewFrom, s.Joined, s.Online)
+			}
+			fmt.Fprintln(app.Stdout)
+			by := map[cluster.State][]string{}
+			for _, m := range s.Members {
+				by[m.State] = append(by[m.State], m.Name)
+			}
+			for _, st := range []cluster.State{cluster.Enrolled, cluster.Joining, cluster.Failed, cluster.Leaving, cluster.Unreachable} {
+				if len(by[st]) > 0 {
+					fmt.Fprintf(app.Stdout, "%-12s %d: %s\n", st, len(by[st]), strings.Join(by[st], " "))
+				}
+			}
+			for vip, h := range s.VIPHolders {
+				note := ""
+				if len(h) > 1 {
+					note = "  (SPLIT BRAIN: more than one director holds it)"
+				}
+				fmt.Fprintf(app.Stdout, "vip %s held by %s%s\n", vip, strings.Join(h, ", "), note)
+			}
+			for _, w := range s.Warnings {
+				fmt.Fprintln(app.Stdout, "warning:", w)
 			}
 			return nil
 		},
 	}
 	members := &cobra.Command{
 		Use:   "members",
-		Short: "List the allocated members: id, name, address, role",
+		Short: "List the members: id, name, address, role, state and the check that failed",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			s, err := ssi.LoadState(statePath)
+			c, err := r.client()
 			if err != nil {
 				return err
 			}
-			if asJSON {
+			s, err := c.Cluster(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if r.output == "json" {
 				return json.NewEncoder(app.Stdout).Encode(s.Members)
 			}
 			tw := tabwriter.NewWriter(app.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tADDRESS\tROLE")
+			fmt.Fprintln(tw, "ID\tNAME\tADDRESS\tROLE\tSTATE\tVERSION\tREPORTED\tCHECK")
 			for _, m := range s.Members {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", m.ID, m.Name, m.Addr, m.Role)
+				rep := "-"
+				if !m.Reported.IsZero() {
+					rep = time.Since(m.Reported).Round(time.Second).String() + " ago"
+				}
+				chk := ""
+				if m.Check != "" {
+					chk = m.Check + ": " + m.Error
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", m.ID, m.Name, m.Addr, m.Role, m.State, m.Version, rep, chk)
 			}
 			return tw.Flush()
 		},
 	}
-	join := &cobra.Command{
-		Use:   "join NODE ADDRESS",
-		Short: "Allocate a node's id and role (idempotent; ids are never reused)",
-		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := load()
-			if err != nil {
-				return err
-			}
-			addr, err := netip.ParseAddr(args[1])
-			if err != nil {
-				return fmt.Errorf("join %s: address: %w", args[0], err)
-			}
-			s, err := ssi.LoadState(statePath)
-			if err != nil {
-				return err
-			}
-			m, changed, err := s.Join(args[0], addr, c.CoreSize)
-			if err != nil {
-				return err
-			}
-			if changed {
-				if err := ssi.SaveState(statePath, s); err != nil {
-					return err
-				}
-			}
-			fmt.Fprintf(app.Stdout, "%s: id %d, role %s, nodelist version %d\n", m.Name, m.ID, m.Role, s.Version)
-			return nil
-		},
-	}
 	leave := &cobra.Command{
 		Use:   "leave NODE",
-		Short: "Remove a node from the allocation and retire its id (stop its stack first)",
+		Short: "Take a node out of the cluster: its stack stops, the others drop it and purge it from pacemaker",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			s, err := ssi.LoadState(statePath)
+			c, err := r.client()
 			if err != nil {
 				return err
 			}
-			m, err := s.Leave(args[0])
+			m, err := c.LeaveCluster(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
-			if err := ssi.SaveState(statePath, s); err != nil {
-				return err
+			if r.output == "json" {
+				return json.NewEncoder(app.Stdout).Encode(m)
 			}
-			fmt.Fprintf(app.Stdout, "%s left: id %d retired, nodelist version %d; re-render and reload the other members\n", m.Name, m.ID, s.Version)
+			fmt.Fprintf(app.Stdout, "%s (id %d) is leaving: its node service stops its stack, then the other members drop it\n", m.Name, m.ID)
 			return nil
 		},
 	}
 	var out string
 	render := &cobra.Command{
 		Use:   "render NODE --out DIR",
-		Short: "Write a node's engine configuration and secrets under DIR",
+		Short: "Write a node's engine configuration and secrets under DIR (from files, without the server)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := load()
+			c, warn, err := ssi.Load(defPath)
 			if err != nil {
 				return err
+			}
+			for _, w := range warn {
+				app.Log.Warn("cluster definition", "file", defPath, "warning", w)
 			}
 			s, err := ssi.LoadState(statePath)
 			if err != nil {
@@ -193,6 +195,6 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 	}
 	render.Flags().StringVar(&out, "out", "", "root directory to write the files under")
 	render.MarkFlagRequired("out")
-	cmd.AddCommand(check, show, members, join, leave, render)
+	cmd.AddCommand(check, show, members, leave, render)
 	return cmd
 }

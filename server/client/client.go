@@ -17,6 +17,7 @@ import (
 
 	"github.com/esir-project/esir/server/agentapi"
 	"github.com/esir-project/esir/server/api"
+	"github.com/esir-project/esir/server/cluster"
 	"github.com/esir-project/esir/server/deploy"
 	"github.com/esir-project/esir/server/store"
 	"gopkg.in/yaml.v3"
@@ -324,4 +325,17 @@ func (c *Client) CreateToken(ctx context.Context, name string) (*api.TokenRespon
 // RemoveToken deletes an admin token.
 func (c *Client) RemoveToken(ctx context.Context, id string) error {
 	return c.Do(ctx, http.MethodDelete, "/tokens/"+url.PathEscape(id), nil, nil)
+}
+
+// Cluster shows the SSI cluster: members with role, state and view, quorum,
+// VIP holders.
+func (c *Client) Cluster(ctx context.Context) (*cluster.Snapshot, error) {
+	var out cluster.Snapshot
+	return &out, c.Do(ctx, http.MethodGet, "/cluster", nil, &out)
+}
+
+// LeaveCluster starts a member's leave.
+func (c *Client) LeaveCluster(ctx context.Context, name string) (*cluster.Member, error) {
+	var out cluster.Member
+	return &out, c.Do(ctx, http.MethodPost, "/cluster/members/"+url.PathEscape(name)+"/leave", nil, &out)
 }
