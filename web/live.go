@@ -313,6 +313,8 @@ func (c *Console) compute(tx store.Tx, s *snapshot, name string) (map[string]any
 		return m, nil
 	case "swarm":
 		return c.swarmEntries(s), nil
+	case "cluster":
+		return c.clusterEntries(), nil
 	}
 	return map[string]any{}, nil
 }
@@ -535,7 +537,7 @@ func (c *Console) events(ec echo.Context) error {
 	name := ec.QueryParam("topic")
 	kind, arg, _ := strings.Cut(name, "/")
 	switch kind {
-	case "dash", "nodes", "swarm":
+	case "dash", "nodes", "swarm", "cluster":
 		if arg != "" {
 			return echo.NewHTTPError(http.StatusBadRequest, "topic: "+kind+" takes no argument")
 		}
@@ -544,7 +546,7 @@ func (c *Console) events(ec echo.Context) error {
 			return echo.NewHTTPError(http.StatusBadRequest, "topic: "+kind+" needs an argument")
 		}
 	default:
-		return echo.NewHTTPError(http.StatusBadRequest, "topic: want dash, nodes, node/MAC, rollout/ID or swarm")
+		return echo.NewHTTPError(http.StatusBadRequest, "topic: want dash, nodes, node/MAC, rollout/ID, swarm or cluster")
 	}
 	w := ec.Response()
 	w.Header().Set("Content-Type", "text/event-stream")

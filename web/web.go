@@ -159,6 +159,7 @@ func (c *Console) Mount(e *echo.Echo) {
 	g.POST("/rollouts/:id/:action", c.rolloutAction)
 	g.GET("/preview", c.preview)
 	g.GET("/swarm", c.swarm)
+	g.GET("/cluster", c.clusterPage)
 	g.GET("/events", c.events)
 	g.GET("/users", c.usersPage)
 	g.POST("/users", c.addUser)

@@ -94,6 +94,27 @@
     },
   };
 
+  // The cluster page: a member that joined while the page was open.
+  function memberRow(k, m) {
+    const tb = $("#members tbody"); if (!tb) return;
+    const empty = $("tr.empty", tb); if (empty) empty.remove();
+    const tr = document.createElement("tr"); tr.dataset.k = k;
+    tr.innerHTML = '<td class="num">' + m.id + "</td><td>" + esc(m.n) + '</td><td class="mono">' + esc(m.addr) + "</td><td>" + esc(m.role) +
+      '</td><td><span class="badge st-' + esc(m.s) + '" data-f="s">' + esc(m.s) + '</span></td><td data-f="ver">' + esc(m.ver) +
+      '</td><td class="small" data-f="time">' + esc(m.time) + '</td><td class="mono" data-f="vip">' + esc(m.vip) + '</td><td class="num" data-f="onl">' +
+      esc(m.onl) + '</td><td class="small" data-f="rep">' + esc(m.rep) + '</td><td class="reason" data-f="chk">' + esc(m.chk) + "</td>";
+    tb.appendChild(tr);
+  }
+  handlers.csum = (s) => {
+    const set = (id, t, bad) => { const el = $(id); if (!el) return; el.textContent = t; if (bad !== undefined) el.className = bad ? "bad" : ""; };
+    set("#c-q", s.q, !s.qok); set("#c-m", s.m); set("#c-c", s.c); set("#c-v", s.v); set("#c-h", s.h, s.split);
+    const tb = $("#ipvs tbody"); if (!tb) return;
+    const rows = s.ipvs || [];
+    tb.innerHTML = rows.length ? rows.map((r) => '<tr><td class="mono">' + esc(r.service) + '</td><td class="mono">' + esc(r.real) + '</td><td class="num">' +
+      r.weight + '</td><td class="num">' + r.active + '</td><td class="num">' + r.inactive + "</td></tr>").join("")
+      : '<tr class="empty"><td colspan="5">No director reports an IPVS table.</td></tr>';
+  };
+
   // The rate chart, drawn the same way as the server's first rendering.
   function drawChart(c) {
     const svg = $("#rate-chart"); if (!svg) return;
@@ -132,6 +153,8 @@
       if (topic === "dash" && handlers[k]) { handlers[k](v); continue; }
       if (topic.startsWith("node/") && (k === "events" || k === "log")) { handlers[k](v); continue; }
       if (topic.startsWith("rollout/") && k === "summary") { handlers.summary(v); continue; }
+      if (topic === "cluster" && k === "csum") { handlers.csum(v); continue; }
+      if (topic === "cluster" && !$('[data-k="' + CSS.escape(k) + '"]')) { memberRow(k, v); continue; }
       apply(k, v);
     }
     for (const k of msg.del || []) {
