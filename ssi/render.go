@@ -8,28 +8,39 @@ import (
 	"strings"
 )
 
-// File is one configuration file for a node.
+// File is one configuration file for a node. In JSON, Data is base64.
 type File struct {
-	Path  string      // absolute path on the node
-	Mode  fs.FileMode // permission bits
-	Owner string      // user name; "" for root
-	Group string      // group name; "" for root
-	Data  []byte
+	Path  string      `json:"path"`  // absolute path on the node
+	Mode  fs.FileMode `json:"mode"`  // permission bits
+	Owner string      `json:"owner"` // user name; "" for root
+	Group string      `json:"group"` // group name; "" for root
+	Data  []byte      `json:"data"`
 }
 
 // Bundle is everything one node needs to join: its allocation, the nodelist
-// version, its files (secrets only the ones its role uses), the lines it adds
-// to /etc/fstab, the VIPs it carries on lo as an IPVS real server and the
-// services to start, in order.
+// version, the members, its files (secrets only the ones its role uses), the
+// lines it adds to /etc/fstab, the VIPs it carries on lo as an IPVS real
+// server or holds as a director, and the services to start, in order. The
+// server sends it to the node as JSON; it decodes to an equal Bundle.
 type Bundle struct {
-	Cluster      string
-	Member       Member
-	Version      int
-	Core         []Member // corosync voters, for the join's verification
-	Files        []File
-	FstabLines   []string
-	LoopbackVIPs []netip.Addr
-	Services     []string
+	Cluster string   `json:"cluster"`
+	Member  Member   `json:"member"`
+	Version int      `json:"version"`
+	Core    []Member `json:"core"`    // corosync voters, for the join's verification
+	Members []Member `json:"members"` // every current member, in id order
+	// Remotes are the remote members, on core nodes of a cluster running
+	// pacemaker (nil elsewhere): a core node reconciles pacemaker's remote
+	// resources with them (enroll.Node.Reconcile).
+	Remotes []Member `json:"remotes"`
+	// Fencing is the cluster's Profile.Fencing: STONITH stays enabled in
+	// pacemaker; off, the reconciling core node disables it.
+	Fencing      bool         `json:"fencing"`
+	Files        []File       `json:"files"`
+	FstabLines   []string     `json:"fstab_lines"`
+	HomeMount    string       `json:"home_mount"` // where the NFS home is mounted on this node ("" on its server, or without NFS home)
+	LoopbackVIPs []netip.Addr `json:"loopback_vips"`
+	DirectorVIPs []netip.Addr `json:"director_vips"` // VIPs this node may hold as a VRRP director
+	Services     []string     `json:"services"`
 }
 
 // Render builds node name's bundle from the definition, the allocation and the
@@ -39,8 +50,16 @@ func Render(c *Cluster, s *State, keys *Keys, name string) (*Bundle, error) {
 	if !ok {
 		return nil, fmt.Errorf("render: node %s is not a member of cluster %s", name, c.Name)
 	}
-	b := &Bundle{Cluster: c.Name, Member: m, Version: s.Version, Core: s.Core()}
+	b := &Bundle{Cluster: c.Name, Member: m, Version: s.Version, Core: s.Core(), Fencing: c.Profile.Fencing,
+		Members: slices.SortedFunc(slices.Values(s.Members), func(a, b Member) int { return a.ID - b.ID })}
 	p := c.Profile
+	if p.Pacemaker && m.Role == Core {
+		for _, o := range b.Members {
+			if o.Role == Remote {
+				b.Remotes = append(b.Remotes, o)
+			}
+		}
+	}
 	if p.Corosync && m.Role == Core {
 		b.add("/etc/corosync/corosync.conf", 0o644, corosyncConf(c, s))
 		b.add("/etc/corosync/authkey", 0o400, keys.Corosync)
@@ -75,6 +94,7 @@ func Render(c *Cluster, s *State, keys *Keys, name string) (*Bundle, error) {
 		default:
 			b.FstabLines = append(b.FstabLines,
 				fmt.Sprintf("%s:%s %s nfs4 defaults,_netdev 0 0", srv.Addr, c.NFS.Export, c.NFS.Export))
+			b.HomeMount = c.NFS.Export
 		}
 	}
 	if p.ClusterShell {
@@ -207,6 +227,7 @@ func (b *Bundle) addKeepalived(c *Cluster, s *State, m Member) error {
 		if prio < 0 {
 			continue
 		}
+		b.DirectorVIPs = append(b.DirectorVIPs, v.Address.Addr())
 		if !director {
 			fmt.Fprintf(&conf, "# Written by ESIR for cluster %s. Do not edit.\n", c.Name)
 			fmt.Fprintf(&conf, "global_defs {\n\trouter_id %s\n\tenable_script_security\n}\n", m.Name)

@@ -1,18 +1,20 @@
 package ssi
 
 import (
-	"context"
-	"time"
-
 	"bytes"
+	"context"
+	"encoding/json"
 	"fmt"
-	"github.com/esir-project/esir/netlab"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/esir-project/esir/netlab"
 )
 
 func TestParse(t *testing.T) {
@@ -221,6 +223,23 @@ func fixture(t *testing.T) (*Cluster, *State, *Keys) {
 func dump(b *Bundle) string {
 	var w strings.Builder
 	fmt.Fprintf(&w, "member %s id %d role %s version %d\nservices %s\n", b.Member.Name, b.Member.ID, b.Member.Role, b.Version, strings.Join(b.Services, " "))
+	names := func(ms []Member) string {
+		var n []string
+		for _, m := range ms {
+			n = append(n, fmt.Sprintf("%s=%d", m.Name, m.ID))
+		}
+		if len(n) == 0 {
+			return "-"
+		}
+		return strings.Join(n, " ")
+	}
+	fmt.Fprintf(&w, "members %s\ncore %s\nremotes %s\nfencing %v\n", names(b.Members), names(b.Core), names(b.Remotes), b.Fencing)
+	if b.HomeMount != "" {
+		fmt.Fprintf(&w, "home %s\n", b.HomeMount)
+	}
+	for _, a := range b.DirectorVIPs {
+		fmt.Fprintf(&w, "director %s\n", a)
+	}
 	for _, l := range b.FstabLines {
 		fmt.Fprintf(&w, "fstab %s\n", l)
 	}
@@ -248,6 +267,11 @@ func TestRenderGolden(t *testing.T) {
 			}
 			got := dump(b)
 			golden := filepath.Join("testdata", "golden", node+".txt")
+			if os.Getenv("ESIR_UPDATE_GOLDEN") != "" {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
 			want, err := os.ReadFile(golden)
 			if err != nil {
 				t.Fatalf("%v (the rendered bundle is:\n%s)", err, got)
@@ -264,6 +288,36 @@ func TestRenderGolden(t *testing.T) {
 	}
 	if _, err := Render(c, s, keys, "ghost"); err == nil || !strings.Contains(err.Error(), "ghost") {
 		t.Errorf("render of a non-member: %v", err)
+	}
+}
+
+// TestBundleJSON sends every rendered bundle through encoding/json, as the
+// server does, and expects the same bundle back.
+func TestBundleJSON(t *testing.T) {
+	c, s, keys := fixture(t)
+	for _, m := range s.Members {
+		b, err := Render(c, s, keys, m.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, err := json.Marshal(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var back Bundle
+		dec := json.NewDecoder(bytes.NewReader(data))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&back); err != nil {
+			t.Fatalf("%s: %v", m.Name, err)
+		}
+		if !reflect.DeepEqual(&back, b) {
+			t.Errorf("%s: bundle changed through JSON:\n got %+v\nwant %+v", m.Name, back, *b)
+		}
+		for _, key := range []string{`"member":{"id":`, `"remotes":`, `"director_vips":`, `"files":[{"path":"/etc/`, `"mode":`} {
+			if m.Role == Core && !bytes.Contains(data, []byte(key)) {
+				t.Errorf("%s: JSON lacks %s", m.Name, key)
+			}
+		}
 	}
 }
 

@@ -1,19 +1,20 @@
 // Package enroll is the node side of the SSI stack: it installs the files of a
 // node's ssi.Bundle, starts the engines in order (or reloads corosync's
 // nodelist when it already runs), and asks the engines whether the node is a
-// member. A node is enrolled only when corosync lists it as joined and says the
-// partition is quorate; otherwise Enroll names the check that failed.
+// member. A node is enrolled only when its engines agree: corosync lists it as
+// joined in a quorate partition (core nodes), pacemaker shows it online (core
+// and remote nodes), chrony is synchronised and the NFS home is mounted;
+// otherwise Enroll returns a *CheckError naming the check that failed. On core
+// nodes, Reconcile keeps pacemaker's remote resources and node list in line
+// with the members; View reports a node's current view for periodic reports.
 package enroll
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/xml"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"os/exec"
 	"os/user"
@@ -64,106 +65,98 @@ type Node struct {
 	Run  Runner
 	Init Init
 	Log  *slog.Logger
-	// Timeout bounds the wait for membership and quorum after a start or a
+	// Timeout bounds each wait of an enrollment (corosync membership and
+	// quorum, pacemaker online, chrony synchronised) after a start or a
 	// reload; 0 means one minute.
 	Timeout time.Duration
-}
-
-// Membership is corosync's view from one node.
-type Membership struct {
-	NodeID   int   // this node's id
-	Joined   []int // node ids corosync lists as joined
-	Nodelist []int // node ids in corosync's loaded nodelist
-	Quorate  bool
-	Expected int // expected votes
-	Total    int // total votes present
+	// SharedClock says the node does not own the system clock: it shares
+	// the clock with others, as a network namespace or a container shares
+	// its host's. chronyd then runs with -x: it still tracks and serves
+	// time but never adjusts the clock. Applies to Direct init; under
+	// systemd, chrony's unit decides (Debian's skips chronyd without
+	// CAP_SYS_TIME).
+	SharedClock bool
 }
 
 // Enroll installs b's files, starts or reloads the engines, and verifies that
-// corosync lists the node as joined in a quorate partition. It is idempotent:
-// run it at every boot and whenever the nodelist version changes. A reload
-// (corosync-cfgtool -R) acts on every member at once, so the new nodelist must
-// be installed on every member (Install) before any of them reloads.
+// the node is a member, as its engines say, in this order: corosync lists it
+// as joined in a quorate partition with every core member (core nodes);
+// pacemaker shows it online (crm_mon; on a remote node through
+// pacemaker-remoted, once a core node reconciled its connection resource);
+// chrony is synchronised (TimeSynced); the NFS home is mounted. It returns the
+// node's view, or a *CheckError naming the node and the first check that did
+// not pass within the node's timeout. It is idempotent: run it at every boot
+// and whenever the nodelist version changes. A reload (corosync-cfgtool -R)
+// acts on every member at once, so the new nodelist must be installed on every
+// member (Install) before any of them reloads.
 func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
+	name := b.Member.Name
+	m := Membership{Role: string(b.Member.Role)}
 	if err := n.Install(b); err != nil {
-		return Membership{}, err
+		return m, err
 	}
 	for _, a := range b.LoopbackVIPs {
-		if _, err := n.Run.Run(ctx, "ip", "addr", "replace", a.String()+"/32", "dev", "lo"); err != nil {
-			return Membership{}, fmt.Errorf("enroll %s: step real-server VIP %s on lo: %w", b.Member.Name, a, err)
+		if out, err := n.Run.Run(ctx, "ip", "addr", "replace", a.String()+"/32", "dev", "lo"); err != nil {
+			return m, &CheckError{Node: name, Check: CheckVIP, Err: fmt.Errorf("real-server VIP %s on lo: %w: %s", a, err, bytes.TrimSpace(out))}
 		}
 	}
 	if err := n.Start(ctx, b); err != nil {
-		return Membership{}, err
-	}
-	if !slices.Contains(b.Services, "corosync") {
-		return Membership{}, fmt.Errorf("enroll %s: role %s: only corosync members are verified so far", b.Member.Name, b.Member.Role)
-	}
-	m, err := n.WaitMember(ctx, b.Member.ID, len(b.Core))
-	if err != nil || !slices.Contains(b.Services, "pacemaker") {
 		return m, err
 	}
-	return m, n.WaitOnline(ctx, b.Member.Name)
+	if slices.Contains(b.Services, "corosync") {
+		cs, err := n.waitMember(ctx, name, b.Member.ID, len(b.Core))
+		m.NodeID, m.Joined, m.Nodelist, m.Quorate, m.Expected, m.Total = cs.NodeID, cs.Joined, cs.Nodelist, cs.Quorate, cs.Expected, cs.Total
+		if err != nil {
+			return m, err
+		}
+	}
+	if slices.Contains(b.Services, "pacemaker") || slices.Contains(b.Services, "pacemaker_remote") {
+		ps, err := n.waitOnline(ctx, name)
+		if err != nil {
+			return m, err
+		}
+		m.Online, m.FencingEnabled, m.FencingDevices = ps.online(), ps.StonithEnabled, ps.StonithDevices
+	}
+	if slices.Contains(b.Services, "chrony") {
+		ts, err := n.waitTime(ctx, b)
+		m.TimeSource, m.TimeOffsetMS, m.TimeSynced = ts.Source, ts.OffsetMS, ts.Synced
+		if err != nil {
+			return m, err
+		}
+	}
+	if b.HomeMount != "" {
+		if err := n.mountHome(ctx, b.HomeMount); err != nil {
+			return m, named(err, name)
+		}
+		m.HomeMounted = true
+	}
+	if len(b.DirectorVIPs) > 0 {
+		if as, err := n.addrs(ctx); err == nil {
+			m.VIPs = heldVIPs(as, b.DirectorVIPs)
+		}
+	}
+	return m, nil
 }
 
-// WaitOnline polls pacemaker (crm_mon) until it shows node name online, or
-// the timeout.
-func (n *Node) WaitOnline(ctx context.Context, name string) error {
-	timeout := n.Timeout
-	if timeout == 0 {
-		timeout = time.Minute
+// mountHome mounts the NFS home at dir from its fstab line unless it is
+// mounted already, and checks that it is.
+func (n *Node) mountHome(ctx context.Context, dir string) error {
+	ok, err := n.HomeMounted(ctx, dir)
+	if err != nil || ok {
+		return err
 	}
-	deadline := time.Now().Add(timeout)
-	for {
-		online, err := n.Online(ctx)
-		if err == nil {
-			if slices.Contains(online, name) {
-				return nil
-			}
-			err = fmt.Errorf("check pacemaker: %s is not online (online: %v)", name, online)
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("node %s not enrolled after %v: %w", name, timeout, err)
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(500 * time.Millisecond):
-		}
+	if out, err := n.Run.Run(ctx, "mount", dir); err != nil {
+		return failed(CheckHome, "mount %s: %w: %s", dir, err, bytes.TrimSpace(out))
 	}
-}
-
-// Online returns the nodes pacemaker shows online, from crm_mon's XML.
-func (n *Node) Online(ctx context.Context) ([]string, error) {
-	out, err := n.Run.Run(ctx, "crm_mon", "-1", "--output-as=xml")
-	if err != nil {
-		return nil, fmt.Errorf("check pacemaker: crm_mon: %w: %s", err, bytes.TrimSpace(out))
+	if ok, err = n.HomeMounted(ctx, dir); err == nil && !ok {
+		err = failed(CheckHome, "%s is not an NFS mount after mount %s", dir, dir)
 	}
-	return parseOnline(out)
-}
-
-// parseOnline reads crm_mon's XML and returns the names of the online nodes.
-func parseOnline(out []byte) ([]string, error) {
-	var doc struct {
-		Nodes []struct {
-			Name   string `xml:"name,attr"`
-			Online bool   `xml:"online,attr"`
-		} `xml:"nodes>node"`
-	}
-	if err := xml.Unmarshal(out, &doc); err != nil {
-		return nil, fmt.Errorf("check pacemaker: crm_mon XML: %w", err)
-	}
-	var names []string
-	for _, nd := range doc.Nodes {
-		if nd.Online {
-			names = append(names, nd.Name)
-		}
-	}
-	slices.Sort(names)
-	return names, nil
+	return err
 }
 
 // Start starts b's services in order; corosync, when it already runs, reloads
 // its configuration instead (corosync-cfgtool -R, on every member at once).
+// Errors are *CheckError (start or reload).
 func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 	log := n.logger().With("node", b.Member.Name, "version", b.Version)
 	for _, svc := range b.Services {
@@ -171,177 +164,33 @@ func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 			if _, err := n.Run.Run(ctx, "corosync-cfgtool", "-s"); err == nil {
 				log.Info("corosync runs: reloading the nodelist")
 				if out, err := n.Run.Run(ctx, "corosync-cfgtool", "-R"); err != nil {
-					return fmt.Errorf("enroll %s: step reload corosync (nodelist version %d): %w: %s", b.Member.Name, b.Version, err, out)
+					return &CheckError{Node: b.Member.Name, Check: CheckReload,
+						Err: fmt.Errorf("reload corosync (nodelist version %d): %w: %s", b.Version, err, bytes.TrimSpace(out))}
 				}
 				continue
 			}
 		}
+		if n.Init == Direct && n.running(ctx, daemon(svc)) {
+			log.Debug("runs already", "service", svc)
+			continue
+		}
 		log.Info("starting", "service", svc)
 		if err := n.start(ctx, svc); err != nil {
-			return fmt.Errorf("enroll %s: step start %s: %w", b.Member.Name, svc, err)
+			return &CheckError{Node: b.Member.Name, Check: CheckStart, Err: fmt.Errorf("start %s: %w", svc, err)}
 		}
 	}
 	return nil
 }
 
-// HoldsVIP reports whether the node carries addr on one of its interfaces
-// other than lo (a VRRP director that is master for it).
-func (n *Node) HoldsVIP(ctx context.Context, addr netip.Addr) (bool, error) {
-	out, err := n.Run.Run(ctx, "ip", "-o", "addr", "show")
-	if err != nil {
-		return false, fmt.Errorf("check VIP %s: %w", addr, err)
-	}
-	for l := range strings.Lines(string(out)) {
-		f := strings.Fields(l)
-		if len(f) < 4 || f[1] == "lo" {
-			continue
-		}
-		if p, err := netip.ParsePrefix(f[3]); err == nil && p.Addr() == addr {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
-// WaitMember polls corosync until node id is joined in a quorate partition of
-// want members (or the timeout); the error names the check that failed last.
-func (n *Node) WaitMember(ctx context.Context, id, want int) (Membership, error) {
-	timeout := n.Timeout
-	if timeout == 0 {
-		timeout = time.Minute
-	}
-	// The deadline is checked between polls, so that a check in flight is
-	// not cut short and the last verdict is a real one.
-	deadline := time.Now().Add(timeout)
-	for {
-		m, err := n.Status(ctx)
-		if err == nil {
-			switch {
-			case m.NodeID != id:
-				err = fmt.Errorf("check node id: corosync runs as node %d, want %d", m.NodeID, id)
-			case !slices.Contains(m.Joined, id):
-				err = fmt.Errorf("check membership: node %d is not joined (joined: %v)", id, m.Joined)
-			case len(m.Joined) < want:
-				err = fmt.Errorf("check membership: %d of %d core members joined (%v)", len(m.Joined), want, m.Joined)
-			case !m.Quorate:
-				err = fmt.Errorf("check quorum: partition is not quorate (%d of %d votes)", m.Total, m.Expected)
-			default:
-				return m, nil
-			}
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return m, fmt.Errorf("node %d not enrolled after %v: %w", id, timeout, err)
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
-}
-
-// Status asks corosync for its membership and quorum.
-func (n *Node) Status(ctx context.Context) (Membership, error) {
-	var m Membership
-	out, err := n.Run.Run(ctx, "corosync-cmapctl", "-b", "runtime.members")
-	if err != nil {
-		return m, fmt.Errorf("check membership: corosync-cmapctl: %w: %s", err, bytes.TrimSpace(out))
-	}
-	m.Joined = parseMembers(out)
-	out, err = n.Run.Run(ctx, "corosync-cmapctl", "-b", "nodelist.node")
-	if err != nil {
-		return m, fmt.Errorf("check nodelist: corosync-cmapctl: %w: %s", err, bytes.TrimSpace(out))
-	}
-	m.Nodelist = parseNodelist(out)
-	out, err = n.Run.Run(ctx, "corosync-quorumtool", "-s", "-p")
-	// corosync-quorumtool exits non-zero when the partition is not quorate.
-	if len(out) == 0 && err != nil {
-		return m, fmt.Errorf("check quorum: corosync-quorumtool: %w", err)
-	}
-	if err := parseQuorum(out, &m); err != nil {
-		return m, fmt.Errorf("check quorum: %w", err)
-	}
-	return m, nil
-}
-
-// parseMembers reads corosync-cmapctl's runtime.members listing, lines like
-// "runtime.members.3.status (str) = joined", and returns the joined ids.
-func parseMembers(out []byte) []int {
-	var ids []int
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		key, val, ok := strings.Cut(sc.Text(), " = ")
-		if !ok || val != "joined" || !strings.HasSuffix(key, ".status (str)") {
-			continue
-		}
-		f := strings.Split(strings.TrimSuffix(key, ".status (str)"), ".")
-		if len(f) != 3 {
-			continue
-		}
-		if id, err := strconv.Atoi(f[2]); err == nil {
-			ids = append(ids, id)
-		}
-	}
-	slices.Sort(ids)
-	return ids
-}
-
-// parseNodelist reads corosync-cmapctl's nodelist.node listing, lines like
-// "nodelist.node.0.nodeid (u32) = 1", and returns the ids.
-func parseNodelist(out []byte) []int {
-	var ids []int
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		key, val, ok := strings.Cut(sc.Text(), " = ")
-		if !ok || !strings.HasSuffix(key, ".nodeid (u32)") {
-			continue
-		}
-		if id, err := strconv.Atoi(val); err == nil {
-			ids = append(ids, id)
-		}
-	}
-	slices.Sort(ids)
-	return ids
-}
-
-// parseQuorum reads `corosync-quorumtool -s -p` output: "Node ID:",
-// "Quorate:", "Expected votes:" and "Total votes:" lines.
-func parseQuorum(out []byte, m *Membership) error {
-	seen := 0
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
-		if f := strings.Fields(v); len(f) > 0 {
-			v = f[0]
-		}
-		switch k {
-		case "Node ID":
-			m.NodeID, _ = strconv.Atoi(v)
-			seen++
-		case "Quorate":
-			m.Quorate = v == "Yes"
-			seen++
-		case "Expected votes":
-			m.Expected, _ = strconv.Atoi(v)
-		case "Total votes":
-			m.Total, _ = strconv.Atoi(v)
-		}
-	}
-	if seen < 2 {
-		return fmt.Errorf("corosync-quorumtool printed no node id or quorum state: %q", out)
-	}
-	return nil
-}
-
-// Leave stops the node's engines in reverse start order. The server then
-// removes the node from the nodelist and the remaining members reload it
-// (Enroll with their new bundles).
+// Leave stops the node's engines in reverse start order and waits for them
+// to exit. The server then removes the node from the nodelist, the remaining
+// members reload it (Enroll with their new bundles) and the reconciling core
+// member purges the node from pacemaker (Reconcile). Stopping an engine that
+// does not run is not an error.
 func (n *Node) Leave(ctx context.Context, b *ssi.Bundle) error {
 	for i := len(b.Services) - 1; i >= 0; i-- {
 		svc := b.Services[i]
+		n.logger().Info("stopping", "node", b.Member.Name, "service", svc)
 		if err := n.stop(ctx, svc); err != nil {
 			return fmt.Errorf("leave %s: step stop %s: %w", b.Member.Name, svc, err)
 		}
@@ -349,83 +198,120 @@ func (n *Node) Leave(ctx context.Context, b *ssi.Bundle) error {
 	return nil
 }
 
+// daemon is the process a service runs as, under Direct init.
+func daemon(svc string) string {
+	switch svc {
+	case "pacemaker":
+		return "pacemakerd"
+	case "pacemaker_remote":
+		return "pacemaker-remoted"
+	case "chrony":
+		return "chronyd"
+	}
+	return svc
+}
+
+// running reports whether a process called name runs on the node.
+func (n *Node) running(ctx context.Context, name string) bool {
+	_, err := n.Run.Run(ctx, "pidof", name)
+	return err == nil
+}
+
 func (n *Node) start(ctx context.Context, svc string) error {
 	if n.Init == Systemd {
 		_, err := n.Run.Run(ctx, "systemctl", "start", svc)
 		return err
 	}
+	run := func(name string, args ...string) error {
+		out, err := n.Run.Run(ctx, name, args...)
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, bytes.TrimSpace(out))
+		}
+		return nil
+	}
 	switch svc {
 	case "corosync":
 		// corosync forks and returns once it runs.
-		_, err := n.Run.Run(ctx, "corosync")
-		return err
+		return run("corosync")
 	case "chrony":
-		_, err := n.Run.Run(ctx, "chronyd", "-f", "/etc/chrony/chrony.conf")
-		return err
+		if n.SharedClock {
+			return run("chronyd", "-x", "-f", "/etc/chrony/chrony.conf")
+		}
+		return run("chronyd", "-f", "/etc/chrony/chrony.conf")
 	case "keepalived":
-		_, err := n.Run.Run(ctx, "keepalived", "-f", "/etc/keepalived/keepalived.conf")
-		return err
-	case "pacemaker":
-		// pacemakerd always stays in the foreground: detach it.
-		_, err := n.Run.Run(ctx, "sh", "-c", "setsid pacemakerd </dev/null >/dev/null 2>&1 &")
-		return err
+		return run("keepalived", "-f", "/etc/keepalived/keepalived.conf")
+	case "pacemaker", "pacemaker_remote":
+		// pacemakerd and pacemaker-remoted stay in the foreground: detach
+		// them. pacemaker-remoted reads /etc/pacemaker/authkey and listens
+		// on TCP 3121 for the core node holding its connection.
+		return run("sh", "-c", "setsid "+daemon(svc)+" </dev/null >/dev/null 2>&1 &")
 	}
 	return fmt.Errorf("service %s cannot be started without systemd yet", svc)
 }
 
 func (n *Node) stop(ctx context.Context, svc string) error {
 	if n.Init == Systemd {
-		_, err := n.Run.Run(ctx, "systemctl", "stop", svc)
-		return err
-	}
-	switch svc {
-	case "corosync":
-		// -H asks corosync to shut down cleanly, telling the others it leaves.
-		out, err := n.Run.Run(ctx, "corosync-cfgtool", "-H", "--force")
+		out, err := n.Run.Run(ctx, "systemctl", "stop", svc)
 		if err != nil {
-			return fmt.Errorf("%w: %s", err, out)
-		}
-		// -H returns before the daemon exits; a new start meanwhile finds
-		// its lock taken. Wait for the process to go.
-		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		for {
-			if _, err := n.Run.Run(ctx, "pidof", "corosync"); err != nil {
-				if ctx.Err() != nil {
-					return fmt.Errorf("corosync still runs 30 s after corosync-cfgtool -H")
-				}
-				return nil
-			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("corosync still runs 30 s after corosync-cfgtool -H")
-			case <-time.After(100 * time.Millisecond):
-			}
-		}
-	case "chrony":
-		_, err := n.Run.Run(ctx, "chronyc", "shutdown")
-		return err
-	case "pacemaker":
-		out, err := n.Run.Run(ctx, "pacemakerd", "--shutdown")
-		if err != nil {
-			return fmt.Errorf("%w: %s", err, out)
+			return fmt.Errorf("%w: %s", err, bytes.TrimSpace(out))
 		}
 		return nil
 	}
-	return fmt.Errorf("service %s cannot be stopped without systemd yet", svc)
+	proc := daemon(svc)
+	if !n.running(ctx, proc) {
+		return nil
+	}
+	var cmd []string
+	limit := 30 * time.Second
+	switch svc {
+	case "corosync":
+		// -H asks corosync to shut down cleanly, telling the others it
+		// leaves. It returns before the daemon exits; a new start meanwhile
+		// would find its lock taken.
+		cmd = []string{"corosync-cfgtool", "-H", "--force"}
+	case "chrony":
+		cmd = []string{"chronyc", "shutdown"}
+	case "pacemaker":
+		// pacemakerd stops its daemons (and resources) before it exits.
+		cmd, limit = []string{"pacemakerd", "--shutdown"}, 2*time.Minute
+	case "pacemaker_remote", "keepalived":
+		// SIGTERM: pacemaker-remoted asks the cluster to stop its
+		// connection first; keepalived drops its VIPs.
+		out, err := n.Run.Run(ctx, "pidof", proc)
+		if err != nil {
+			return nil
+		}
+		cmd = append([]string{"kill", "-TERM"}, strings.Fields(string(out))...)
+	default:
+		return fmt.Errorf("service %s cannot be stopped without systemd yet", svc)
+	}
+	if out, err := n.Run.Run(ctx, cmd[0], cmd[1:]...); err != nil {
+		return fmt.Errorf("%w: %s", err, bytes.TrimSpace(out))
+	}
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	for n.running(ctx, proc) {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s still runs %v after %s", proc, limit, strings.Join(cmd, " "))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // Install writes b's files under the node's root atomically with their modes
-// and owners, and adds b's fstab lines to etc/fstab once.
+// and owners, and adds b's fstab lines to etc/fstab once. Errors are
+// *CheckError (install).
 func (n *Node) Install(b *ssi.Bundle) error {
 	for _, f := range b.Files {
 		if err := n.writeFile(f); err != nil {
-			return fmt.Errorf("enroll %s: step install: %w", b.Member.Name, err)
+			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
 		}
 	}
 	if len(b.FstabLines) > 0 {
 		if err := n.addFstab(b.FstabLines); err != nil {
-			return fmt.Errorf("enroll %s: step fstab: %w", b.Member.Name, err)
+			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: fmt.Errorf("fstab: %w", err)}
 		}
 	}
 	return nil

@@ -49,12 +49,15 @@ func TestParseOnline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := parseOnline(out)
-	if err != nil || !slices.Equal(got, []string{"p1", "p3"}) {
-		t.Fatalf("parseOnline = %v, %v; want [p1 p3]", got, err)
+	s, err := parseCrmMon(out)
+	if got := s.online(); err != nil || !slices.Equal(got, []string{"p1", "p3"}) {
+		t.Fatalf("parseCrmMon online = %v, %v; want [p1 p3]", got, err)
 	}
-	if _, err := parseOnline([]byte("crm_mon: Error: cluster is not available on this node")); err == nil {
-		t.Fatal("parseOnline accepted a non-XML answer")
+	if !s.StonithEnabled {
+		t.Error("stonith-enabled unset read as false; pacemaker's default is true")
+	}
+	if _, err := parseCrmMon([]byte("crm_mon: Error: cluster is not available on this node")); err == nil {
+		t.Fatal("parseCrmMon accepted a non-XML answer")
 	}
 }
 
@@ -436,21 +439,157 @@ func TestLevel1VRRPNetns(t *testing.T) {
 	}
 }
 
-// TestLevel1PacemakerNetns enrolls three core nodes running corosync and
-// pacemaker: each is enrolled only once crm_mon shows it online, and all
-// three see all three online.
-func TestLevel1PacemakerNetns(t *testing.T) {
+// remotedDir holds pacemaker-remoted, unpacked aside by scripts/setup.sh:
+// Debian 12's pacemaker-remote package conflicts with pacemaker.
+const remotedDir = "/opt/esir-test/pacemaker-remote/usr/sbin"
+
+// cluster is the level 1 pacemaker test's cluster: its definition, secrets,
+// allocation and nodes. The allocation changes as nodes leave; bundle
+// renders from the current one.
+type cluster struct {
+	def   *ssi.Cluster
+	keys  *ssi.Keys
+	mu    sync.Mutex
+	st    *ssi.State
+	nodes map[string]*node
+}
+
+func (c *cluster) bundle(t *testing.T, name string) *ssi.Bundle {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b, err := ssi.Render(c.def, c.st, c.keys, name)
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	return b
+}
+
+func (c *cluster) leave(t *testing.T, name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, err := c.st.Leave(name); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// reconcile runs Reconcile on every current core member every second, as
+// the node service does, until the returned stop is called.
+func (c *cluster) reconcile(ctx context.Context, t *testing.T) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for ctx.Err() == nil {
+			c.mu.Lock()
+			core := c.st.Core()
+			c.mu.Unlock()
+			for _, m := range core {
+				b := c.bundle(t, m.Name)
+				if b == nil {
+					continue
+				}
+				if err := c.nodes[m.Name].enr.Reconcile(ctx, b); err != nil && ctx.Err() == nil {
+					// Expected while pacemaker starts; the next round retries.
+					t.Logf("reconcile on %s: %v", m.Name, err)
+				}
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	})
+	return func() { cancel(); wg.Wait() }
+}
+
+// keepPacemakerLogs copies the nodes' pacemaker logs to $ESIR_ARTIFACTS and
+// the tails to the test log when the test failed.
+func keepPacemakerLogs(t *testing.T, nodes []*node) {
+	if !t.Failed() {
+		return
+	}
+	dir := os.Getenv("ESIR_ARTIFACTS")
+	for _, n := range nodes {
+		log := n.PacemakerLog()
+		if len(log) > 3000 {
+			log = log[len(log)-3000:]
+		}
+		t.Logf("%s pacemaker.log (tail):\n%s", n.Host.Name, log)
+		if dir != "" {
+			os.WriteFile(filepath.Join(dir, "ssi-"+n.Host.Name+"-pacemaker.log"), n.PacemakerLog(), 0o644)
+		}
+	}
+}
+
+// eventually polls cond every 500 ms until it returns nil or limit passes,
+// then fails with its last error.
+func eventually(ctx context.Context, t *testing.T, limit time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			t.Fatalf("%s: not after %v: %v", what, limit, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// noTrace checks that pacemaker on n knows nothing of node gone: crm_mon does
+// not list it and the CIB (configuration and status) never names it.
+func noTrace(ctx context.Context, n *node, gone string, online []string) error {
+	got, err := n.enr.Online(ctx)
+	if err != nil {
+		return err
+	}
+	if !slices.Equal(got, online) {
+		return fmt.Errorf("%s: crm_mon shows online %v, want %v", n.Host.Name, got, online)
+	}
+	ps, err := n.enr.crmMon(ctx)
+	if err != nil {
+		return err
+	}
+	for _, nd := range ps.Nodes {
+		if nd.Name == gone {
+			return fmt.Errorf("%s: crm_mon still lists %s (online %v)", n.Host.Name, gone, nd.Online)
+		}
+	}
+	cib, err := n.Run(ctx, "cibadmin", "--query")
+	if err != nil {
+		return err
+	}
+	if q := `"` + gone + `"`; bytes.Contains(cib, []byte(q)) {
+		i := bytes.Index(cib, []byte(q))
+		return fmt.Errorf("%s: the CIB still names %s: ...%s...", n.Host.Name, gone, cib[max(0, i-120):min(len(cib), i+40)])
+	}
+	return nil
+}
+
+// TestLevel1PacemakerRemoteNetns enrolls three core nodes (corosync,
+// pacemaker, chrony) and one remote node (pacemaker-remoted, chrony), each in
+// its own network, mount, UTS and PID namespaces, with the core nodes
+// reconciling pacemaker every second as the node service does: every node
+// is enrolled only once its engines agree, every core's crm_mon shows the
+// three core nodes and the remote online, the remote's chrony tracks a core
+// member. Then the remote leaves (no trace in crm_mon or the CIB), and a core
+// member, the reconciling one, leaves (purged from pacemaker by the next
+// reconciler; no ghost in corosync).
+func TestLevel1PacemakerRemoteNetns(t *testing.T) {
 	if err := netlab.Available(); err != nil {
 		t.Skipf("needs root and network namespaces: %v", err)
 	}
-	for _, bin := range []string{"/usr/sbin/corosync", "/usr/sbin/pacemakerd", "/usr/sbin/crm_mon"} {
+	for _, bin := range []string{"/usr/sbin/corosync", "/usr/sbin/pacemakerd", "/usr/sbin/crm_mon", "/usr/sbin/cibadmin",
+		"/usr/sbin/crm_node", "/usr/sbin/crm_attribute", "/usr/sbin/chronyd", "/usr/bin/chronyc", remotedDir + "/pacemaker-remoted"} {
 		if _, err := os.Stat(bin); err != nil {
-			t.Skipf("%s is not installed (scripts/setup.sh test installs corosync and pacemaker)", bin)
+			t.Skipf("%s is not installed (scripts/setup.sh test installs corosync, pacemaker, pacemaker-cli-utils, chrony and unpacks pacemaker-remote's daemon)", bin)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	c, _, err := ssi.Load("testdata/pcmk3.yaml")
+	def, _, err := ssi.Load("testdata/pcmk-remote.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -458,17 +597,18 @@ func TestLevel1PacemakerNetns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st := ssi.NewState()
+	c := &cluster{def: def, keys: keys, st: ssi.NewState(), nodes: map[string]*node{}}
 	lab, err := netlab.New(ctx, "ssipm")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { lab.Close() })
 	var nodes []*node
-	t.Cleanup(func() { keepLogs(t, nodes) })
-	for i, name := range []string{"p1", "p2", "p3"} {
+	t.Cleanup(func() { keepLogs(t, nodes[:3]); keepPacemakerLogs(t, nodes) })
+	names := []string{"p1", "p2", "p3", "r1"}
+	for i, name := range names {
 		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
-		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
+		if _, _, err := c.st.Join(name, a, def.CoreSize); err != nil {
 			t.Fatal(err)
 		}
 		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
@@ -476,17 +616,25 @@ func TestLevel1PacemakerNetns(t *testing.T) {
 			t.Fatal(err)
 		}
 		n := startNode(ctx, t, h)
+		n.Env = []string{"PATH=" + remotedDir + ":" + os.Getenv("PATH")}
 		n.enr.Timeout = 60 * time.Second
+		n.enr.SharedClock = true
 		nodes = append(nodes, n)
+		c.nodes[name] = n
 	}
+	if m, _ := c.st.Member("r1"); m.Role != ssi.Remote {
+		t.Fatalf("r1 allocated as %s, want remote", m.Role)
+	}
+	stop := c.reconcile(ctx, t)
+	defer func() { stop() }()
+
+	t0 := time.Now()
 	var wg sync.WaitGroup
 	errs := make([]error, len(nodes))
+	views := make([]Membership, len(nodes))
 	for i, n := range nodes {
-		b, err := ssi.Render(c, st, keys, n.Host.Name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Go(func() { _, errs[i] = n.enr.Enroll(ctx, b) })
+		b := c.bundle(t, n.Host.Name)
+		wg.Go(func() { views[i], errs[i] = n.enr.Enroll(ctx, b) })
 	}
 	wg.Wait()
 	for i, n := range nodes {
@@ -494,10 +642,92 @@ func TestLevel1PacemakerNetns(t *testing.T) {
 			t.Fatalf("%s: %v", n.Host.Name, errs[i])
 		}
 	}
-	for _, n := range nodes {
-		online, err := n.enr.Online(ctx)
-		if err != nil || !slices.Equal(online, []string{"p1", "p2", "p3"}) {
-			t.Errorf("%s: pacemaker shows online %v, %v", n.Host.Name, online, err)
+	t.Logf("%v: all four enrolled", time.Since(t0).Round(time.Millisecond))
+	coreAddrs := []string{"198.18.0.1", "198.18.0.2", "198.18.0.3"}
+	for i, v := range views[:3] {
+		// A core node's enrollment waits for itself, not for the remote.
+		if v.NodeID != i+1 || !slices.Equal(v.Joined, []int{1, 2, 3}) || !v.Quorate || v.Role != "core" || !v.TimeSynced ||
+			!slices.Contains(v.Online, names[i]) || v.TimeSource != "local" && !slices.Contains(coreAddrs, v.TimeSource) {
+			t.Errorf("%s enrolled with view %+v", names[i], v)
 		}
 	}
+	if v := views[3]; v.NodeID != 0 || v.Joined != nil || v.Role != "remote" || !slices.Contains(v.Online, "r1") ||
+		!v.TimeSynced || !slices.Contains(coreAddrs, v.TimeSource) {
+		t.Errorf("r1 enrolled with view %+v", v)
+	}
+	for _, n := range nodes[:3] {
+		online, err := n.enr.Online(ctx)
+		if err != nil || !slices.Equal(online, []string{"p1", "p2", "p3", "r1"}) {
+			t.Errorf("%s: pacemaker shows online %v, %v; want the three core nodes and r1", n.Host.Name, online, err)
+		}
+	}
+	for i, n := range nodes[:3] {
+		v, err := n.enr.View(ctx, c.bundle(t, names[i]))
+		if err != nil || !slices.Equal(v.Online, []string{"p1", "p2", "p3", "r1"}) || v.FencingEnabled || !v.TimeSynced || !v.Quorate {
+			t.Errorf("%s's view: %+v, %v; want all four online and fencing disabled by the reconciler", names[i], v, err)
+		}
+	}
+	r1 := nodes[3]
+	rb := c.bundle(t, "r1")
+	v, err := r1.enr.View(ctx, rb)
+	if err != nil || v.Role != "remote" || !slices.Contains(coreAddrs, v.TimeSource) || !slices.Equal(v.Online, []string{"p1", "p2", "p3", "r1"}) || v.FencingEnabled {
+		t.Errorf("r1's view: %+v, %v", v, err)
+	}
+	// Enrolling again (next boot) starts no second daemon.
+	if _, err := r1.enr.Enroll(ctx, rb); err != nil {
+		t.Errorf("r1 second enrollment: %v", err)
+	}
+	if out, err := r1.Run(ctx, "pidof", "pacemaker-remoted", "chronyd"); err != nil || len(strings.Fields(string(out))) != 2 {
+		t.Errorf("r1 runs pacemaker-remoted and chronyd as %q, %v; want one process each", out, err)
+	}
+	t.Logf("%v: views checked", time.Since(t0).Round(time.Millisecond))
+
+	// The remote leaves: its engines stop, the server drops it, the
+	// reconciling core removes its connection and purges it.
+	if err := r1.enr.Leave(ctx, rb); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := r1.Run(ctx, "pidof", "pacemaker-remoted"); err == nil {
+		t.Errorf("pacemaker-remoted still runs after Leave: %s", out)
+	}
+	c.leave(t, "r1")
+	for _, n := range nodes[:3] {
+		eventually(ctx, t, 30*time.Second, n.Host.Name+": no trace of r1", func() error {
+			return noTrace(ctx, n, "r1", []string{"p1", "p2", "p3"})
+		})
+	}
+	t.Logf("%v: r1 left without trace", time.Since(t0).Round(time.Millisecond))
+
+	// p1, the reconciling core member, leaves: its stack stops, the others
+	// get the nodelist without it and reload, then p2 (the next reconciler)
+	// purges it from pacemaker.
+	if err := nodes[0].enr.Leave(ctx, c.bundle(t, "p1")); err != nil {
+		t.Fatal(err)
+	}
+	c.leave(t, "p1")
+	rest := nodes[1:3]
+	bundles := make([]*ssi.Bundle, len(rest))
+	for i, n := range rest {
+		bundles[i] = c.bundle(t, n.Host.Name)
+		if err := n.enr.Install(bundles[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, n := range rest {
+		wg.Go(func() { views[i], errs[i] = n.enr.Enroll(ctx, bundles[i]) })
+	}
+	wg.Wait()
+	for i, n := range rest {
+		if errs[i] != nil {
+			t.Fatalf("%s after p1 left: %v", n.Host.Name, errs[i])
+		}
+		waitFor(ctx, t, n, "membership [2 3] without p1", func(m Membership) bool {
+			return m.Quorate && slices.Equal(m.Joined, []int{2, 3}) && slices.Equal(m.Nodelist, []int{2, 3}) && m.Expected == 2
+		})
+		eventually(ctx, t, 30*time.Second, n.Host.Name+": no trace of p1", func() error {
+			return noTrace(ctx, n, "p1", []string{"p2", "p3"})
+		})
+	}
+	t.Logf("%v: p1 left without trace", time.Since(t0).Round(time.Millisecond))
+	stop()
 }

@@ -2,11 +2,13 @@
 // netlab host (network namespace) plus its own mount, UTS and PID namespaces.
 // The engines' directories (/etc/corosync, /var/lib/corosync,
 // /var/log/corosync, /etc/keepalived, /etc/pacemaker, /var/lib/pacemaker,
-// /var/log/pacemaker) are bind mounts of directories under the node's Root, and
-// /run and /dev/shm are private, so several corosyncs run side by side and
-// ssi/enroll installs a node's files by writing under Root. Tests and
-// benchmarks use it; the host needs root, util-linux (unshare, nsenter) and
-// iproute2.
+// /var/log/pacemaker, /etc/chrony, /var/lib/chrony) are bind
+// mounts of directories under the node's Root, and /run and /dev/shm are
+// private, so several corosyncs, pacemakers, pacemaker-remoteds and chronyds
+// run side by side and ssi/enroll installs a node's files by writing under
+// Root. The host's clock is shared by every node: run chronyd with -x
+// (enroll.Node.SharedClock). Tests and benchmarks use it; the host needs root,
+// util-linux (unshare, nsenter) and iproute2.
 package nodens
 
 import (
@@ -30,9 +32,14 @@ import (
 type Node struct {
 	Host *netlab.Host
 	Root string // host directory whose Dirs the node sees at /
-	pid  int    // host pid of the node's PID-namespace init
-	cmd  *exec.Cmd
-	out  bytes.Buffer
+	// Env is added to the environment of every command Run starts in the
+	// node (and so of the daemons those commands leave running), for
+	// example "PATH=/opt/esir-test/pacemaker-remote/usr/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+	// for a daemon unpacked aside. Set it before the first Run.
+	Env []string
+	pid int // host pid of the node's PID-namespace init
+	cmd *exec.Cmd
+	out bytes.Buffer
 }
 
 // Start creates the node's namespaces inside h's network namespace; root must
@@ -43,13 +50,14 @@ func Start(ctx context.Context, h *netlab.Host, root string) (*Node, error) {
 	script := "set -e; hostname " + h.Name + "; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /dev/shm; "
 	// The engine directories each node keeps apart, relative to /.
 	for _, d := range []string{"etc/corosync", "var/lib/corosync", "var/log/corosync", "etc/keepalived",
-		"etc/pacemaker", "var/lib/pacemaker", "var/log/pacemaker"} {
+		"etc/pacemaker", "var/lib/pacemaker", "var/log/pacemaker", "etc/chrony", "var/lib/chrony"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("node %s: %w", h.Name, err)
 		}
-		script += fmt.Sprintf("mount --bind '%s' /%s; ", filepath.Join(root, d), d)
+		// A directory the host lacks belongs to an engine it lacks.
+		script += fmt.Sprintf("if [ -d /%s ]; then mount --bind '%s' /%s; fi; ", d, filepath.Join(root, d), d)
 	}
-	if err := pacemakerDirs(root); err != nil {
+	if err := engineDirs(root); err != nil {
 		return nil, fmt.Errorf("node %s: %w", h.Name, err)
 	}
 	ready := filepath.Join(root, ".ready")
@@ -79,23 +87,32 @@ func Start(ctx context.Context, h *netlab.Host, root string) (*Node, error) {
 	}
 }
 
-// pacemakerDirs gives the node the state directories Debian's pacemaker
-// package creates, owned by its hacluster user when that exists.
-func pacemakerDirs(root string) error {
-	uid, gid := -1, -1
-	if u, err := user.Lookup("hacluster"); err == nil {
-		uid, _ = strconv.Atoi(u.Uid)
-		gid, _ = strconv.Atoi(u.Gid)
-	}
-	for _, d := range []string{"var/lib/pacemaker/cib", "var/lib/pacemaker/pengine", "var/lib/pacemaker/blackbox",
-		"var/lib/pacemaker/cores", "var/log/pacemaker"} {
-		p := filepath.Join(root, d)
-		if err := os.MkdirAll(p, 0o770); err != nil {
-			return err
+// engineDirs gives the node the state directories Debian's pacemaker and
+// chrony packages create, owned by their users (hacluster, _chrony) when
+// those exist.
+func engineDirs(root string) error {
+	for _, o := range []struct {
+		user string
+		dirs []string
+	}{
+		{"hacluster", []string{"var/lib/pacemaker/cib", "var/lib/pacemaker/pengine", "var/lib/pacemaker/blackbox",
+			"var/lib/pacemaker/cores", "var/log/pacemaker"}},
+		{"_chrony", []string{"var/lib/chrony"}},
+	} {
+		uid, gid := -1, -1
+		if u, err := user.Lookup(o.user); err == nil {
+			uid, _ = strconv.Atoi(u.Uid)
+			gid, _ = strconv.Atoi(u.Gid)
 		}
-		if uid >= 0 {
-			if err := os.Chown(p, uid, gid); err != nil {
+		for _, d := range o.dirs {
+			p := filepath.Join(root, d)
+			if err := os.MkdirAll(p, 0o770); err != nil {
 				return err
+			}
+			if uid >= 0 {
+				if err := os.Chown(p, uid, gid); err != nil {
+					return err
+				}
 			}
 		}
 	}
@@ -106,6 +123,9 @@ func pacemakerDirs(root string) error {
 // output (it implements enroll.Runner).
 func (n *Node) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"-t", strconv.Itoa(n.pid), "-m", "-u", "-p", "-n", "--", name}, args...)...)
+	if len(n.Env) > 0 {
+		cmd.Env = append(os.Environ(), n.Env...)
+	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	// A daemon that forks may keep the pipes open: stop waiting for them.
@@ -137,5 +157,12 @@ func (n *Node) Close() error {
 // Log returns the node's corosync log.
 func (n *Node) Log() []byte {
 	b, _ := os.ReadFile(filepath.Join(n.Root, "var/log/corosync/corosync.log"))
+	return b
+}
+
+// PacemakerLog returns the node's pacemaker log (pacemakerd's daemons or
+// pacemaker-remoted).
+func (n *Node) PacemakerLog() []byte {
+	b, _ := os.ReadFile(filepath.Join(n.Root, "var/log/pacemaker/pacemaker.log"))
 	return b
 }
