@@ -9,6 +9,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -33,6 +36,9 @@ type Config struct {
 	MAC      string `json:"mac"`
 	Hostname string `json:"hostname"`
 	Image    string `json:"image"`
+	// Addr is the node's cluster address; empty: its address on the route
+	// to the server.
+	Addr string `json:"addr,omitempty"`
 }
 
 // ReadConfig reads and checks a node service configuration.
@@ -60,6 +66,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) (*agentapi.Ack, erro
 		host = cfg.Hostname
 	}
 	req := agentapi.EnrollRequest{MAC: cfg.MAC, Hostname: host, Image: cfg.Image, Inventory: Inventory("/")}
+	req.Addr = cfg.Addr
+	if req.Addr == "" {
+		if a, err := LocalAddr(cfg.Server); err == nil {
+			req.Addr = a.String()
+		} else {
+			log.Warn("enroll: no local address towards the server", "server", cfg.Server, "err", err)
+		}
+	}
 	wait := time.Second
 	for attempt := 1; ; attempt++ {
 		ack, err := cl.Enroll(ctx, req)
@@ -77,6 +91,57 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) (*agentapi.Ack, erro
 		}
 		wait = min(2*wait, time.Minute)
 	}
+}
+
+// LocalAddr returns this node's address on the route to server (a URL): the
+// address the node reaches the server and, in an SSI cluster, its peers by.
+// It sends nothing (a UDP socket is only connected).
+func LocalAddr(server string) (netip.Addr, error) {
+	u, err := url.Parse(server)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("server URL %q: %w", server, err)
+	}
+	port := u.Port()
+	if port == "" {
+		port = "80"
+	}
+	c, err := net.Dial("udp", net.JoinHostPort(u.Hostname(), port))
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("route to %s: %w", u.Host, err)
+	}
+	defer c.Close()
+	ap, err := netip.ParseAddrPort(c.LocalAddr().String())
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("route to %s: %w", u.Host, err)
+	}
+	return ap.Addr().Unmap(), nil
+}
+
+// SaveConfig writes the node service's configuration atomically (0600).
+func SaveConfig(path string, c Config) error {
+	data, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("node service config: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(append(data, '\n'))
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		return fmt.Errorf("node service config %s: %w", path, err)
+	}
+	return nil
 }
 
 // Inventory describes the running system's hardware from /proc and /sys

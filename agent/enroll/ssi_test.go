@@ -1,0 +1,328 @@
+package enroll
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/esir-project/esir/netlab"
+	"github.com/esir-project/esir/server/agentapi"
+	"github.com/esir-project/esir/server/api"
+	"github.com/esir-project/esir/server/auth"
+	"github.com/esir-project/esir/server/cluster"
+	"github.com/esir-project/esir/server/deploy"
+	"github.com/esir-project/esir/server/rollout"
+	"github.com/esir-project/esir/server/store"
+	ssienroll "github.com/esir-project/esir/ssi/enroll"
+	"github.com/esir-project/esir/ssi/nodens"
+)
+
+// noImages is the image side of an API that deploys nothing: these nodes
+// are installed already.
+type noImages struct{}
+
+func (noImages) Canonical(context.Context, string) (string, error) { return "", store.ErrNotFound }
+func (noImages) List(context.Context) ([]api.ImageInfo, error)     { return nil, nil }
+func (noImages) Info(context.Context, string) (api.ImageInfo, error) {
+	return api.ImageInfo{}, store.ErrNotFound
+}
+func (noImages) Assign(context.Context, string, string) (agentapi.Image, error) {
+	return agentapi.Image{}, store.ErrNotFound
+}
+func (noImages) Push(context.Context, io.Reader) (api.ImageInfo, error) {
+	return api.ImageInfo{}, store.ErrNotFound
+}
+
+// remotedPath is where scripts/setup.sh unpacks pacemaker-remote's daemon
+// (its package conflicts with pacemaker's).
+const remotedPath = "/opt/esir-test/pacemaker-remote/usr/sbin"
+
+const followDef = `# Three corosync voters with pacemaker, remote members with
+# pacemaker-remote, chrony; STONITH off (a test cluster in namespaces).
+name: l1s
+profile: {corosync: true, pacemaker: true, chrony: true}
+core_size: 3
+token_ms: 1000
+time: {allow: 198.18.0.0/24}
+`
+
+// clusterServer is the deployment server's API with an SSI cluster, on
+// loopback: the node services run in this process and their engines in the
+// nodes' namespaces.
+type clusterServer struct {
+	url, admin string
+	st         store.Store
+	signer     *auth.Signer
+}
+
+func newClusterServer(t *testing.T, def string) *clusterServer {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, err := store.OpenSQLite(ctx, filepath.Join(dir, "esir.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	signer, _ := auth.NewSigner([]byte("0123456789abcdef0123456789abcdef"))
+	a, err := api.New(st, rollout.New(st, noImages{}, log, nil), signer, noImages{}, api.Config{PublicURL: "http://127.0.0.1"}, log, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cluster.yaml"), []byte(def), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := cluster.Open(filepath.Join(dir, "cluster.yaml"), filepath.Join(dir, "ssi"), cluster.Options{LeaveTimeout: time.Minute, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.SetCluster(cl)
+	srv := httptest.NewServer(a.Echo(nil))
+	t.Cleanup(func() { a.Stop(); srv.Close() })
+	tok, err := api.CreateAdminToken(ctx, st, "test", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &clusterServer{url: srv.URL, admin: tok.Token, st: st, signer: signer}
+}
+
+// installed adds a node the server knows as installed and returns its
+// node service configuration.
+func (s *clusterServer) installed(t *testing.T, i int, name string, addr netip.Addr) Config {
+	t.Helper()
+	mac := fmt.Sprintf("52:54:00:5e:00:%02x", i)
+	now := time.Now().UTC()
+	err := s.st.Update(context.Background(), func(tx store.Tx) error {
+		return tx.PutNode(&deploy.Node{MAC: mac, Hostname: name, Number: i, State: deploy.Installed, Labels: map[string]string{},
+			Created: now, Updated: now, Changed: now})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Config{Server: s.url, Token: s.signer.Issue(auth.Enroll, mac, now.Add(time.Hour)), MAC: mac, Hostname: name, Addr: addr.String()}
+}
+
+func (s *clusterServer) get(t *testing.T, path string, out any) {
+	t.Helper()
+	s.do(t, http.MethodGet, path, http.StatusOK, out)
+}
+
+func (s *clusterServer) do(t *testing.T, method, path string, want int, out any) {
+	t.Helper()
+	req, _ := http.NewRequest(method, s.url+path, nil)
+	req.Header.Set("Authorization", "Bearer "+s.admin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != want {
+		t.Fatalf("%s %s: %d, want %d: %s", method, path, resp.StatusCode, want, data)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// waitFor polls cond every 100 ms until it holds or the deadline.
+func waitFor(t *testing.T, ctx context.Context, what string, d time.Duration, cond func() (bool, string)) time.Duration {
+	t.Helper()
+	start := time.Now()
+	last := ""
+	for time.Since(start) < d && ctx.Err() == nil {
+		ok, why := cond()
+		if ok {
+			return time.Since(start)
+		}
+		last = why
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s: not after %v: %s", what, d, last)
+	return 0
+}
+
+// TestFollowNetns is issue #10's level 1 through ESIR's node service and
+// server: three core nodes and one remote node, each in its own network,
+// mount, UTS and PID namespaces, enroll by following their SSI assignment
+// from the server; each is enrolled at the server only once its engines
+// agree. A killed core node disappears from the server's membership view,
+// and a remote node told to leave is gone from pacemaker.
+func TestFollowNetns(t *testing.T) {
+	if err := netlab.Available(); err != nil {
+		t.Skipf("needs root and network namespaces: %v", err)
+	}
+	for _, bin := range []string{"/usr/sbin/corosync", "/usr/sbin/pacemakerd", "/usr/sbin/crm_mon", "/usr/sbin/chronyd", remotedPath + "/pacemaker-remoted"} {
+		if _, err := os.Stat(bin); err != nil {
+			t.Skipf("%s is not installed (scripts/setup.sh test installs it)", bin)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	srv := newClusterServer(t, followDef)
+	lab, err := netlab.New(ctx, "ssifol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lab.Close() })
+
+	type member struct {
+		name string
+		ns   *nodens.Node
+		cfg  Config
+		stop context.CancelFunc
+		done chan error
+		log  *strings.Builder
+	}
+	var (
+		members []*member
+		logMu   sync.Mutex
+	)
+	t.Cleanup(func() {
+		for _, m := range members {
+			m.stop()
+			<-m.done
+			if t.Failed() {
+				logMu.Lock()
+				t.Logf("%s node service log:\n%s", m.name, m.log.String())
+				logMu.Unlock()
+			}
+			m.ns.Close()
+		}
+	})
+	for i, name := range []string{"c1", "c2", "c3", "r1"} {
+		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
+		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns, err := nodens.Start(ctx, h, t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns.Env = []string{"PATH=" + remotedPath + ":/usr/sbin:/usr/bin:/sbin:/bin"}
+		m := &member{name: name, ns: ns, cfg: srv.installed(t, i+1, name, a), done: make(chan error, 1), log: &strings.Builder{}}
+		members = append(members, m)
+	}
+	// The nodes enroll in name order, so the first three are the core
+	// voters; then their node services follow the cluster side by side.
+	for _, m := range members {
+		log := slog.New(slog.NewTextHandler(&lockedWriter{mu: &logMu, w: m.log}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		ack, err := Run(ctx, m.cfg, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ack.Cluster != "l1s" {
+			t.Fatalf("%s: enroll ack names cluster %q", m.name, ack.Cluster)
+		}
+	}
+	for _, m := range members {
+		mctx, stop := context.WithCancel(ctx)
+		m.stop = stop
+		log := slog.New(slog.NewTextHandler(&lockedWriter{mu: &logMu, w: m.log}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		go func() {
+			f := &Follower{
+				Client: &agentapi.Client{Server: m.cfg.Server, Token: m.cfg.Token},
+				MAC:    m.cfg.MAC,
+				Node:   &ssienroll.Node{Root: m.ns.Root, Run: m.ns, Init: ssienroll.Direct, SharedClock: true, Log: log, Timeout: 90 * time.Second},
+				Log:    log,
+				Retry:  3 * time.Second,
+			}
+			m.done <- f.Follow(mctx)
+		}()
+	}
+	nodeState := func(mac string) string {
+		var d api.NodeDetail
+		srv.get(t, "/api/v1/nodes/"+mac, &d)
+		return string(d.State)
+	}
+	enrolled := waitFor(t, ctx, "all four enrolled at the server", 3*time.Minute, func() (bool, string) {
+		var snap cluster.Snapshot
+		srv.get(t, "/api/v1/cluster", &snap)
+		var states []string
+		all := len(snap.Members) == 4
+		for _, m := range snap.Members {
+			states = append(states, fmt.Sprintf("%s=%s %s", m.Name, m.State, m.Error))
+			all = all && m.State == cluster.Enrolled
+		}
+		return all, strings.Join(states, "; ")
+	})
+	t.Logf("installed -> enrolled for 3 core + 1 remote through the server: %v", enrolled.Round(time.Millisecond))
+	for _, m := range members {
+		if st := nodeState(m.cfg.MAC); st != "enrolled" {
+			t.Fatalf("%s: node state %s at the server, want enrolled", m.name, st)
+		}
+	}
+	// Every core member's pacemaker shows the three cores and the remote.
+	for _, m := range members[:3] {
+		out, err := m.ns.Run(ctx, "crm_mon", "-1", "--output-as=xml")
+		if err != nil {
+			t.Fatalf("%s: crm_mon: %v: %s", m.name, err, out)
+		}
+		for _, n := range []string{"c1", "c2", "c3", "r1"} {
+			if !strings.Contains(string(out), `name="`+n+`"`) {
+				t.Errorf("%s: crm_mon does not list %s", m.name, n)
+			}
+		}
+	}
+
+	// A remote member told to leave stops pacemaker-remoted, the server
+	// drops it, and a core member removes its resource.
+	srv.do(t, http.MethodPost, "/api/v1/cluster/members/r1/leave", http.StatusAccepted, nil)
+	waitFor(t, ctx, "r1 gone from the cluster and from pacemaker", 90*time.Second, func() (bool, string) {
+		var snap cluster.Snapshot
+		srv.get(t, "/api/v1/cluster", &snap)
+		if slices.ContainsFunc(snap.Members, func(m cluster.Member) bool { return m.Name == "r1" }) {
+			return false, "r1 is still a member at the server"
+		}
+		out, err := members[0].ns.Run(ctx, "cibadmin", "--query")
+		if err != nil {
+			return false, err.Error()
+		}
+		if strings.Contains(string(out), `"r1"`) {
+			return false, "r1 still appears in c1's CIB"
+		}
+		return true, ""
+	})
+
+	// A killed core node is gone from the server's membership view.
+	killed := time.Now()
+	members[2].stop()
+	members[2].ns.Kill()
+	gone := waitFor(t, ctx, "c3 gone from the server's view", time.Minute, func() (bool, string) {
+		var snap cluster.Snapshot
+		srv.get(t, "/api/v1/cluster", &snap)
+		if snap.Quorate && len(snap.Joined) == 2 && !slices.Contains(snap.Joined, 3) {
+			return true, ""
+		}
+		return false, fmt.Sprintf("view of %s: quorate %v joined %v", snap.ViewFrom, snap.Quorate, snap.Joined)
+	})
+	t.Logf("killed core node gone from the server's view after %v", time.Since(killed).Round(time.Millisecond))
+	_ = gone
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
