@@ -43,6 +43,7 @@ import (
 	"time"
 
 	"github.com/esir-project/esir/imaging"
+	"github.com/esir-project/esir/lab/debianssi"
 	"github.com/esir-project/esir/netlab"
 	"github.com/esir-project/esir/pxe/netboot"
 	"github.com/esir-project/esir/sampleimage"
@@ -60,6 +61,10 @@ const (
 	DefaultDiskBytes = 2 << 30
 	// SampleImage is the image built when Options.Image is empty.
 	SampleImage = "sample:1"
+	// DebianSSI is the image of Debian 12 with the SSI node stack that
+	// the lab builds with its recipe (package lab/debianssi) when asked
+	// for it and the store lacks it.
+	DebianSSI = debianssi.Name
 	// LabelKey is the node label the lab's rollout selects.
 	LabelKey = "esir-lab"
 )
@@ -76,6 +81,17 @@ const (
 // low enough that the lab's nodes visibly share pieces with each other.
 const DefaultServerUploadRate = 1 << 20
 
+// DebianSSIServerUploadRate is the server's default seeding cap for the
+// debian-ssi image, about 140 MB compressed: at DefaultServerUploadRate the
+// first copy alone would take over two minutes.
+const DebianSSIServerUploadRate = 8 << 20
+
+// isDebianSSI reports whether ref names the recipe's debian-ssi image.
+func isDebianSSI(ref string) bool {
+	name, version, _ := imaging.ParseRef(ref)
+	return name == DebianSSI && (version == "" || version == debianssi.ImageVersion())
+}
+
 // Options describe a lab.
 type Options struct {
 	Dir      string // state directory (DefaultDir)
@@ -84,8 +100,13 @@ type Options struct {
 	Firmware string // bios, uefi or mixed
 	Hardware string // virtio or mixed
 	// Image is the image to deploy, NAME[:VERSION] in the lab's store;
-	// empty builds and deploys the sample image (SampleImage).
+	// empty builds and deploys the sample image (SampleImage). debian-ssi
+	// (DebianSSI) is built by its recipe when the store lacks it.
 	Image string
+	// DebianCache is the debian-ssi recipe's cache of its debootstrapped
+	// tree and packages (default debianssi.DefaultCache); Mirror the Debian
+	// mirror it downloads from (default debianssi.DefaultMirror).
+	DebianCache, Mirror string
 	// ImageStore is a store to take Image from (default: the lab's own).
 	ImageStore string
 	Esir       string // the esir binary the server runs from
@@ -252,6 +273,9 @@ func (o *Options) fill() error {
 	}
 	if o.ServerUploadRate == 0 {
 		o.ServerUploadRate = DefaultServerUploadRate
+		if isDebianSSI(o.Image) {
+			o.ServerUploadRate = DebianSSIServerUploadRate
+		}
 	}
 	if o.Firmware == "" {
 		o.Firmware = FirmwareMixed
@@ -331,7 +355,7 @@ func Up(ctx context.Context, opts Options) (st *State, err error) {
 	if st.ImageStore == "" {
 		st.ImageStore = filepath.Join(opts.Dir, "store")
 	}
-	img, err := prepareImage(ctx, st.ImageStore, opts.Image, log)
+	img, err := prepareImage(ctx, st.ImageStore, opts, log)
 	if err != nil {
 		return nil, err
 	}
@@ -431,11 +455,24 @@ func Up(ctx context.Context, opts Options) (st *State, err error) {
 }
 
 // prepareImage returns the image to deploy, building the sample image into
-// storeDir when ref is empty and the store lacks it.
-func prepareImage(ctx context.Context, storeDir, ref string, log *slog.Logger) (*imaging.Image, error) {
+// storeDir when no image is named, and debian-ssi when it is named and the
+// store lacks it.
+func prepareImage(ctx context.Context, storeDir string, opts Options, log *slog.Logger) (*imaging.Image, error) {
 	store, err := imaging.OpenStore(storeDir)
 	if err != nil {
 		return nil, fmt.Errorf("lab: image store: %w", err)
+	}
+	ref := opts.Image
+	if isDebianSSI(ref) {
+		img, err := store.Get(debianssi.Ref())
+		if errors.Is(err, imaging.ErrNotFound) {
+			log.Info("lab: building the debian-ssi image (debootstrap once, then cached)", "cache", opts.DebianCache)
+			img, err = debianssi.Build(ctx, store, debianssi.Options{Cache: opts.DebianCache, Mirror: opts.Mirror, Log: log})
+		}
+		if err != nil {
+			return nil, fmt.Errorf("lab: --image %s: %w", ref, err)
+		}
+		return img, nil
 	}
 	if ref != "" {
 		img, err := store.Get(ref)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/esir-project/esir/cmd/internal/cli"
 	"github.com/esir-project/esir/lab"
+	"github.com/esir-project/esir/lab/debianssi"
 	"github.com/esir-project/esir/server/api"
 	"github.com/spf13/cobra"
 )
@@ -50,7 +51,8 @@ func newLabUpCmd(app *cli.App, dir *string) *cobra.Command {
 		Use:   "up --nodes N [--firmware bios|uefi|mixed] [--hardware virtio|mixed] [--image NAME[:VERSION]]",
 		Short: "Build the virtual cluster and deploy an image onto every node",
 		Long: `up builds the sample image (busybox, Debian's kernel and modules) unless --image
-names one in the lab's store, builds the netboot environment, starts the server
+names one in the lab's store (--image debian-ssi builds Debian 12 with the SSI
+node stack when the store lacks it), builds the netboot environment, starts the server
 and the virtual machines, pre-registers the machines by MAC, starts a rollout
 onto all of them and follows it with a progress bar per node. The machines
 keep running when up returns; take everything down with "esir lab down".`,
@@ -95,7 +97,9 @@ keep running when up returns; take everything down with "esir lab down".`,
 	f.IntVarP(&opts.Nodes, "nodes", "n", 2, "number of virtual machines")
 	f.StringVar(&opts.Firmware, "firmware", lab.FirmwareMixed, "firmware: bios (SeaBIOS), uefi (OVMF) or mixed (alternating)")
 	f.StringVar(&opts.Hardware, "hardware", lab.HardwareMixed, "hardware: virtio, or mixed (NICs e1000/virtio-net/e1000e, disks AHCI/NVMe/virtio-blk)")
-	f.StringVar(&opts.Image, "image", "", "image NAME[:VERSION] in the lab's store (default: build and deploy "+lab.SampleImage+")")
+	f.StringVar(&opts.Image, "image", "", "image NAME[:VERSION] in the lab's store (default: build and deploy "+lab.SampleImage+"); "+lab.DebianSSI+" is built (Debian 12 with the SSI stack) when the store lacks it")
+	f.StringVar(&opts.DebianCache, "debian-cache", debianssi.DefaultCache, "where the "+lab.DebianSSI+" recipe keeps its debootstrapped tree and packages")
+	f.StringVar(&opts.Mirror, "mirror", debianssi.DefaultMirror, "Debian mirror of the "+lab.DebianSSI+" recipe")
 	f.StringVar(&opts.ImageStore, "store", "", "take --image from this image store instead of the lab's")
 	f.StringVar(&opts.Name, "name", lab.DefaultName, "lab name (namespaces esir-NAME-*), 1-8 of [a-z0-9]")
 	f.IntVar(&opts.MemoryMiB, "memory", lab.DefaultMemoryMiB, "memory per machine in MiB")
