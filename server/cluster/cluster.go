@@ -84,8 +84,8 @@ type View struct {
 	Joined   []int    `json:"joined"`
 	Nodelist []int    `json:"nodelist"`
 	Quorate  bool     `json:"quorate"`
-	Expected int      `json:"expected_votes"`
-	Total    int      `json:"total_votes"`
+	Expected int      `json:"expected"`
+	Total    int      `json:"total"`
 	Online   []string `json:"online"`
 	VIPs     []string `json:"vips"`
 }

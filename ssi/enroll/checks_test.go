@@ -302,3 +302,32 @@ func TestEnrollRemoteChecks(t *testing.T) {
 		t.Errorf("second Start ran %q", run.ran)
 	}
 }
+
+func TestParseIPVS(t *testing.T) {
+	out := []byte(`IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn
+TCP  198.18.0.100:80 wlc
+  -> 198.18.0.3:80                Route   1      2          7
+  -> 198.18.0.4:80                Route   1      0          5
+UDP  198.18.0.100:53 rr
+  -> 198.18.0.3:53                Route   1      0          0
+`)
+	got := parseIPVS(out)
+	want := []IPVSEntry{
+		{Service: "TCP 198.18.0.100:80 wlc", Real: "198.18.0.3:80", Forward: "Route", Weight: 1, Active: 2, Inactive: 7},
+		{Service: "TCP 198.18.0.100:80 wlc", Real: "198.18.0.4:80", Forward: "Route", Weight: 1, Active: 0, Inactive: 5},
+		{Service: "UDP 198.18.0.100:53 rr", Real: "198.18.0.3:53", Forward: "Route", Weight: 1},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("parseIPVS = %+v", got)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("entry %d = %+v, want %+v", i, got[i], want[i])
+		}
+	}
+	if es := parseIPVS([]byte("garbage\n  -> x y z\n")); len(es) != 0 {
+		t.Errorf("garbage parsed as %+v", es)
+	}
+}

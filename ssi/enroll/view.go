@@ -33,6 +33,9 @@ type Membership struct {
 
 	HomeMounted bool     `json:"home_mounted"` // the NFS home is mounted (only meaningful with an NFS home, off its server)
 	VIPs        []string `json:"vips"`         // VIPs this node holds as a VRRP director
+	// IPVS is the director's IPVS table while it holds a VIP: the real
+	// servers with their weight and connection counts.
+	IPVS []IPVSEntry `json:"ipvs,omitempty"`
 
 	FencingEnabled bool `json:"fencing_enabled"` // pacemaker's stonith-enabled
 	FencingDevices int  `json:"fencing_devices"` // configured fencing resources: 0 with fencing enabled means none can run yet
@@ -83,6 +86,9 @@ func (n *Node) View(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 		if err == nil {
 			m.VIPs = heldVIPs(addrs, b.DirectorVIPs)
 			err = loopbackVerdict(addrs, b.LoopbackVIPs)
+			if len(m.VIPs) > 0 {
+				m.IPVS = n.IPVS(ctx)
+			}
 		}
 		errs = append(errs, err)
 	}
