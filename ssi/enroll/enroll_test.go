@@ -3,6 +3,7 @@ package enroll
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -276,7 +277,9 @@ func TestLevel1CoreNetns(t *testing.T) {
 	}
 	short := *nodes[2].enr
 	short.Timeout = 2 * time.Second
-	if _, err := short.WaitMember(ctx, 3, 3); err == nil || !strings.Contains(err.Error(), "check membership: 1 of 3 core members joined") {
+	var ce *CheckError
+	if _, err := short.WaitMember(ctx, 3, 3); !errors.As(err, &ce) || ce.Check != CheckMembership || ce.Node != "node 3" ||
+		!strings.Contains(err.Error(), "check membership: 1 of 3 core members joined") {
 		t.Errorf("isolated n3 passes the enrollment check: %v", err)
 	}
 
