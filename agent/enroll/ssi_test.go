@@ -2,15 +2,12 @@ package enroll
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -20,30 +17,11 @@ import (
 	"github.com/esir-project/esir/netlab"
 	"github.com/esir-project/esir/server/agentapi"
 	"github.com/esir-project/esir/server/api"
-	"github.com/esir-project/esir/server/auth"
+	"github.com/esir-project/esir/server/apitest"
 	"github.com/esir-project/esir/server/cluster"
-	"github.com/esir-project/esir/server/deploy"
-	"github.com/esir-project/esir/server/rollout"
-	"github.com/esir-project/esir/server/store"
 	ssienroll "github.com/esir-project/esir/ssi/enroll"
 	"github.com/esir-project/esir/ssi/nodens"
 )
-
-// noImages is the image side of an API that deploys nothing: these nodes
-// are installed already.
-type noImages struct{}
-
-func (noImages) Canonical(context.Context, string) (string, error) { return "", store.ErrNotFound }
-func (noImages) List(context.Context) ([]api.ImageInfo, error)     { return nil, nil }
-func (noImages) Info(context.Context, string) (api.ImageInfo, error) {
-	return api.ImageInfo{}, store.ErrNotFound
-}
-func (noImages) Assign(context.Context, string, string) (agentapi.Image, error) {
-	return agentapi.Image{}, store.ErrNotFound
-}
-func (noImages) Push(context.Context, io.Reader) (api.ImageInfo, error) {
-	return api.ImageInfo{}, store.ErrNotFound
-}
 
 // remotedPath is where scripts/setup.sh unpacks pacemaker-remote's daemon
 // (its package conflicts with pacemaker's).
@@ -57,88 +35,6 @@ core_size: 3
 token_ms: 1000
 time: {allow: 198.18.0.0/24}
 `
-
-// clusterServer is the deployment server's API with an SSI cluster, on
-// loopback: the node services run in this process and their engines in the
-// nodes' namespaces.
-type clusterServer struct {
-	url, admin string
-	st         store.Store
-	signer     *auth.Signer
-}
-
-func newClusterServer(t *testing.T, def string) *clusterServer {
-	t.Helper()
-	ctx := context.Background()
-	dir := t.TempDir()
-	st, err := store.OpenSQLite(ctx, filepath.Join(dir, "esir.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	signer, _ := auth.NewSigner([]byte("0123456789abcdef0123456789abcdef"))
-	a, err := api.New(st, rollout.New(st, noImages{}, log, nil), signer, noImages{}, api.Config{PublicURL: "http://127.0.0.1"}, log, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "cluster.yaml"), []byte(def), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cl, err := cluster.Open(filepath.Join(dir, "cluster.yaml"), filepath.Join(dir, "ssi"), cluster.Options{LeaveTimeout: time.Minute, Log: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.SetCluster(cl)
-	srv := httptest.NewServer(a.Echo(nil))
-	t.Cleanup(func() { a.Stop(); srv.Close() })
-	tok, err := api.CreateAdminToken(ctx, st, "test", time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &clusterServer{url: srv.URL, admin: tok.Token, st: st, signer: signer}
-}
-
-// installed adds a node the server knows as installed and returns its
-// node service configuration.
-func (s *clusterServer) installed(t *testing.T, i int, name string, addr netip.Addr) Config {
-	t.Helper()
-	mac := fmt.Sprintf("52:54:00:5e:00:%02x", i)
-	now := time.Now().UTC()
-	err := s.st.Update(context.Background(), func(tx store.Tx) error {
-		return tx.PutNode(&deploy.Node{MAC: mac, Hostname: name, Number: i, State: deploy.Installed, Labels: map[string]string{},
-			Created: now, Updated: now, Changed: now})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return Config{Server: s.url, Token: s.signer.Issue(auth.Enroll, mac, now.Add(time.Hour)), MAC: mac, Hostname: name, Addr: addr.String()}
-}
-
-func (s *clusterServer) get(t *testing.T, path string, out any) {
-	t.Helper()
-	s.do(t, http.MethodGet, path, http.StatusOK, out)
-}
-
-func (s *clusterServer) do(t *testing.T, method, path string, want int, out any) {
-	t.Helper()
-	req, _ := http.NewRequest(method, s.url+path, nil)
-	req.Header.Set("Authorization", "Bearer "+s.admin)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != want {
-		t.Fatalf("%s %s: %d, want %d: %s", method, path, resp.StatusCode, want, data)
-	}
-	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
 
 // waitFor polls cond every 100 ms until it holds or the deadline.
 func waitFor(t *testing.T, ctx context.Context, what string, d time.Duration, cond func() (bool, string)) time.Duration {
@@ -174,7 +70,11 @@ func TestFollowNetns(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	srv := newClusterServer(t, followDef)
+	srv, err := apitest.New(t.TempDir(), followDef, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
 	lab, err := netlab.New(ctx, "ssifol")
 	if err != nil {
 		t.Fatal(err)
@@ -216,7 +116,12 @@ func TestFollowNetns(t *testing.T) {
 			t.Fatal(err)
 		}
 		ns.Env = []string{"PATH=" + remotedPath + ":/usr/sbin:/usr/bin:/sbin:/bin"}
-		m := &member{name: name, ns: ns, cfg: srv.installed(t, i+1, name, a), done: make(chan error, 1), log: &strings.Builder{}}
+		mac, tok, err := srv.Installed(i+1, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := Config{Server: srv.URL, Token: tok, MAC: mac, Hostname: name, Addr: a.String()}
+		m := &member{name: name, ns: ns, cfg: cfg, done: make(chan error, 1), log: &strings.Builder{}}
 		members = append(members, m)
 	}
 	// The nodes enroll in name order, so the first three are the core
@@ -248,12 +153,20 @@ func TestFollowNetns(t *testing.T) {
 	}
 	nodeState := func(mac string) string {
 		var d api.NodeDetail
-		srv.get(t, "/api/v1/nodes/"+mac, &d)
+		if err := srv.Do(ctx, http.MethodGet, "/api/v1/nodes/"+mac, http.StatusOK, &d); err != nil {
+			t.Fatal(err)
+		}
 		return string(d.State)
 	}
+	snapshot := func() cluster.Snapshot {
+		snap, err := srv.Cluster(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return snap
+	}
 	enrolled := waitFor(t, ctx, "all four enrolled at the server", 3*time.Minute, func() (bool, string) {
-		var snap cluster.Snapshot
-		srv.get(t, "/api/v1/cluster", &snap)
+		snap := snapshot()
 		var states []string
 		all := len(snap.Members) == 4
 		for _, m := range snap.Members {
@@ -283,10 +196,11 @@ func TestFollowNetns(t *testing.T) {
 
 	// A remote member told to leave stops pacemaker-remoted, the server
 	// drops it, and a core member removes its resource.
-	srv.do(t, http.MethodPost, "/api/v1/cluster/members/r1/leave", http.StatusAccepted, nil)
+	if err := srv.Do(ctx, http.MethodPost, "/api/v1/cluster/members/r1/leave", http.StatusAccepted, nil); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, ctx, "r1 gone from the cluster and from pacemaker", 90*time.Second, func() (bool, string) {
-		var snap cluster.Snapshot
-		srv.get(t, "/api/v1/cluster", &snap)
+		snap := snapshot()
 		if slices.ContainsFunc(snap.Members, func(m cluster.Member) bool { return m.Name == "r1" }) {
 			return false, "r1 is still a member at the server"
 		}
@@ -305,8 +219,7 @@ func TestFollowNetns(t *testing.T) {
 	members[2].stop()
 	members[2].ns.Kill()
 	gone := waitFor(t, ctx, "c3 gone from the server's view", time.Minute, func() (bool, string) {
-		var snap cluster.Snapshot
-		srv.get(t, "/api/v1/cluster", &snap)
+		snap := snapshot()
 		if snap.Quorate && len(snap.Joined) == 2 && !slices.Contains(snap.Joined, 3) {
 			return true, ""
 		}
