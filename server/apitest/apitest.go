@@ -30,7 +30,7 @@ import (
 type noImages struct{}
 
 func (noImages) Canonical(context.Context, string) (string, error) { return "", store.ErrNotFound }
-func (noImages) List(context.Context) ([]api.ImageInfo, error)      { return nil, nil }
+func (noImages) List(context.Context) ([]api.ImageInfo, error)     { return nil, nil }
 func (noImages) Info(context.Context, string) (api.ImageInfo, error) {
 	return api.ImageInfo{}, store.ErrNotFound
 }
