@@ -67,7 +67,28 @@ func (f *Follower) Follow(ctx context.Context) error {
 		failedAt time.Time
 		lastKey  string
 		lastSent time.Time
+		// An enrollment runs beside the loop, so that a newer version
+		// (another node joined meanwhile) interrupts it: the members must
+		// all reach the same nodelist to form one membership.
+		stopApply context.CancelFunc
+		applyDone chan bool
+		applyVer  int
 	)
+	startApply := func() {
+		actx, stop := context.WithCancel(ctx)
+		done := make(chan bool, 1)
+		a, nb := cur, b
+		stopApply, applyDone, applyVer = stop, done, a.Version
+		go func() { done <- f.apply(actx, a, nb) }()
+	}
+	abortApply := func() {
+		if stopApply != nil {
+			stopApply()
+			<-applyDone
+			stopApply, applyDone = nil, nil
+		}
+	}
+	defer abortApply()
 	watch := time.NewTicker(f.Watch)
 	defer watch.Stop()
 	for {
@@ -76,6 +97,15 @@ func (f *Follower) Follow(ctx context.Context) error {
 			return ctx.Err()
 		case err := <-pollErr:
 			return err
+		case ok := <-applyDone:
+			stopApply()
+			stopApply, applyDone = nil, nil
+			if ok {
+				applied, failedAt = applyVer, time.Time{}
+			} else {
+				failedAt = time.Now()
+			}
+			lastSent, lastKey = time.Now(), ""
 		case a := <-asgs:
 			var nb ssi.Bundle
 			if err := json.Unmarshal(a.Bundle, &nb); err != nil {
@@ -84,28 +114,23 @@ func (f *Follower) Follow(ctx context.Context) error {
 			}
 			cur, b = a, &nb
 			if a.Action == agentapi.SSILeave {
+				abortApply()
 				return f.leave(ctx, cur, b)
 			}
 			if a.Version != applied {
-				if f.apply(ctx, cur, b) {
-					applied, failedAt = a.Version, time.Time{}
-				} else {
-					failedAt = time.Now()
+				if stopApply != nil {
+					f.Log.Info("ssi: a newer nodelist version arrived: applying it instead", "was", applyVer, "version", a.Version)
 				}
-				lastSent, lastKey = time.Now(), ""
+				abortApply()
+				startApply()
 			}
 		case <-watch.C:
-			if b == nil {
+			if b == nil || stopApply != nil {
 				continue
 			}
 			if !failedAt.IsZero() {
 				if time.Since(failedAt) >= f.Retry {
-					if f.apply(ctx, cur, b) {
-						applied, failedAt = cur.Version, time.Time{}
-					} else {
-						failedAt = time.Now()
-					}
-					lastSent = time.Now()
+					startApply()
 				}
 				continue
 			}
@@ -192,6 +217,9 @@ func (f *Follower) apply(ctx context.Context, a *agentapi.SSIAssignment, b *ssi.
 		err = f.Node.Reconcile(ctx, b)
 	}
 	if err != nil {
+		if ctx.Err() != nil {
+			return false // interrupted by a newer version or the end
+		}
 		log.Error("ssi: not enrolled", "err", err)
 		f.report(ctx, a.Version, m, err)
 		return false

@@ -125,7 +125,8 @@ func TestFollowNetns(t *testing.T) {
 		members = append(members, m)
 	}
 	// The nodes enroll in name order, so the first three are the core
-	// voters; then their node services follow the cluster side by side.
+	// voters, and each node service follows the cluster as soon as its node
+	// enrolled: the first ones apply nodelists the later ones replace.
 	for _, m := range members {
 		log := slog.New(slog.NewTextHandler(&lockedWriter{mu: &logMu, w: m.log}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		ack, err := Run(ctx, m.cfg, log)
@@ -135,21 +136,16 @@ func TestFollowNetns(t *testing.T) {
 		if ack.Cluster != "l1s" {
 			t.Fatalf("%s: enroll ack names cluster %q", m.name, ack.Cluster)
 		}
-	}
-	for _, m := range members {
 		mctx, stop := context.WithCancel(ctx)
 		m.stop = stop
-		log := slog.New(slog.NewTextHandler(&lockedWriter{mu: &logMu, w: m.log}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-		go func() {
-			f := &Follower{
-				Client: &agentapi.Client{Server: m.cfg.Server, Token: m.cfg.Token},
-				MAC:    m.cfg.MAC,
-				Node:   &ssienroll.Node{Root: m.ns.Root, Run: m.ns, Init: ssienroll.Direct, SharedClock: true, Log: log, Timeout: 90 * time.Second},
-				Log:    log,
-				Retry:  3 * time.Second,
-			}
-			m.done <- f.Follow(mctx)
-		}()
+		f := &Follower{
+			Client: &agentapi.Client{Server: m.cfg.Server, Token: m.cfg.Token},
+			MAC:    m.cfg.MAC,
+			Node:   &ssienroll.Node{Root: m.ns.Root, Run: m.ns, Init: ssienroll.Direct, SharedClock: true, Log: log, Timeout: 90 * time.Second},
+			Log:    log,
+			Retry:  3 * time.Second,
+		}
+		go func() { m.done <- f.Follow(mctx) }()
 	}
 	nodeState := func(mac string) string {
 		var d api.NodeDetail
@@ -225,8 +221,21 @@ func TestFollowNetns(t *testing.T) {
 		}
 		return false, fmt.Sprintf("view of %s: quorate %v joined %v", snap.ViewFrom, snap.Quorate, snap.Joined)
 	})
-	t.Logf("killed core node gone from the server's view after %v", time.Since(killed).Round(time.Millisecond))
-	_ = gone
+	t.Logf("killed core node gone from the server's view after %v (%v)", time.Since(killed).Round(time.Millisecond), gone.Round(time.Millisecond))
+	// The survivors stay enrolled: a dead peer is in their view, not a
+	// failure of theirs.
+	waitFor(t, ctx, "c1 and c2 enrolled after c3 died", 30*time.Second, func() (bool, string) {
+		snap := snapshot()
+		var states []string
+		ok := true
+		for _, m := range snap.Members {
+			states = append(states, fmt.Sprintf("%s=%s %s", m.Name, m.State, m.Error))
+			if (m.Name == "c1" || m.Name == "c2") && (m.State != cluster.Enrolled || m.Reported.Before(killed.Add(5*time.Second))) {
+				ok = false
+			}
+		}
+		return ok, strings.Join(states, "; ")
+	})
 }
 
 type lockedWriter struct {

@@ -52,7 +52,10 @@ func (n *Node) View(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	if slices.Contains(b.Services, "corosync") {
 		cs, err := n.Status(ctx)
 		if err == nil {
-			err = memberVerdict(cs, b.Member.ID, len(b.Core))
+			// A running member stays a member while it is joined in a
+			// quorate partition: a dead peer shows in the view (Joined),
+			// it does not make this node fail.
+			err = memberVerdict(cs, b.Member.ID, 0)
 		}
 		m.NodeID, m.Joined, m.Nodelist, m.Quorate, m.Expected, m.Total = cs.NodeID, cs.Joined, cs.Nodelist, cs.Quorate, cs.Expected, cs.Total
 		errs = append(errs, err)
