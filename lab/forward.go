@@ -7,13 +7,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // netnsDir is where `ip netns` keeps its named namespaces.
@@ -24,32 +22,7 @@ const netnsDir = "/run/netns"
 // to ns while this process stays in its own namespace. The thread is never
 // handed back to the Go scheduler (it ends with its goroutine).
 func DialNS(ctx context.Context, ns, addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // no Unlock: the thread dies with the goroutine
-		f, err := os.Open(filepath.Join(netnsDir, ns))
-		if err != nil {
-			ch <- result{err: fmt.Errorf("network namespace %s: %w", ns, err)}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("enter network namespace %s: %w", ns, err)}
-			return
-		}
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", addr)
-		if err != nil {
-			err = fmt.Errorf("dial %s in namespace %s: %w", addr, ns, err)
-		}
-		ch <- result{c, err}
-	}()
-	r := <-ch
-	return r.c, r.err
+	return dialNSFrom(ctx, ns, netip.Addr{}, addr)
 }
 
 // Forward accepts connections on ln (in this process's namespace, e.g. a

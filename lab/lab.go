@@ -18,6 +18,7 @@
 //	store/          image store (kept by Down; the sample image is rebuilt by each up)
 //	server/         the server's data directory (database, leases)
 //	server.yaml     the server's configuration; server.log its output
+//	cluster.yaml    the SSI cluster definition (images with the stack)
 //	tftp/           copies of Debian's iPXE boot files
 //	admin-token     the admin API token (0600)
 //	vms/            serial logs and UEFI variable stores
@@ -125,7 +126,13 @@ type Options struct {
 	// NoRollout leaves the nodes pre-registered without a rollout: they
 	// PXE-boot the agent in inventory mode.
 	NoRollout bool
-	Log       *slog.Logger
+	// NoCluster deploys an image with the SSI stack (debian-ssi) without
+	// the cluster: the server then keeps no cluster definition.
+	NoCluster bool
+	// VIPScheduler is the IPVS scheduler of the cluster's VIP (default
+	// DefaultVIPScheduler, sh; see ClusterDefinition).
+	VIPScheduler string
+	Log          *slog.Logger
 }
 
 // State is what a running lab consists of; it is kept in Dir/state.json.
@@ -143,14 +150,19 @@ type State struct {
 	Rollout    int64  `json:"rollout,omitempty"`
 	MemoryMiB  int    `json:"memory_mib"`
 	// ServerUploadRate is the server's seeding cap in bytes per second (<= 0: none).
-	ServerUploadRate int64     `json:"server_upload_rate,omitempty"`
-	Nodes            []Node    `json:"nodes"`
-	Created          time.Time `json:"created"`
-	BootDir          string    `json:"boot_dir"`
-	ImageStore       string    `json:"image_store"`
-	ServerLog        string    `json:"server_log"`
-	ForwardLog       string    `json:"forwarder_log"`
-	ConsolePort      int       `json:"console_port"`
+	ServerUploadRate int64 `json:"server_upload_rate,omitempty"`
+	// Cluster names the SSI cluster the server keeps (ClusterDefinition,
+	// written to ClusterDef); VIP is its virtual address. Empty without.
+	Cluster     string    `json:"cluster,omitempty"`
+	ClusterDef  string    `json:"cluster_definition,omitempty"`
+	VIP         string    `json:"vip,omitempty"`
+	Nodes       []Node    `json:"nodes"`
+	Created     time.Time `json:"created"`
+	BootDir     string    `json:"boot_dir"`
+	ImageStore  string    `json:"image_store"`
+	ServerLog   string    `json:"server_log"`
+	ForwardLog  string    `json:"forwarder_log"`
+	ConsolePort int       `json:"console_port"`
 }
 
 const stateFile = "state.json"
@@ -385,6 +397,21 @@ func Up(ctx context.Context, opts Options) (st *State, err error) {
 			return nil, err
 		}
 	}
+	// An image with the SSI stack gets its cluster: the definition for the
+	// server, client addresses to probe the VIP from.
+	if name, _, _ := imaging.ParseRef(st.Image); name == DebianSSI && !opts.NoCluster {
+		def, err := ClusterDefinition(st.Name, st.Nodes, opts.VIPScheduler)
+		if err != nil {
+			return nil, err
+		}
+		if err := st.writeCluster(def); err != nil {
+			return nil, err
+		}
+		if err := st.addClientAddrs(ctx); err != nil {
+			return nil, err
+		}
+		log.Info("lab: SSI cluster", "name", st.Cluster, "core", def.CoreSize, "vip", VIPAddr, "definition", st.ClusterDef)
+	}
 	if err := st.Save(); err != nil {
 		return nil, err
 	}
@@ -539,6 +566,9 @@ func (st *State) writeServerConfig() error {
 		"hostname_pattern": "node%02d",
 		"scheduler_tick":   "1s",
 	}
+	if st.ClusterDef != "" {
+		cfg["cluster_definition"] = st.ClusterDef
+	}
 	if st.ServerUploadRate > 0 {
 		cfg["swarm_upload_rate"] = strconv.FormatInt(st.ServerUploadRate, 10)
 	}
@@ -546,7 +576,7 @@ func (st *State) writeServerConfig() error {
 	b.WriteString("# Written by esir lab up.\n")
 	for _, k := range []string{"listen", "public_url", "data_dir", "image_store", "admin_token_file", "swarm_listen",
 		"boot_dir", "boot_kernel", "boot_initrd", "boot_cmdline", "dhcp_interface", "dhcp_mode", "dhcp_server_ip",
-		"dhcp_range", "tftp_listen", "tftp_dir", "hostname_pattern", "scheduler_tick", "swarm_upload_rate"} {
+		"dhcp_range", "tftp_listen", "tftp_dir", "hostname_pattern", "scheduler_tick", "swarm_upload_rate", "cluster_definition"} {
 		if cfg[k] == "" {
 			continue
 		}
@@ -807,7 +837,7 @@ func Down(ctx context.Context, dir, name string) error {
 	if err := netlab.Available(); err == nil {
 		errs = append(errs, netlab.Purge(ctx, name))
 	}
-	for _, p := range []string{"disks", "vms", "server", "tftp", "server.yaml", "server.log", "forwarder.log", "admin-token", stateFile} {
+	for _, p := range []string{"disks", "vms", "server", "tftp", "server.yaml", "server.log", "forwarder.log", "admin-token", clusterFile, stateFile} {
 		if err := os.RemoveAll(filepath.Join(dir, p)); err != nil {
 			errs = append(errs, fmt.Errorf("lab: %w", err))
 		}

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
+	"slices"
 	"text/tabwriter"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/esir-project/esir/lab"
 	"github.com/esir-project/esir/lab/debianssi"
 	"github.com/esir-project/esir/server/api"
+	"github.com/esir-project/esir/server/cluster"
 	"github.com/spf13/cobra"
 )
 
@@ -38,7 +41,7 @@ other over BitTorrent, install it, reboot into it and enroll.`,
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", def, "lab state directory (env ESIR_LAB_DIR)")
 	cmd.AddCommand(newLabUpCmd(app, &dir), newLabStatusCmd(app, &dir), newLabConsoleCmd(app, &dir),
-		newLabDownCmd(app, &dir), newLabForwardCmd(app))
+		newLabDownCmd(app, &dir), newLabForwardCmd(app), newLabVIPCmd(app, &dir))
 	return cmd
 }
 
@@ -47,6 +50,7 @@ func newLabUpCmd(app *cli.App, dir *string) *cobra.Command {
 	var diskMiB int
 	var agent string
 	var noWatch bool
+	var clusterWait time.Duration
 	cmd := &cobra.Command{
 		Use:   "up --nodes N [--firmware bios|uefi|mixed] [--hardware virtio|mixed] [--image NAME[:VERSION]]",
 		Short: "Build the virtual cluster and deploy an image onto every node",
@@ -55,12 +59,22 @@ names one in the lab's store (--image debian-ssi builds Debian 12 with the SSI
 node stack when the store lacks it), builds the netboot environment, starts the server
 and the virtual machines, pre-registers the machines by MAC, starts a rollout
 onto all of them and follows it with a progress bar per node. The machines
-keep running when up returns; take everything down with "esir lab down".`,
+keep running when up returns; take everything down with "esir lab down".
+
+With debian-ssi the server also keeps an SSI cluster of all nodes (the first
+three corosync voters; fencing off, as in a test cluster; VIP ` + lab.VIPAddr + ` with
+HTTP on port 80 balanced by keepalived and IPVS): up then waits until every
+node is enrolled in a quorate cluster and asks the VIP from several client
+addresses which node answers (see "esir lab vip").`,
 		Example: `  esir lab up --nodes 2
   esir lab up --nodes 4 --firmware uefi --hardware virtio
   esir lab up --nodes 3 --image compute:1.0 --dir /srv/lab`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			start := time.Now()
+			defer func() {
+				fmt.Fprintf(app.Stdout, "lab up took %.1fs\n", time.Since(start).Seconds())
+			}()
 			self, err := os.Executable()
 			if err != nil {
 				return err
@@ -90,7 +104,13 @@ keep running when up returns; take everything down with "esir lab down".`,
 			if err := watchRollout(cmd, app, r, c, st.Rollout); err != nil {
 				return err
 			}
-			return labNodes(cmd, app, st)
+			if err := labNodes(cmd, app, st); err != nil {
+				return err
+			}
+			if st.Cluster == "" {
+				return nil
+			}
+			return labCluster(cmd, app, st, clusterWait)
 		},
 	}
 	f := cmd.Flags()
@@ -108,6 +128,88 @@ keep running when up returns; take everything down with "esir lab down".`,
 	f.StringVar(&agent, "agent", "", "static esir-agent binary (default: beside esir, then $PATH)")
 	f.BoolVar(&opts.NoRollout, "no-rollout", false, "only boot the machines (inventory mode), start no rollout")
 	f.BoolVar(&noWatch, "no-watch", false, "return once the rollout started instead of following it")
+	f.BoolVar(&opts.NoCluster, "no-cluster", false, "deploy "+lab.DebianSSI+" without the SSI cluster")
+	f.StringVar(&opts.VIPScheduler, "vip-scheduler", lab.DefaultVIPScheduler, "IPVS scheduler of the cluster VIP (sh keeps a connection a director forwarded to another director where it was sent)")
+	f.DurationVar(&clusterWait, "cluster-wait", 20*time.Minute, "how long up waits for the SSI cluster to be quorate with every node enrolled")
+	return cmd
+}
+
+// labCluster waits for the lab's SSI cluster, printing each change, then
+// probes the VIP.
+func labCluster(cmd *cobra.Command, app *cli.App, st *lab.State, wait time.Duration) error {
+	c, err := st.Client()
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	fmt.Fprintf(app.Stdout, "waiting for cluster %s (every node enrolled, quorate; up to %v)...\n", st.Cluster, wait)
+	s, err := st.WaitCluster(cmd.Context(), c, wait, func(s *cluster.Snapshot) {
+		fmt.Fprintf(app.Stdout, "  %6.1fs  %s\n", time.Since(start).Seconds(), lab.SnapshotLine(s))
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(app.Stdout, "cluster %s ready after %.1fs: %s\n", st.Cluster, time.Since(start).Seconds(), lab.SnapshotLine(s))
+	return labVIP(cmd, app, st, 2)
+}
+
+// labVIP probes the VIP and prints which node answered each client.
+func labVIP(cmd *cobra.Command, app *cli.App, st *lab.State, perClient int) error {
+	p, err := st.ProbeVIP(cmd.Context(), perClient)
+	if err != nil {
+		return err
+	}
+	total := p.Failed
+	for _, n := range p.Answers {
+		total += n
+	}
+	fmt.Fprintf(app.Stdout, "VIP %s:80, %d connections from %d client addresses:\n", p.VIP, total, len(p.ByClient)+len(p.Errors))
+	tw := tabwriter.NewWriter(app.Stdout, 0, 0, 2, ' ', 0)
+	for _, n := range slices.Sorted(maps.Keys(p.Answers)) {
+		fmt.Fprintf(tw, "  %s\t%d\n", n, p.Answers[n])
+	}
+	if p.Failed > 0 {
+		fmt.Fprintf(tw, "  failed\t%d\n", p.Failed)
+	}
+	tw.Flush()
+	for _, e := range p.Errors {
+		fmt.Fprintln(app.Stdout, "  error:", e)
+	}
+	if p.Nodes() < 2 || p.Failed > 0 {
+		return fmt.Errorf("VIP %s: %d nodes answered, %d connections failed: no load leveling across the nodes", p.VIP, p.Nodes(), p.Failed)
+	}
+	fmt.Fprintf(app.Stdout, "VIP %s leveled connections across %d nodes\n", p.VIP, p.Nodes())
+	return nil
+}
+
+func newLabVIPCmd(app *cli.App, dir *string) *cobra.Command {
+	var perClient int
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "vip",
+		Short: "Ask the SSI cluster's VIP (HTTP, port 80) from several client addresses which node answers",
+		Long: `vip opens new HTTP connections to the lab cluster's VIP from each of the
+client addresses lab up gave the lab's switch namespace and counts which node
+answered (the debian-ssi image answers with its host name). It fails unless
+more than one node answered and every connection was answered.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := lab.Load(*dir)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				p, err := st.ProbeVIP(cmd.Context(), perClient)
+				if err != nil {
+					return err
+				}
+				return json.NewEncoder(app.Stdout).Encode(p)
+			}
+			return labVIP(cmd, app, st, perClient)
+		},
+	}
+	cmd.Flags().IntVar(&perClient, "per-client", 2, "connections from each client address")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
 
@@ -118,6 +220,10 @@ func printLab(w io.Writer, st *lab.State) {
 	fmt.Fprintf(w, "  CLI:         esir node ls --server %s --token $(cat %s)\n", st.ConsoleURL, st.TokenFile)
 	for _, n := range st.Nodes {
 		fmt.Fprintf(w, "  %s  %s  %-4s  %-14s %-10s  esir lab console %s\n", n.Name, n.MAC, n.Firmware, n.NIC, n.Disk, n.Name)
+	}
+	if st.Cluster != "" {
+		fmt.Fprintf(w, "  SSI cluster %s (%s), VIP %s:80: esir cluster show --server %s --token $(cat %s); esir lab vip\n",
+			st.Cluster, st.ClusterDef, st.VIP, st.ConsoleURL, st.TokenFile)
 	}
 }
 

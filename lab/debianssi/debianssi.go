@@ -282,7 +282,7 @@ Description=ESIR lab: answer HTTP on port %d with this node's host name
 After=network.target
 
 [Service]
-ExecStartPre=/bin/sh -c 'mkdir -p /run/esir-hello && hostname > /run/esir-hello/index.html'
+ExecStartPre=/bin/sh -c 'mkdir -p /run/esir-hello/cgi-bin && hostname > /run/esir-hello/index.html && ln -sf /usr/lib/esir-hello/status /run/esir-hello/cgi-bin/status'
 ExecStart=/bin/busybox httpd -f -p %d -h /run/esir-hello
 Restart=always
 RestartSec=2
@@ -290,6 +290,20 @@ RestartSec=2
 [Install]
 WantedBy=multi-user.target
 `, HelloPort, HelloPort), 0o644},
+		// /cgi-bin/status: what the lab looks at when the VIP misbehaves
+		// (read-only; a lab image has no SSH key to log in with).
+		"usr/lib/esir-hello/status": {`#!/bin/sh
+# Written by ESIR's debian-ssi recipe: the node's view of its stack, read-only.
+printf 'Content-Type: text/plain\r\n\r\n'
+echo "host $(hostname)"
+for c in "ip -br addr" "ipvsadm -Ln --stats" "ipvsadm -Lnc" \
+	"sysctl net.ipv4.conf.all.arp_ignore net.ipv4.conf.all.arp_announce net.ipv4.vs.backup_only" \
+	"corosync-quorumtool -s" "crm_mon -1" "chronyc -n tracking" \
+	"systemctl --no-pager --lines=0 status esir-node corosync pacemaker chrony keepalived"; do
+	echo "== $c"
+	$c 2>&1
+done
+`, 0o755},
 		// The node service's output on the serial console too, where the lab
 		// reads it (esir lab console NODE).
 		"etc/systemd/system/esir-node.service.d/console.conf": {`# Written by ESIR's debian-ssi recipe.
