@@ -483,6 +483,16 @@ func diskDigest(t *testing.T, file string) string {
 			if err != nil {
 				return err
 			}
+			if rel == "boot/extlinux/ldlinux.sys" {
+				// extlinux writes the file's own sector list into it, and
+				// where ext4 places a file depends on when the kernel wrote
+				// the files before it back (delayed allocation under the
+				// install's periodic flushes): two good installs differ
+				// there under load. Its size is compared; the boot tests
+				// show it works.
+				fmt.Fprintf(&b, " %d (sector list patched by extlinux)", len(data))
+				break
+			}
 			fmt.Fprintf(&b, " %d %x", len(data), sha256.Sum256(data))
 		}
 		b.WriteByte('\n')
