@@ -11,13 +11,11 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 )
 
@@ -66,10 +64,9 @@ type archiver struct {
 	root     string
 	opts     ArchiveOptions
 	ex       *excluder
-	out      io.Writer
-	n        int64
+	out      *frameWriter
 	hdr      []byte
-	buf      []byte
+	xattrBuf []byte
 	links    map[devIno]string
 	users    map[int]string
 	groups   map[int]string
@@ -108,7 +105,7 @@ func WriteArchive(ctx context.Context, w io.Writer, root string, opts ArchiveOpt
 	if level == 0 {
 		level = 3
 	}
-	enc, err := newEncoder(w, level)
+	fw, err := newFrameWriter(w, level)
 	if err != nil {
 		return ArchiveStats{}, err
 	}
@@ -117,32 +114,28 @@ func WriteArchive(ctx context.Context, w io.Writer, root string, opts ArchiveOpt
 		root:     root,
 		opts:     opts,
 		ex:       ex,
-		buf:      make([]byte, 1<<20),
+		out:      fw,
+		xattrBuf: make([]byte, 1024),
 		links:    map[devIno]string{},
 		users:    readIDNames(root, "etc/passwd"),
 		groups:   readIDNames(root, "etc/group"),
 		kernels:  map[string]*Kernel{},
 		emptyMID: !opts.NoDefaultExcludes && !opts.KeepMachineID,
 	}
-	a.out = writerFunc(func(p []byte) (int, error) {
-		n, err := enc.Write(p)
-		a.n += int64(n)
-		return n, err
-	})
 	a.stats.Arch = detectArch(root)
 	werr := a.entry(".", root)
 	if werr == nil {
 		// End of archive: two zero blocks.
 		_, werr = a.out.Write(make([]byte, 2*blockSize))
 	}
-	cerr := enc.Close()
+	cerr := fw.Close()
 	if werr != nil {
 		return ArchiveStats{}, werr
 	}
 	if cerr != nil {
 		return ArchiveStats{}, fmt.Errorf("compress archive: %w", cerr)
 	}
-	a.stats.UncompressedSize = a.n
+	a.stats.UncompressedSize = fw.n
 	for _, k := range a.kernels {
 		a.stats.Kernels = append(a.stats.Kernels, *k)
 	}
@@ -151,47 +144,6 @@ func WriteArchive(ctx context.Context, w io.Writer, root string, opts ArchiveOpt
 	})
 	return a.stats, nil
 }
-
-func newEncoder(w io.Writer, level int) (*zstd.Encoder, error) {
-	// Job-based parallel compression splits the stream at fixed sizes, so
-	// the output does not depend on the number of cores; it needs at least
-	// two encoders to be on, hence the floor of 2. A job is four windows:
-	// the reference zstd's window for the level keeps jobs small (8 MiB at
-	// level 3), so all cores start early and finish together, where the
-	// library's default 8 MiB window made 32 MiB jobs whose first and last
-	// kept one core waiting.
-	enc, err := zstd.NewWriter(w,
-		zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(level)),
-		zstd.WithWindowSize(windowForLevel(level)),
-		zstd.WithEncoderConcurrency(max(2, runtime.GOMAXPROCS(0))),
-		zstd.WithConcurrentBlocks(true),
-		zstd.WithEncoderCRC(true))
-	if err != nil {
-		return nil, fmt.Errorf("zstd encoder: %w", err)
-	}
-	return enc, nil
-}
-
-// windowForLevel returns the window the reference zstd uses at level for
-// inputs over 256 KiB (its windowLog table), the format's compatibility
-// baseline: 512 KiB at level 1, 2 MiB at levels 3-8, 8 MiB from level 17.
-func windowForLevel(level int) int {
-	switch {
-	case level <= 1:
-		return 1 << 19
-	case level == 2:
-		return 1 << 20
-	case level <= 8:
-		return 1 << 21
-	case level <= 16:
-		return 1 << 22
-	}
-	return 1 << 23
-}
-
-type writerFunc func(p []byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 func (a *archiver) writeHeader(h *tarHeader) error {
 	a.hdr = h.encode(a.hdr[:0])
@@ -229,7 +181,7 @@ func (a *archiver) entry(rel, full string) error {
 		}
 		return nil
 	}
-	xa, err := readXattrs(full)
+	xa, err := readXattrsBuf(full, &a.xattrBuf)
 	if err != nil {
 		return err
 	}
@@ -431,20 +383,23 @@ func (a *archiver) file(h *tarHeader, full string, st *unix.Stat_t) error {
 	return nil
 }
 
+// copyData reads n bytes of a file straight into the archive's current
+// frame buffer (no intermediate copy).
 func (a *archiver) copyData(r io.Reader, n int64, full string) error {
 	for n > 0 {
 		if err := a.ctx.Err(); err != nil {
 			return fmt.Errorf("build interrupted at %s: %w", full, err)
 		}
-		chunk := a.buf
+		chunk, werr := a.out.space()
+		if werr != nil {
+			return fmt.Errorf("write archive at %s: %w", full, werr)
+		}
 		if int64(len(chunk)) > n {
 			chunk = chunk[:n]
 		}
 		m, err := io.ReadFull(r, chunk)
 		if m > 0 {
-			if _, werr := a.out.Write(chunk[:m]); werr != nil {
-				return fmt.Errorf("write archive at %s: %w", full, werr)
-			}
+			a.out.advance(m)
 			n -= int64(m)
 			if a.opts.Progress != nil {
 				a.opts.Progress(int64(m))
@@ -506,12 +461,20 @@ func cloneRecords(m map[string]string) map[string]string {
 // (SCHILY.xattr.NAME), without following a symlink.
 func readXattrs(full string) (map[string]string, error) {
 	buf := make([]byte, 1024)
+	return readXattrsBuf(full, &buf)
+}
+
+// readXattrsBuf is readXattrs listing the names into *buf, which it grows
+// as needed, so the archiver reuses one buffer for every file.
+func readXattrsBuf(full string, bufp *[]byte) (map[string]string, error) {
+	buf := *bufp
 	var n int
 	for {
 		var err error
 		n, err = unix.Llistxattr(full, buf)
 		if errors.Is(err, unix.ERANGE) {
 			buf = make([]byte, len(buf)*4)
+			*bufp = buf
 			continue
 		}
 		if errors.Is(err, unix.ENOTSUP) {
