@@ -123,7 +123,7 @@ func WriteArchive(ctx context.Context, w io.Writer, root string, opts ArchiveOpt
 		emptyMID: !opts.NoDefaultExcludes && !opts.KeepMachineID,
 	}
 	a.stats.Arch = detectArch(root)
-	werr := a.entry(".", root)
+	werr := a.entry(unix.AT_FDCWD, root, ".", root)
 	if werr == nil {
 		// End of archive: two zero blocks.
 		_, werr = a.out.Write(make([]byte, 2*blockSize))
@@ -154,12 +154,16 @@ func (a *archiver) writeHeader(h *tarHeader) error {
 	return nil
 }
 
-func (a *archiver) entry(rel, full string) error {
+// entry writes the entry name in the directory dfd (rel in the tree, full
+// on the host; AT_FDCWD and the root's path for the root). Working from
+// directory descriptors spares the kernel a walk of the whole path for
+// every stat, open and readlink.
+func (a *archiver) entry(dfd int, name, rel, full string) error {
 	if err := a.ctx.Err(); err != nil {
 		return fmt.Errorf("build interrupted at %s: %w", full, err)
 	}
 	var st unix.Stat_t
-	if err := unix.Lstat(full, &st); err != nil {
+	if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("%s: lstat: %w (it vanished)", full, ErrChanged)
 		}
@@ -181,19 +185,34 @@ func (a *archiver) entry(rel, full string) error {
 		}
 		return nil
 	}
-	xa, err := readXattrsBuf(full, &a.xattrBuf)
-	if err != nil {
-		return err
+	// Regular files and directories read their xattrs through the
+	// descriptor they are opened with anyway; the others by path.
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFDIR, unix.S_IFREG:
+	default:
+		xa, err := readXattrsBuf(full, &a.xattrBuf, pathXattrs(full))
+		if err != nil {
+			return err
+		}
+		h.records = xa
 	}
-	h.records = xa
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:
 		h.typ = typeDir
+		fd, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("%s: open directory: %w", full, err)
+		}
+		dir := os.NewFile(uintptr(fd), full)
+		defer dir.Close()
+		if h.records, err = readXattrsBuf(full, &a.xattrBuf, fdXattrs(fd)); err != nil {
+			return err
+		}
 		if err := a.writeHeader(&h); err != nil {
 			return err
 		}
 		a.noteKernel(rel, typeDir)
-		return a.walkDir(rel, full)
+		return a.walkDir(dir, fd, rel, full)
 	case unix.S_IFREG:
 		h.typ = typeReg
 		if st.Nlink > 1 {
@@ -207,10 +226,10 @@ func (a *archiver) entry(rel, full string) error {
 			a.links[key] = rel
 		}
 		a.noteKernel(rel, typeReg)
-		return a.file(&h, full, &st)
+		return a.file(&h, dfd, name, full, &st)
 	case unix.S_IFLNK:
 		h.typ = typeSymlink
-		target, err := os.Readlink(full)
+		target, err := readlinkat(dfd, name)
 		if err != nil {
 			return fmt.Errorf("%s: readlink: %w", full, err)
 		}
@@ -230,13 +249,10 @@ func (a *archiver) entry(rel, full string) error {
 	return fmt.Errorf("%s: unknown file type %#o", full, st.Mode&unix.S_IFMT)
 }
 
-func (a *archiver) walkDir(rel, full string) error {
-	f, err := os.Open(full)
-	if err != nil {
-		return fmt.Errorf("%s: open directory: %w", full, err)
-	}
-	names, err := f.Readdirnames(-1)
-	f.Close()
+// walkDir writes the entries of the directory open as dir (descriptor dfd)
+// in name order.
+func (a *archiver) walkDir(dir *os.File, dfd int, rel, full string) error {
+	names, err := dir.Readdirnames(-1)
 	if err != nil {
 		return fmt.Errorf("%s: read directory: %w", full, err)
 	}
@@ -249,7 +265,7 @@ func (a *archiver) walkDir(rel, full string) error {
 		if a.ex.excluded(crel) {
 			continue
 		}
-		if err := a.entry(crel, full+"/"+n); err != nil {
+		if err := a.entry(dfd, n, crel, full+"/"+n); err != nil {
 			return err
 		}
 	}
@@ -298,18 +314,26 @@ func (r fdReader) ReadAt(p []byte, off int64) (int, error) {
 
 // file writes a regular file's header and content, sparse when the file
 // has holes, and fails when the file changes while it is read.
-func (a *archiver) file(h *tarHeader, full string, st *unix.Stat_t) error {
+func (a *archiver) file(h *tarHeader, dfd int, name, full string, st *unix.Stat_t) error {
 	if a.emptyMID && h.name == "etc/machine-id" {
+		xa, err := readXattrsBuf(full, &a.xattrBuf, pathXattrs(full))
+		if err != nil {
+			return err
+		}
+		h.records = xa
 		return a.writeHeader(h)
 	}
-	fd, err := unix.Open(full, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOATIME, 0)
+	fd, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOATIME, 0)
 	if errors.Is(err, unix.EPERM) {
-		fd, err = unix.Open(full, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		fd, err = unix.Openat(dfd, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	}
 	if err != nil {
 		return fmt.Errorf("%s: open: %w", full, err)
 	}
 	defer unix.Close(fd)
+	if h.records, err = readXattrsBuf(full, &a.xattrBuf, fdXattrs(fd)); err != nil {
+		return err
+	}
 	f := fdReader(fd)
 	// A file replaced between the lstat and the open is caught by the
 	// fstat after reading, which compares the inode too: the build fails
@@ -461,17 +485,43 @@ func cloneRecords(m map[string]string) map[string]string {
 // (SCHILY.xattr.NAME), without following a symlink.
 func readXattrs(full string) (map[string]string, error) {
 	buf := make([]byte, 1024)
-	return readXattrsBuf(full, &buf)
+	return readXattrsBuf(full, &buf, pathXattrs(full))
 }
 
-// readXattrsBuf is readXattrs listing the names into *buf, which it grows
-// as needed, so the archiver reuses one buffer for every file.
-func readXattrsBuf(full string, bufp *[]byte) (map[string]string, error) {
+// xattrSource names one file whose xattrs to read: by path (not following
+// a symlink) or, when path is "", by open descriptor.
+type xattrSource struct {
+	path string
+	fd   int
+}
+
+func pathXattrs(full string) xattrSource { return xattrSource{path: full} }
+
+func fdXattrs(fd int) xattrSource { return xattrSource{fd: fd} }
+
+func (s xattrSource) list(dst []byte) (int, error) {
+	if s.path != "" {
+		return unix.Llistxattr(s.path, dst)
+	}
+	return unix.Flistxattr(s.fd, dst)
+}
+
+func (s xattrSource) get(name string, dst []byte) (int, error) {
+	if s.path != "" {
+		return unix.Lgetxattr(s.path, name, dst)
+	}
+	return unix.Fgetxattr(s.fd, name, dst)
+}
+
+// readXattrsBuf is readXattrs from src (full names the file in errors),
+// listing the names into *buf, which it grows as needed, so the archiver
+// reuses one buffer for every file.
+func readXattrsBuf(full string, bufp *[]byte, src xattrSource) (map[string]string, error) {
 	buf := *bufp
 	var n int
 	for {
 		var err error
-		n, err = unix.Llistxattr(full, buf)
+		n, err = src.list(buf)
 		if errors.Is(err, unix.ERANGE) {
 			buf = make([]byte, len(buf)*4)
 			*bufp = buf
@@ -495,7 +545,7 @@ func readXattrsBuf(full string, bufp *[]byte) (map[string]string, error) {
 		}
 		val := make([]byte, 256)
 		for {
-			m, err := unix.Lgetxattr(full, name, val)
+			m, err := src.get(name, val)
 			if errors.Is(err, unix.ERANGE) {
 				val = make([]byte, len(val)*4)
 				continue
@@ -579,6 +629,20 @@ func readIDNames(root, file string) map[int]string {
 		}
 	}
 	return m
+}
+
+// readlinkat returns the target of the symlink name in directory dfd.
+func readlinkat(dfd int, name string) (string, error) {
+	for size := 256; ; size *= 4 {
+		buf := make([]byte, size)
+		n, err := unix.Readlinkat(dfd, name, buf)
+		if err != nil {
+			return "", err
+		}
+		if n < size {
+			return string(buf[:n]), nil
+		}
+	}
 }
 
 // detectArch reads the ELF header of the tree's shell or init and returns

@@ -26,6 +26,19 @@ import (
 // with 8 MiB frames), still within 1% of tar | zstd at the same level.
 const frameSize = 4 << 20
 
+// firstFrame is the first frame's size; each next frame doubles it up to
+// frameSize, so a second core starts compressing after 512 KiB of reading
+// instead of 4 MiB (about 10 ms sooner on the root filesystem).
+const firstFrame = 512 << 10
+
+// frameLimit is the input size of frame k (from 0).
+func frameLimit(k int) int {
+	if k >= 3 {
+		return frameSize
+	}
+	return firstFrame << k
+}
+
 // frameJob is one frame's input and, once done is closed, its output.
 type frameJob struct {
 	in   []byte
@@ -34,7 +47,7 @@ type frameJob struct {
 }
 
 // frameWriter compresses what is written to it as independent zstd frames
-// of frameSize input bytes each, on one goroutine per core, and writes the
+// of frameLimit(k) input bytes each, on one goroutine per core, and writes the
 // frames to w in order from a goroutine of its own. Callers may fill the
 // current frame's buffer directly (space, advance) and save a copy.
 type frameWriter struct {
@@ -49,6 +62,8 @@ type frameWriter struct {
 	mu      sync.Mutex
 	err     error // the first error writing to w
 	n       int64 // uncompressed bytes written
+	frames  int   // frames started
+	limit   int   // the current frame's size
 	closed  bool
 }
 
@@ -135,15 +150,17 @@ func (fw *frameWriter) space() ([]byte, error) {
 		j.in = j.in[:0]
 		j.done = make(chan struct{})
 		fw.cur = j
+		fw.limit = frameLimit(fw.frames)
+		fw.frames++
 	}
-	return fw.cur.in[len(fw.cur.in):frameSize], nil
+	return fw.cur.in[len(fw.cur.in):fw.limit], nil
 }
 
 // advance adds n bytes, filled in through space, to the current frame.
 func (fw *frameWriter) advance(n int) {
 	fw.cur.in = fw.cur.in[:len(fw.cur.in)+n]
 	fw.n += int64(n)
-	if len(fw.cur.in) == frameSize {
+	if len(fw.cur.in) == fw.limit {
 		fw.dispatch()
 	}
 }

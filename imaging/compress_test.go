@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	mrand "math/rand/v2"
 	"runtime"
 	"testing"
@@ -65,10 +66,17 @@ func compressFrames(t *testing.T, data []byte, procs int) []byte {
 }
 
 // TestFrameWriter: the output does not depend on the number of cores, is
-// one zstd frame (with its content size and checksum) per frameSize bytes,
-// and any zstd decoder reads it back as one stream.
+// one zstd frame (with its content size and checksum) per frameLimit
+// bytes, and any zstd decoder reads it back as one stream.
 func TestFrameWriter(t *testing.T) {
-	data := compressible(2*frameSize + 12345)
+	var want []uint64
+	total := 0
+	for k := 0; k < 5; k++ {
+		want = append(want, uint64(frameLimit(k)))
+		total += frameLimit(k)
+	}
+	want = append(want, 12345)
+	data := compressible(total + 12345)
 	one := compressFrames(t, data, 1)
 	four := compressFrames(t, data, 4)
 	if !bytes.Equal(one, four) {
@@ -106,9 +114,11 @@ func TestFrameWriter(t *testing.T) {
 		end += 4
 		rest = rest[end:]
 	}
-	want := []uint64{frameSize, frameSize, 12345}
-	if len(sizes) != len(want) || sizes[0] != want[0] || sizes[1] != want[1] || sizes[2] != want[2] {
+	if fmt.Sprint(sizes) != fmt.Sprint(want) {
 		t.Errorf("frames of %v bytes, want %v", sizes, want)
+	}
+	if want[3] != frameSize || want[4] != frameSize {
+		t.Errorf("frames do not grow to %d bytes: %v", frameSize, want)
 	}
 }
 
