@@ -14,10 +14,10 @@ import (
 )
 
 // maxParallelFrame bounds the content of a zstd frame that the parallel
-// decoder holds in memory whole; ESIR's frames hold at most frameSize bytes. A
-// stream whose frame is larger or does not state its size (one frame made
-// by a streaming compressor) is decoded by the streaming decoder from that
-// frame on.
+// decoder holds in memory whole; ESIR's frames hold at most frameSize
+// bytes. A stream whose frame is larger or does not state its size (one
+// frame made by a streaming compressor) is decoded by the streaming decoder
+// from that frame on.
 const maxParallelFrame = 64 << 20
 
 // readSize is the most the frame cutter asks its source for at once.
