@@ -1335,3 +1335,67 @@ func TestReadAhead(t *testing.T) {
 		<-ra.ended
 	})
 }
+
+// TestReadAheadLend: lent bytes are the stream's, in place, a chunk is not
+// refilled while a loan on it is out, and reads and loans mix.
+func TestReadAheadLend(t *testing.T) {
+	data := make([]byte, 100_000)
+	rand.Read(data)
+	ra := newReadAhead(4096, 3, func(w io.Writer) error {
+		for off := 0; off < len(data); off += 1000 {
+			if _, err := w.Write(data[off:min(off+1000, len(data))]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	defer ra.Close()
+	type loan struct {
+		b    []byte
+		want []byte
+		c    *chunk
+	}
+	var held []loan
+	var got []byte
+	buf := make([]byte, 3000)
+	for i := 0; ; i++ {
+		if i%3 == 0 {
+			n, err := ra.Read(buf[:1+i%2999])
+			got = append(got, buf[:n]...)
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		b, c, err := ra.lend(2500)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) == 0 || len(b) > 2500 {
+			t.Fatalf("lent %d bytes", len(b))
+		}
+		got = append(got, b...)
+		held = append(held, loan{b, bytes.Clone(b), c})
+		// Hold two loans at a time: the producer must not refill them.
+		if len(held) > 2 {
+			l := held[0]
+			held = held[1:]
+			if !bytes.Equal(l.b, l.want) {
+				t.Fatal("a lent chunk was refilled before its release")
+			}
+			ra.release(l.c)
+		}
+	}
+	for _, l := range held {
+		ra.release(l.c)
+	}
+	if !bytes.Equal(got, data) {
+		t.Errorf("got %d bytes, want the %d written", len(got), len(data))
+	}
+}

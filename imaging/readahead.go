@@ -4,12 +4,15 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // readAhead runs a producer (a zstd decoder) in its own goroutine and hands
 // its output over in large chunks, so decompression overlaps the file
 // system work of the consumer with one goroutine handoff per chunk instead
-// of several per 128 KiB zstd block.
+// of several per 128 KiB zstd block. The consumer reads (a copy) or borrows
+// the bytes in place (lend), so file contents go from the chunk straight
+// to the file.
 type readAhead struct {
 	full  chan *chunk
 	free  chan *chunk
@@ -25,6 +28,9 @@ type chunk struct {
 	n   int
 	off int
 	err error // set on the last chunk: io.EOF or the producer's error
+	// refs counts the reader's hold and the loans out of the chunk; the
+	// chunk is filled again when it drops to zero.
+	refs atomic.Int32
 }
 
 // newReadAhead starts fill in a goroutine; fill writes the whole stream to
@@ -55,16 +61,22 @@ type chunkWriter struct {
 	cur *chunk
 }
 
+func (w *chunkWriter) take() bool {
+	select {
+	case w.cur = <-w.ra.free:
+		w.cur.n, w.cur.off, w.cur.err = 0, 0, nil
+		w.cur.refs.Store(1)
+		return true
+	case <-w.ra.done:
+		return false
+	}
+}
+
 func (w *chunkWriter) Write(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
-		if w.cur == nil {
-			select {
-			case w.cur = <-w.ra.free:
-				w.cur.n, w.cur.off, w.cur.err = 0, 0, nil
-			case <-w.ra.done:
-				return written, stoppedError{}
-			}
+		if w.cur == nil && !w.take() {
+			return written, stoppedError{}
 		}
 		m := copy(w.cur.buf[w.cur.n:], p)
 		w.cur.n += m
@@ -99,17 +111,33 @@ func (ra *readAhead) produce(fill func(w io.Writer) error) {
 	if err == nil {
 		err = io.EOF
 	}
-	last := w.cur
-	if last == nil {
-		select {
-		case last = <-ra.free:
-			last.n, last.off = 0, 0
-		case <-ra.done:
-			return
-		}
+	if w.cur == nil && !w.take() {
+		return
 	}
-	last.err = err
-	w.send(last)
+	w.cur.err = err
+	w.send(w.cur)
+}
+
+// chunk returns the chunk being read, with bytes left or the stream's end.
+func (ra *readAhead) chunk() (*chunk, error) {
+	for {
+		if ra.err != nil {
+			return nil, ra.err
+		}
+		if ra.cur == nil {
+			ra.cur = <-ra.full
+		}
+		c := ra.cur
+		if c.off < c.n {
+			return c, nil
+		}
+		if c.err != nil {
+			ra.err = c.err
+			continue
+		}
+		ra.cur = nil
+		ra.release(c)
+	}
 }
 
 // Read implements io.Reader.
@@ -117,24 +145,32 @@ func (ra *readAhead) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	for {
-		if ra.err != nil {
-			return 0, ra.err
-		}
-		if ra.cur == nil {
-			ra.cur = <-ra.full
-		}
-		c := ra.cur
-		if c.off < c.n {
-			m := copy(p, c.buf[c.off:c.n])
-			c.off += m
-			return m, nil
-		}
-		if c.err != nil {
-			ra.err = c.err
-			continue
-		}
-		ra.cur = nil
+	c, err := ra.chunk()
+	if err != nil {
+		return 0, err
+	}
+	m := copy(p, c.buf[c.off:c.n])
+	c.off += m
+	return m, nil
+}
+
+// lend returns up to n of the next bytes in place (fewer at a chunk's end)
+// and the chunk holding them, which must be released when the caller is
+// done with them: the chunk is not filled again until then.
+func (ra *readAhead) lend(n int) ([]byte, *chunk, error) {
+	c, err := ra.chunk()
+	if err != nil {
+		return nil, nil, err
+	}
+	b := c.buf[c.off:min(c.n, c.off+n)]
+	c.off += len(b)
+	c.refs.Add(1)
+	return b, c, nil
+}
+
+// release ends a hold on a chunk; safe from any goroutine.
+func (ra *readAhead) release(c *chunk) {
+	if c.refs.Add(-1) == 0 {
 		ra.free <- c
 	}
 }
