@@ -483,8 +483,15 @@ func (x *extractor) regular(tr *tar.Reader, hdr *tar.Header, pfd int, rel, base 
 			unix.Close(fd)
 		}
 	}()
-	_, sparse := hdr.PAXRecords["GNU.sparse.major"]
-	sparse = sparse || hdr.Typeflag == tar.TypeGNUSparse
+	// Sparse entries (any of GNU's PAX formats, or old GNU 'S'): the tar
+	// reader fills the holes in, so their content is read, not lent.
+	sparse := hdr.Typeflag == tar.TypeGNUSparse
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			sparse = true
+			break
+		}
+	}
 	owner := x.needOwner(pfd, rel, hdr)
 	if err := x.writeContent(fd, tr, hdr.Size, sparse); err != nil {
 		return err

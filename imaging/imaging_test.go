@@ -1399,3 +1399,51 @@ func TestReadAheadLend(t *testing.T) {
 		t.Errorf("got %d bytes, want the %d written", len(got), len(data))
 	}
 }
+
+// TestExtractGNUSparseFormats: sparse files in each of GNU tar's formats
+// (PAX 0.0, 0.1 and 1.0, old GNU) extract with their holes and content.
+func TestExtractGNUSparseFormats(t *testing.T) {
+	tarPath := needTool(t, "tar")
+	zstdPath := needTool(t, "zstd")
+	src := t.TempDir()
+	f, err := os.Create(filepath.Join(src, "sparse.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("esir"), 300_000)
+	for _, off := range []int64{0, 5 << 20, 9<<20 + 3} {
+		if _, err := f.WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Truncate(16 << 20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	want, _ := os.ReadFile(filepath.Join(src, "sparse.img"))
+	for _, format := range []string{"--format=pax --sparse-version=0.0", "--format=pax --sparse-version=0.1",
+		"--format=pax --sparse-version=1.0", "--format=gnu"} {
+		t.Run(format, func(t *testing.T) {
+			arc := filepath.Join(t.TempDir(), "a.tar.zst")
+			cmd := exec.Command("sh", "-c", tarPath+" -C "+src+" --sparse "+format+" -cf - sparse.img | "+zstdPath+" -q -o "+arc)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			b, err := os.ReadFile(arc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst := t.TempDir()
+			if _, err := Extract(context.Background(), bytes.NewReader(b), dst, ExtractOptions{NoOwner: true}); err != nil {
+				t.Fatal(err)
+			}
+			got, err := os.ReadFile(filepath.Join(dst, "sparse.img"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("extracted %d bytes differ from the %d written", len(got), len(want))
+			}
+		})
+	}
+}
