@@ -174,6 +174,15 @@ func (f *Follower) poll(ctx context.Context, out chan *agentapi.SSIAssignment) e
 			if agentapi.IsStatus(err, 401) || agentapi.IsStatus(err, 403) {
 				return fmt.Errorf("ssi assignment: refused: %w", err)
 			}
+			if agentapi.IsStatus(err, 503) {
+				// The cluster waits for nodes its definition names.
+				f.Log.Info("ssi: the cluster is not ready for this node yet", "err", err)
+				select {
+				case <-ctx.Done():
+				case <-time.After(2 * time.Second):
+				}
+				continue
+			}
 			f.Log.Warn("ssi: server not reachable, retrying", "in", wait, "err", err)
 			select {
 			case <-ctx.Done():

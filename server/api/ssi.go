@@ -42,6 +42,8 @@ func clusterError(err error) error {
 		return echo.NewHTTPError(http.StatusNotFound, err.Error())
 	case errors.Is(err, cluster.ErrConflict):
 		return echo.NewHTTPError(http.StatusConflict, err.Error())
+	case errors.Is(err, cluster.ErrNotReady):
+		return echo.NewHTTPError(http.StatusServiceUnavailable, err.Error())
 	}
 	return err
 }
@@ -105,6 +107,9 @@ func (a *API) ssiAssignment(c echo.Context) error {
 	}
 	b, action, err := a.cluster.Assignment(mac)
 	if err != nil {
+		if errors.Is(err, cluster.ErrNotReady) {
+			c.Response().Header().Set("Retry-After", "2")
+		}
 		return clusterError(err)
 	}
 	data, err := json.Marshal(b)

@@ -50,6 +50,11 @@ const (
 // ErrNotMember is returned (wrapped) for a node the cluster does not hold.
 var ErrNotMember = errors.New("not a cluster member")
 
+// ErrNotReady is returned (wrapped) for a bundle that cannot be rendered
+// yet: the definition names a node (director, real server, NFS server) that
+// has not joined. The node asks again shortly.
+var ErrNotReady = errors.New("cluster not ready")
+
 // ErrConflict is returned (wrapped) for a join the allocation refuses.
 var ErrConflict = errors.New("cluster conflict")
 
@@ -318,7 +323,7 @@ func (s *Service) assignment(mac string) (*ssi.Bundle, string, error) {
 	}
 	b, err := ssi.Render(s.def, s.alloc, s.keys, m.Name)
 	if err != nil {
-		return nil, "", fmt.Errorf("cluster %s: %w", s.def.Name, err)
+		return nil, "", fmt.Errorf("cluster %s: %w: %w", s.def.Name, err, ErrNotReady)
 	}
 	action := "join"
 	if m.State == Leaving {

@@ -221,3 +221,32 @@ func TestReportsLeaveAndRestart(t *testing.T) {
 		t.Fatalf("secrets directory mode %v", fi.Mode().Perm())
 	}
 }
+
+// TestNotReady: a bundle naming a node that has not joined is not ready
+// (the node asks again), not an error of the server.
+func TestNotReady(t *testing.T) {
+	dir := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(dir, "cluster.yaml"), []byte(`name: lab
+profile: {keepalived: true}
+core_size: 1
+vips:
+  - name: web
+    address: 198.18.0.100/24
+    vrid: 51
+    directors: [n1]
+    real_servers: [n2]
+    services: [{port: 80}]
+`), 0o644))
+	c := &clock{t: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
+	s := open(t, dir, c)
+	_, err := s.Join("n1", mac(1), addr(1))
+	must(t, err)
+	if _, _, err := s.Assignment(mac(1)); !errors.Is(err, ErrNotReady) {
+		t.Fatalf("n1's bundle before n2 joined: %v, want not ready", err)
+	}
+	_, err = s.Join("n2", mac(2), addr(2))
+	must(t, err)
+	if _, _, err := s.Assignment(mac(1)); err != nil {
+		t.Fatalf("n1's bundle once n2 joined: %v", err)
+	}
+}

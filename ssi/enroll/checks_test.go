@@ -331,3 +331,54 @@ UDP  198.18.0.100:53 rr
 		t.Errorf("garbage parsed as %+v", es)
 	}
 }
+
+// TestRealServerSysctls checks that a real server's ARP settings are applied
+// before its VIP goes on lo (written alone, they wait for the next boot).
+func TestRealServerSysctls(t *testing.T) {
+	c, _, err := ssi.Parse([]byte(`name: rs
+profile: {keepalived: true}
+core_size: 1
+vips:
+  - name: web
+    address: 198.18.0.100/24
+    vrid: 51
+    directors: [d1]
+    real_servers: [r1]
+    services: [{port: 80}]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := ssi.NewState()
+	for i, name := range []string{"d1", "r1"} {
+		if _, _, err := st.Join(name, netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)}), c.CoreSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	keys, err := ssi.LoadKeys(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := ssi.Render(c, st, keys, "r1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := &script{table: map[string]func() ([]byte, error){"": answer("")}}
+	n := &Node{Root: t.TempDir(), Run: run, Init: Direct}
+	_, _ = n.Enroll(context.Background(), b) // no engine answers here; only the order matters
+	sys, lo := -1, -1
+	for i, l := range run.ran {
+		if l == "sysctl -w net.ipv4.conf.all.arp_ignore=1" && sys < 0 {
+			sys = i
+		}
+		if strings.HasPrefix(l, "ip addr replace 198.18.0.100/32 dev lo") && lo < 0 {
+			lo = i
+		}
+	}
+	if sys < 0 || lo < 0 || sys > lo {
+		t.Fatalf("want arp_ignore set before the VIP goes on lo; ran %q", run.ran)
+	}
+	if !slices.Contains(run.ran, "sysctl -w net.ipv4.conf.lo.arp_announce=2") {
+		t.Fatalf("arp_announce on lo not set; ran %q", run.ran)
+	}
+}

@@ -95,6 +95,12 @@ func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	if err := n.Install(b); err != nil {
 		return m, err
 	}
+	// The kernel settings come first: a real server must never answer ARP
+	// for the VIP it is about to carry on lo. The files stay for the next
+	// boot (systemd-sysctl); here they are applied now.
+	if err := n.applySysctls(ctx, b); err != nil {
+		return m, &CheckError{Node: name, Check: CheckVIP, Err: err}
+	}
 	for _, a := range b.LoopbackVIPs {
 		if out, err := n.Run.Run(ctx, "ip", "addr", "replace", a.String()+"/32", "dev", "lo"); err != nil {
 			return m, &CheckError{Node: name, Check: CheckVIP, Err: fmt.Errorf("real-server VIP %s on lo: %w: %s", a, err, bytes.TrimSpace(out))}
@@ -406,4 +412,29 @@ func (n *Node) logger() *slog.Logger {
 		return n.Log
 	}
 	return slog.New(slog.DiscardHandler)
+}
+
+// applySysctls sets the kernel parameters of b's /etc/sysctl.d files
+// ("key = value" lines) with sysctl -w.
+func (n *Node) applySysctls(ctx context.Context, b *ssi.Bundle) error {
+	for _, f := range b.Files {
+		if !strings.HasPrefix(f.Path, "/etc/sysctl.d/") {
+			continue
+		}
+		for l := range strings.Lines(string(f.Data)) {
+			l = strings.TrimSpace(l)
+			if l == "" || l[0] == '#' || l[0] == ';' {
+				continue
+			}
+			k, v, ok := strings.Cut(l, "=")
+			if !ok {
+				return fmt.Errorf("%s: not a key = value line: %q", f.Path, l)
+			}
+			kv := strings.TrimSpace(k) + "=" + strings.TrimSpace(v)
+			if out, err := n.Run.Run(ctx, "sysctl", "-w", kv); err != nil {
+				return fmt.Errorf("%s: sysctl -w %s: %w: %s", f.Path, kv, err, bytes.TrimSpace(out))
+			}
+		}
+	}
+	return nil
 }
