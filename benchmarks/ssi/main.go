@@ -311,19 +311,8 @@ func esirRun(ctx context.Context, c *ssi.Cluster, keys *ssi.Keys, dir string) (e
 			return 0, 0, 0, e
 		}
 	}
-	// corosync's own bound: the runtime token (the configured token plus
-	// token_coefficient per node beyond two) and consensus timeouts.
-	for _, key := range []string{"runtime.config.totem.token", "runtime.config.totem.consensus"} {
-		out, err := nodes[0].Run(ctx, "corosync-cmapctl", "-g", key)
-		if err != nil {
-			return 0, 0, 0, err
-		}
-		_, v, _ := strings.Cut(strings.TrimSpace(string(out)), " = ")
-		n, err := strconv.Atoi(v)
-		if err != nil {
-			return 0, 0, 0, fmt.Errorf("%s: %q", key, out)
-		}
-		bound += time.Duration(n) * time.Millisecond
+	if bound, err = corosyncBound(ctx, nodes[0]); err != nil {
+		return 0, 0, 0, err
 	}
 	nodes[2].Kill()
 	start = time.Now()
@@ -570,4 +559,24 @@ func median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+// corosyncBound is corosync's own bound on noticing a dead node: the runtime
+// token (the configured token plus token_coefficient per node beyond two)
+// and consensus timeouts, as the running corosync on n reports them.
+func corosyncBound(ctx context.Context, n *benchNode) (time.Duration, error) {
+	var bound time.Duration
+	for _, key := range []string{"runtime.config.totem.token", "runtime.config.totem.consensus"} {
+		out, err := n.Run(ctx, "corosync-cmapctl", "-g", key)
+		if err != nil {
+			return 0, err
+		}
+		_, v, _ := strings.Cut(strings.TrimSpace(string(out)), " = ")
+		ms, err := strconv.Atoi(v)
+		if err != nil {
+			return 0, fmt.Errorf("%s: %q", key, out)
+		}
+		bound += time.Duration(ms) * time.Millisecond
+	}
+	return bound, nil
 }

@@ -6,8 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"time"
 
 	agentenroll "github.com/esir-project/esir/agent/enroll"
@@ -89,17 +87,8 @@ func serverRun(ctx context.Context, def, dir string) (enrolled, detect, bound ti
 		return 0, 0, 0, fmt.Errorf("enroll through the server: %w (members %+v)", err, snap.Members)
 	}
 	enrolled = time.Since(start)
-	for _, key := range []string{"runtime.config.totem.token", "runtime.config.totem.consensus"} {
-		out, err := nodes[0].Run(ctx, "corosync-cmapctl", "-g", key)
-		if err != nil {
-			return 0, 0, 0, err
-		}
-		_, v, _ := strings.Cut(strings.TrimSpace(string(out)), " = ")
-		n, err := strconv.Atoi(v)
-		if err != nil {
-			return 0, 0, 0, fmt.Errorf("%s: %q", key, out)
-		}
-		bound += time.Duration(n) * time.Millisecond
+	if bound, err = corosyncBound(ctx, nodes[0]); err != nil {
+		return 0, 0, 0, err
 	}
 	stops[2]() // the node's service dies with it
 	nodes[2].Kill()
