@@ -15,8 +15,6 @@
 package sampleimage
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -28,6 +26,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/esir-project/esir/modules"
 	"github.com/esir-project/esir/vm"
 	"golang.org/x/sys/unix"
 )
@@ -320,33 +319,7 @@ func copyModules(ctx context.Context, b *builder, k vm.Kernel, sel func(string) 
 	if err != nil {
 		return err
 	}
-	deps := map[string][]string{}
-	var all []string
-	sc := bufio.NewScanner(bytes.NewReader(dep))
-	for sc.Scan() {
-		mod, rest, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		deps[mod] = strings.Fields(rest)
-		all = append(all, mod)
-	}
-	want := map[string]bool{}
-	var add func(string)
-	add = func(m string) {
-		if want[m] {
-			return
-		}
-		want[m] = true
-		for _, d := range deps[m] {
-			add(d)
-		}
-	}
-	for _, m := range all {
-		if sel(m) {
-			add(m)
-		}
-	}
+	_, want := modules.DepClosure(dep, sel)
 	names := make([]string, 0, len(want))
 	for m := range want {
 		names = append(names, m)

@@ -17,7 +17,6 @@
 package debianssi
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -34,6 +33,7 @@ import (
 	"time"
 
 	"github.com/esir-project/esir/imaging"
+	"github.com/esir-project/esir/modules"
 )
 
 // The image this recipe makes.
@@ -399,34 +399,7 @@ func pruneModules(ctx context.Context, root string) error {
 // modulesToDrop reads modules.dep and returns the modules keep leaves out
 // that no kept module needs, sorted.
 func modulesToDrop(dep []byte, keep func(string) bool) []string {
-	deps := map[string][]string{}
-	var all []string
-	sc := bufio.NewScanner(bytes.NewReader(dep))
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		mod, rest, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		deps[mod] = strings.Fields(rest)
-		all = append(all, mod)
-	}
-	kept := map[string]bool{}
-	var add func(string)
-	add = func(m string) {
-		if kept[m] {
-			return
-		}
-		kept[m] = true
-		for _, d := range deps[m] {
-			add(d)
-		}
-	}
-	for _, m := range all {
-		if keep(m) {
-			add(m)
-		}
-	}
+	all, kept := modules.DepClosure(dep, keep)
 	var drop []string
 	for _, m := range all {
 		if !kept[m] {
