@@ -306,32 +306,10 @@ func (s *Server) Run(ctx context.Context) error {
 		})
 	}
 	if s.swarm != nil {
-		g.Go(func() error {
-			t := time.NewTicker(10 * time.Second)
-			defer t.Stop()
-			for {
-				select {
-				case <-gctx.Done():
-					return nil
-				case <-t.C:
-					s.publish()
-				}
-			}
-		})
+		g.Go(func() error { every(gctx, 10*time.Second, s.publish); return nil })
 	}
 	if s.cluster != nil {
-		g.Go(func() error {
-			t := time.NewTicker(2 * time.Second)
-			defer t.Stop()
-			for {
-				select {
-				case <-gctx.Done():
-					return nil
-				case <-t.C:
-					s.cluster.Tick()
-				}
-			}
-		})
+		g.Go(func() error { every(gctx, 2*time.Second, s.cluster.Tick); return nil })
 	}
 	if err := s.startBoot(gctx, g); err != nil {
 		cancel()
@@ -381,4 +359,18 @@ func debugHandler() http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
+}
+
+// every calls fn every d until ctx ends.
+func every(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
+		}
+	}
 }
