@@ -18,7 +18,7 @@ const (
 	CheckTime       = "time"       // chrony is synchronised (to a core member, on other nodes)
 	CheckHome       = "home"       // the NFS home is mounted
 	CheckVIP        = "vip"        // the real-server VIPs are on lo
-	CheckReload     = "reload"     // corosync reloaded a new nodelist
+	CheckReload     = "reload"     // a running engine reloaded its changed configuration (corosync nodelist, keepalived, chrony, NFS exports)
 )
 
 // CheckError is a failed enrollment check: which node, which check (one of

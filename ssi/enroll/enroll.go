@@ -1,12 +1,13 @@
 // Package enroll is the node side of the SSI stack: it installs the files of a
-// node's ssi.Bundle, starts the engines in order (or reloads corosync's
-// nodelist when it already runs), and asks the engines whether the node is a
-// member. A node is enrolled only when its engines agree: corosync lists it as
-// joined in a quorate partition (core nodes), pacemaker shows it online (core
-// and remote nodes), chrony is synchronised and the NFS home is mounted;
-// otherwise Enroll returns a *CheckError naming the check that failed. On core
-// nodes, Reconcile keeps pacemaker's remote resources and node list in line
-// with the members; View reports a node's current view for periodic reports.
+// node's ssi.Bundle, starts the engines in order (a running engine whose files
+// changed reloads or restarts; one whose files did not is left alone), and
+// asks the engines whether the node is a member. A node is enrolled only when
+// its engines agree: corosync lists it as joined in a quorate partition (core
+// nodes), pacemaker shows it online (core and remote nodes), chrony is
+// synchronised and the NFS home is mounted; otherwise Enroll returns a
+// *CheckError naming the check that failed. On core nodes, Reconcile keeps
+// pacemaker's remote resources and node list in line with the members; View
+// reports a node's current view for periodic reports.
 package enroll
 
 import (
@@ -160,29 +161,37 @@ func (n *Node) mountHome(ctx context.Context, dir string) error {
 	return err
 }
 
-// Start starts b's services in order; corosync, when it already runs, reloads
-// its configuration instead (corosync-cfgtool -R, on every member at once).
-// Errors are *CheckError (start or reload).
+// Start starts b's services in order. An engine that runs already is
+// touched only when the files b gives it differ from those it last started
+// or reloaded with (a digest kept under the node's root, in
+// var/lib/esir/ssi/applied): corosync then reloads its nodelist
+// (corosync-cfgtool -R, on every member at once), keepalived reloads
+// (SIGHUP to its parent process; systemctl reload), chrony restarts (chronyd
+// reads chrony.conf only at start) and the NFS server re-exports. An
+// unchanged running engine is left alone. Errors are *CheckError (start or
+// reload).
 func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 	log := n.logger().With("node", b.Member.Name, "version", b.Version)
 	for _, svc := range b.Services {
-		if svc == "corosync" {
-			if _, err := n.Run.Run(ctx, "corosync-cfgtool", "-s"); err == nil {
-				log.Info("corosync runs: reloading the nodelist")
-				if out, err := n.Run.Run(ctx, "corosync-cfgtool", "-R"); err != nil {
-					return &CheckError{Node: b.Member.Name, Check: CheckReload,
-						Err: fmt.Errorf("reload corosync (nodelist version %d): %w: %s", b.Version, err, bytes.TrimSpace(out))}
-				}
-				continue
+		switch changed := n.changed(b, svc); {
+		case !n.isRunning(ctx, svc):
+			log.Info("starting", "service", svc)
+			if err := n.start(ctx, svc); err != nil {
+				return &CheckError{Node: b.Member.Name, Check: CheckStart, Err: fmt.Errorf("start %s: %w", svc, err)}
 			}
-		}
-		if n.Init == Direct && n.running(ctx, daemon(svc)) {
-			log.Debug("runs already", "service", svc)
+		case changed:
+			log.Info("configuration changed: reloading", "service", svc)
+			if err := n.reload(ctx, svc); err != nil {
+				return &CheckError{Node: b.Member.Name, Check: CheckReload,
+					Err: fmt.Errorf("reload %s (nodelist version %d): %w", svc, b.Version, err)}
+			}
+		default:
+			log.Debug("runs already with this configuration", "service", svc)
 			continue
 		}
-		log.Info("starting", "service", svc)
-		if err := n.start(ctx, svc); err != nil {
-			return &CheckError{Node: b.Member.Name, Check: CheckStart, Err: fmt.Errorf("start %s: %w", svc, err)}
+		if err := n.markApplied(b, svc); err != nil {
+			// The next Start reloads once more: harmless.
+			log.Warn("ssi: "+err.Error(), "service", svc)
 		}
 	}
 	return nil

@@ -353,6 +353,34 @@ func TestLevel1CoreNetns(t *testing.T) {
 	t.Logf("%v: step done", time.Since(t0).Round(time.Millisecond))
 }
 
+// waitHolder waits until want alone among live holds vip, for five polls
+// in a row, or fails the test with why.
+func waitHolder(ctx context.Context, t *testing.T, vip netip.Addr, live []*node, want, why string) {
+	t.Helper()
+	var held []string
+	same := 0
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		held = held[:0]
+		for _, n := range live {
+			ok, err := n.enr.HoldsVIP(ctx, vip)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok {
+				held = append(held, n.Host.Name)
+			}
+		}
+		if len(held) != 1 || held[0] != want {
+			same = 0
+			continue
+		}
+		if same++; same == 5 {
+			return
+		}
+	}
+	t.Fatalf("%s: VIP %s held by %v, want %s alone", why, vip, held, want)
+}
+
 // TestLevel1VRRPNetns starts keepalived on three directors of one VIP, each a
 // node in its own namespaces: exactly one holds the VIP (the highest
 // priority), and when it dies the VIP moves to the next.
@@ -400,46 +428,199 @@ func TestLevel1VRRPNetns(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// holder waits until exactly one of live holds the VIP, the same one for
-	// five polls in a row, and returns it.
-	holder := func(live []*node) string {
-		t.Helper()
-		var held []string
-		last, same := "", 0
-		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-			held = held[:0]
-			for _, n := range live {
-				ok, err := n.enr.HoldsVIP(ctx, vip)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if ok {
-					held = append(held, n.Host.Name)
-				}
-			}
-			if len(held) != 1 {
-				same = 0
+	waitHolder(ctx, t, vip, nodes, "d1", "priority 150")
+	nodes[0].Kill()
+	waitHolder(ctx, t, vip, nodes[1:], "d2", "d1 died, d2 has priority 140")
+}
+
+// recorder is a node's Runner that records the command lines it runs.
+type recorder struct {
+	r   Runner
+	mu  sync.Mutex
+	ran []string
+}
+
+func (r *recorder) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
+	r.mu.Lock()
+	r.ran = append(r.ran, strings.Join(append([]string{name}, args...), " "))
+	r.mu.Unlock()
+	return r.r.Run(ctx, name, args...)
+}
+
+// acts returns the commands run since the last call that act on an engine
+// (start, stop, reload), leaving out the queries.
+func (r *recorder) acts() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for _, l := range r.ran {
+		switch f := strings.Fields(l); f[0] {
+		case "pidof", "cat", "ip", "chronyc":
+			if l != "chronyc shutdown" {
 				continue
 			}
-			if held[0] == last {
-				same++
-			} else {
-				last, same = held[0], 1
-			}
-			if same == 5 {
-				return last
-			}
 		}
-		t.Fatalf("VIP %s held by %v, want exactly one director", vip, held)
-		return ""
+		out = append(out, l)
 	}
-	if h := holder(nodes); h != "d1" {
-		t.Fatalf("VIP held by %s, want d1 (priority 150)", h)
+	r.ran = nil
+	return out
+}
+
+// TestLevel1ReloadNetns changes the configuration of running engines under
+// three nodes, each in its own network, mount, UTS and PID namespaces,
+// running keepalived (directors of one VIP) and chrony (serving each other):
+// Start with unchanged files touches no engine; reversed director priorities
+// reach keepalived by a reload (same process; the VIP moves to the new
+// first director) and leave chronyd alone; a narrower time.allow restarts
+// chronyd (which now refuses a client it allowed) and leaves keepalived
+// alone.
+func TestLevel1ReloadNetns(t *testing.T) {
+	if err := netlab.Available(); err != nil {
+		t.Skipf("needs root and network namespaces: %v", err)
 	}
-	nodes[0].Kill()
-	if h := holder(nodes[1:]); h != "d2" {
-		t.Fatalf("after d1 died the VIP is held by %s, want d2 (priority 140)", h)
+	for _, bin := range []string{"/usr/sbin/keepalived", "/usr/sbin/chronyd", "/usr/bin/chronyc"} {
+		if _, err := os.Stat(bin); err != nil {
+			t.Skipf("%s is not installed (scripts/setup.sh test installs keepalived and chrony)", bin)
+		}
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, _, err := ssi.Load("testdata/reload3.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := c.VIPs[0].Address.Addr()
+	st := ssi.NewState()
+	lab, err := netlab.New(ctx, "ssirl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lab.Close() })
+	var nodes []*node
+	var recs []*recorder
+	for i, name := range []string{"d1", "d2", "d3"} {
+		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
+		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
+			t.Fatal(err)
+		}
+		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := startNode(ctx, t, h)
+		n.enr.SharedClock = true
+		rec := &recorder{r: n.Node}
+		n.enr.Run = rec
+		nodes, recs = append(nodes, n), append(recs, rec)
+	}
+	// apply installs every node's bundle of the definition as it is now and
+	// starts it, then returns what each node's Start did to its engines.
+	apply := func(step string) [][]string {
+		t.Helper()
+		for _, r := range recs {
+			r.acts()
+		}
+		acts := make([][]string, len(nodes))
+		for i, n := range nodes {
+			b, err := ssi.Render(c, st, &ssi.Keys{}, n.Host.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := n.enr.Install(b); err != nil {
+				t.Fatal(err)
+			}
+			if err := n.enr.Start(ctx, b); err != nil {
+				t.Fatalf("%s: %s: %v", step, n.Host.Name, err)
+			}
+			acts[i] = recs[i].acts()
+		}
+		return acts
+	}
+	// pids returns keepalived's parent and chronyd's pid on every node.
+	type pid struct{ keepalived, chronyd string }
+	pids := func() []pid {
+		t.Helper()
+		out := make([]pid, len(nodes))
+		for i, n := range nodes {
+			k, err := n.Run(ctx, "cat", keepalivedPID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := n.Run(ctx, "pidof", "chronyd")
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[i] = pid{strings.TrimSpace(string(k)), strings.TrimSpace(string(c))}
+		}
+		return out
+	}
+	// access asks each node's chronyd whether it serves 198.18.0.200.
+	access := func() []string {
+		t.Helper()
+		out := make([]string, len(nodes))
+		for i, n := range nodes {
+			a, err := n.Run(ctx, "chronyc", "accheck", "198.18.0.200")
+			if err != nil {
+				t.Fatalf("%s: %v: %s", n.Host.Name, err, a)
+			}
+			out[i] = strings.TrimSpace(string(a))
+		}
+		return out
+	}
+	t0 := time.Now()
+	for i, a := range apply("first start") {
+		if !slices.Contains(a, "keepalived -f /etc/keepalived/keepalived.conf") || !slices.Contains(a, "chronyd -x -f /etc/chrony/chrony.conf") {
+			t.Fatalf("%s: first Start ran %q", nodes[i].Host.Name, a)
+		}
+	}
+	waitHolder(ctx, t, vip, nodes, "d1", "priority 150")
+	before := pids()
+	if a := access(); !slices.Equal(a, []string{"208 Access allowed", "208 Access allowed", "208 Access allowed"}) {
+		t.Fatalf("chronyd serving 198.18.0.0/24 answers for 198.18.0.200: %q", a)
+	}
+	t.Logf("%v: started", time.Since(t0).Round(time.Millisecond))
+
+	// The same files again (the next boot, a nodelist change that leaves
+	// these engines' files alone): nothing is touched.
+	for i, a := range apply("unchanged") {
+		if len(a) != 0 {
+			t.Errorf("%s: Start with unchanged files ran %q", nodes[i].Host.Name, a)
+		}
+	}
+
+	// Director priorities reversed: every keepalived.conf changes, no
+	// chrony.conf does.
+	c.VIPs[0].Directors = []string{"d3", "d2", "d1"}
+	for i, a := range apply("directors reversed") {
+		if want := []string{"kill -HUP " + before[i].keepalived}; !slices.Equal(a, want) {
+			t.Errorf("%s: after the directors changed Start ran %q, want %q", nodes[i].Host.Name, a, want)
+		}
+	}
+	waitHolder(ctx, t, vip, nodes, "d3", "keepalived reloaded: d3 has priority 150 now")
+	if after := pids(); !slices.Equal(after, before) {
+		t.Errorf("pids (keepalived, chronyd) went from %v to %v; want both unchanged (keepalived reloads in place, chrony is untouched)", before, after)
+	}
+	t.Logf("%v: keepalived reloaded", time.Since(t0).Round(time.Millisecond))
+
+	// time.allow narrowed: every chrony.conf changes, no keepalived.conf
+	// does.
+	c.Time.Allow = netip.MustParsePrefix("198.18.0.0/25")
+	for i, a := range apply("time.allow narrowed") {
+		if want := []string{"chronyc shutdown", "chronyd -x -f /etc/chrony/chrony.conf"}; !slices.Equal(a, want) {
+			t.Errorf("%s: after time.allow changed Start ran %q, want %q", nodes[i].Host.Name, a, want)
+		}
+	}
+	after := pids()
+	for i := range nodes {
+		if after[i].keepalived != before[i].keepalived || after[i].chronyd == before[i].chronyd {
+			t.Errorf("%s: pids (keepalived, chronyd) went from %v to %v; want keepalived's unchanged and a new chronyd", nodes[i].Host.Name, before[i], after[i])
+		}
+	}
+	if a := access(); !slices.Equal(a, []string{"209 Access denied", "209 Access denied", "209 Access denied"}) {
+		t.Errorf("chronyd now serving 198.18.0.0/25 answers for 198.18.0.200: %q", a)
+	}
+	waitHolder(ctx, t, vip, nodes, "d3", "chrony restarted, keepalived untouched")
+	t.Logf("%v: chrony restarted", time.Since(t0).Round(time.Millisecond))
 }
 
 // remotedDir holds pacemaker-remoted, unpacked aside by scripts/setup.sh:
