@@ -101,8 +101,10 @@ type Snapshot struct {
 	Profile  ssi.Profile `json:"profile"`
 	CoreSize int         `json:"core_size"`
 	Version  int         `json:"version"`
-	Warnings []string    `json:"warnings,omitempty"`
-	Members  []Member    `json:"members"`
+	// Warnings are the definition's (ssi.Cluster.Validate) and those the
+	// allocation adds (ssi.Cluster.AllocationWarnings).
+	Warnings []string `json:"warnings,omitempty"`
+	Members  []Member `json:"members"`
 	// Quorate, Joined and Online come from the freshest report of a core
 	// member that is enrolled or failed (not unreachable).
 	Quorate bool     `json:"quorate"`
@@ -131,7 +133,8 @@ type Options struct {
 // Service is one SSI cluster kept by the server.
 type Service struct {
 	def      *ssi.Cluster
-	warnings []string
+	defPath  string
+	warnings []string // the definition's own (ssi.Validate)
 	dir      string
 	opts     Options
 
@@ -140,6 +143,9 @@ type Service struct {
 	keys    *ssi.Keys
 	members map[string]*Member // by name
 	macs    map[string]string  // member name by MAC
+	// warned holds the warnings logged already (the definition's, and
+	// those the allocation adds as nodes join).
+	warned map[string]bool
 	// changed is closed and replaced when the allocation or an action
 	// changes (node services wait on it); reported also on every report
 	// (live pages wait on it).
@@ -176,8 +182,8 @@ func Open(defPath, dir string, opts Options) (*Service, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("cluster %s: state directory: %w", def.Name, err)
 	}
-	s := &Service{def: def, warnings: warn, dir: dir, opts: opts, members: map[string]*Member{}, macs: map[string]string{},
-		changed: make(chan struct{}), reported: make(chan struct{})}
+	s := &Service{def: def, defPath: defPath, warnings: warn, dir: dir, opts: opts, members: map[string]*Member{}, macs: map[string]string{},
+		warned: map[string]bool{}, changed: make(chan struct{}), reported: make(chan struct{})}
 	if s.alloc, err = ssi.LoadState(filepath.Join(dir, allocFile)); err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", def.Name, err)
 	}
@@ -215,10 +221,32 @@ func Open(defPath, dir string, opts Options) (*Service, error) {
 			s.macs[m.MAC] = m.Name
 		}
 	}
-	for _, w := range warn {
-		opts.Log.Warn("cluster definition", "cluster", def.Name, "file", defPath, "warning", w)
-	}
+	s.logWarnings()
 	return s, nil
+}
+
+// definitionWarnings returns the definition's warnings: its own and those
+// the current allocation adds (ssi.Cluster.AllocationWarnings); callers
+// hold mu, or own s alone.
+func (s *Service) definitionWarnings() []string {
+	warn := slices.Clone(s.warnings)
+	for _, w := range s.def.AllocationWarnings(s.alloc) {
+		if !slices.Contains(warn, w) {
+			warn = append(warn, w)
+		}
+	}
+	return warn
+}
+
+// logWarnings logs each definition warning once, when it first holds;
+// callers hold mu, or own s alone.
+func (s *Service) logWarnings() {
+	for _, w := range s.definitionWarnings() {
+		if !s.warned[w] {
+			s.warned[w] = true
+			s.opts.Log.Warn("cluster definition", "cluster", s.def.Name, "file", s.defPath, "warning", w)
+		}
+	}
 }
 
 // Name returns the cluster's name.
@@ -303,6 +331,7 @@ func (s *Service) Join(name, mac string, addr netip.Addr) (Member, error) {
 			return Member{}, err
 		}
 		s.opts.Log.Info("cluster: member allocated", "cluster", s.def.Name, "node", name, "id", a.ID, "role", a.Role, "addr", addr, "version", s.alloc.Version)
+		s.logWarnings()
 		s.broadcast()
 	}
 	return *m, nil
@@ -520,7 +549,7 @@ func (s *Service) Snapshot() Snapshot {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	snap := Snapshot{Name: s.def.Name, Profile: s.def.Profile, CoreSize: s.def.CoreSize, Version: s.alloc.Version,
-		Warnings: s.warnings, Retired: slices.Clone(s.alloc.Retired), Members: []Member{}, VIPHolders: map[string][]string{}}
+		Warnings: s.definitionWarnings(), Retired: slices.Clone(s.alloc.Retired), Members: []Member{}, VIPHolders: map[string][]string{}}
 	var best *Member
 	for _, m := range s.members {
 		c := *m

@@ -1,13 +1,17 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -248,5 +252,59 @@ vips:
 	must(t, err)
 	if _, _, err := s.Assignment(mac(1)); err != nil {
 		t.Fatalf("n1's bundle once n2 joined: %v", err)
+	}
+}
+
+// TestDefinitionWarnings checks that a VIP whose backup directors are real
+// servers under a per-connection scheduler is warned about like the other
+// definition warnings: logged once when the server opens the definition (or,
+// with directors left to the core members, when the core members joined)
+// and shown in the snapshot (esir cluster show, the console's Cluster page).
+func TestDefinitionWarnings(t *testing.T) {
+	const vip = `name: lab
+profile: {keepalived: true}
+core_size: 3
+vips:
+  - name: web
+    address: 198.18.0.100/24
+    vrid: 51
+%s    real_servers: [n1, n2, n3, n4]
+    services: [{port: 80, scheduler: rr}]
+`
+	const want = "vips[0] web (198.18.0.100): directors n1, n2, n3 are also its real servers, and port 80/tcp uses IPVS scheduler rr"
+	for _, tt := range []struct {
+		name, directors string
+		atOpen          bool
+	}{
+		{name: "named directors", directors: "    directors: [n1, n2, n3]\n", atOpen: true},
+		{name: "core members as directors"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "cluster.yaml")
+			must(t, os.WriteFile(p, fmt.Appendf(nil, vip, tt.directors), 0o644))
+			var log bytes.Buffer
+			s, err := Open(p, filepath.Join(dir, "state"), Options{Log: slog.New(slog.NewTextHandler(&log, nil))})
+			must(t, err)
+			shown := func() bool {
+				return slices.ContainsFunc(s.Snapshot().Warnings, func(w string) bool { return strings.HasPrefix(w, want) })
+			}
+			if shown() != tt.atOpen {
+				t.Fatalf("warnings at open: %q", s.Snapshot().Warnings)
+			}
+			for i := 1; i <= 4; i++ {
+				_, err := s.Join(fmt.Sprintf("n%d", i), mac(i), addr(i))
+				must(t, err)
+			}
+			if !shown() {
+				t.Fatalf("warnings with n1-n4 joined: %q", s.Snapshot().Warnings)
+			}
+			if n := strings.Count(log.String(), want); n != 1 {
+				t.Errorf("logged %d times, want once:\n%s", n, log.String())
+			}
+			if !strings.Contains(log.String(), "level=WARN msg=\"cluster definition\" cluster=lab file="+p) {
+				t.Errorf("log does not name the cluster and the file:\n%s", log.String())
+			}
+		})
 	}
 }
