@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/anacrolix/torrent/metainfo"
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 )
@@ -641,7 +642,7 @@ func TestStoreLifecycle(t *testing.T) {
 	if len(m.Kernels) != 1 || m.Kernels[0] != wantK {
 		t.Errorf("kernels %+v, want [%+v]", m.Kernels, wantK)
 	}
-	if m.PieceLength != 1<<20 || len(m.InfoHash) != 40 || m.Mode != ModeFile || m.Arch != "amd64" {
+	if m.PieceLength != 64<<10 || len(m.InfoHash) != 40 || m.Mode != ModeFile || m.Arch != "amd64" {
 		t.Errorf("manifest %+v", m)
 	}
 	list, err := s.List()
@@ -952,8 +953,10 @@ func TestExtractInclude(t *testing.T) {
 
 func TestPieceLength(t *testing.T) {
 	for _, tc := range []struct{ size, want int64 }{
-		{0, 1 << 20},
-		{100 << 20, 1 << 20},
+		{0, 64 << 10},
+		{12 << 20, 64 << 10},
+		{100 << 20, 64 << 10},
+		{596 << 20, 512 << 10},
 		{2 << 30, 1 << 20},
 		{3 << 30, 2 << 20},
 		{10 << 30, 8 << 20},
@@ -962,6 +965,43 @@ func TestPieceLength(t *testing.T) {
 		if got := PieceLength(tc.size); got != tc.want {
 			t.Errorf("PieceLength(%d) = %d, want %d", tc.size, got, tc.want)
 		}
+	}
+}
+
+func TestBuildPieceLength(t *testing.T) {
+	ctx := context.Background()
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "data"), bytes.Repeat([]byte("esir"), 50000), 0o644)
+	s, err := OpenStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []int64{1000, 8 << 10, 3 << 20, 128 << 20} {
+		_, err := s.Build(ctx, src, BuildOptions{Name: "p", Version: "bad", PieceLength: bad})
+		if err == nil || !strings.Contains(err.Error(), "piece length") || !strings.Contains(err.Error(), "p:bad") {
+			t.Errorf("piece length %d: %v, want an error naming the image and the piece length", bad, err)
+		}
+	}
+	if _, err := s.Get("p:bad"); err == nil {
+		t.Error("a refused build left an image behind")
+	}
+	im, err := s.Build(ctx, src, BuildOptions{Name: "p", Version: "16k", PieceLength: 16 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mi, err := metainfo.LoadFromFile(filepath.Join(filepath.Dir(im.ArchivePath()), TorrentFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := mi.UnmarshalInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if im.Manifest.PieceLength != 16<<10 || info.PieceLength != 16<<10 {
+		t.Errorf("manifest piece length %d, torrent %d; want 16384", im.Manifest.PieceLength, info.PieceLength)
+	}
+	if want := (im.Manifest.CompressedSize + 16<<10 - 1) / (16 << 10); int64(info.NumPieces()) != want {
+		t.Errorf("%d pieces, want %d", info.NumPieces(), want)
 	}
 }
 

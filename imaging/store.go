@@ -179,6 +179,9 @@ type BuildOptions struct {
 	Mode Mode
 	// Created overrides the creation time (default: now).
 	Created time.Time
+	// PieceLength is the BitTorrent piece size: a power of two from 16 KiB
+	// to 64 MiB, or 0 to choose one from the archive's size (PieceLength).
+	PieceLength int64
 	ArchiveOptions
 }
 
@@ -319,6 +322,9 @@ func (s *Store) checkNew(opts BuildOptions) error {
 	if opts.Mode != "" && opts.Mode != ModeFile && opts.Mode != ModePartition {
 		return fmt.Errorf("image mode %q: want file or partition", opts.Mode)
 	}
+	if pl := opts.PieceLength; pl != 0 && (pl < 16<<10 || pl > 64<<20 || pl&(pl-1) != 0) {
+		return fmt.Errorf("image %s:%s: piece length %d: want a power of two from 16 KiB to 64 MiB", opts.Name, opts.Version, pl)
+	}
 	if _, err := os.Stat(filepath.Join(s.imagesDir(), opts.Name, opts.Version)); err == nil {
 		return fmt.Errorf("image %s:%s: %w", opts.Name, opts.Version, ErrExists)
 	}
@@ -399,6 +405,7 @@ func newManifest(opts BuildOptions, st ArchiveStats, mode Mode, archive string) 
 		Kernels:          kernels,
 		Created:          created.UTC().Truncate(time.Second),
 		Torrent:          TorrentFile,
+		PieceLength:      opts.PieceLength, // 0: finishImage chooses
 	}
 }
 
@@ -408,7 +415,7 @@ func finishImage(ctx context.Context, work string, m *Manifest) error {
 	if m.Mode == ModeFile {
 		ext = "tar.zst"
 	}
-	mi, ih, err := makeTorrent(ctx, filepath.Join(work, m.Archive), fmt.Sprintf("%s_%s.%s", m.Name, m.Version, ext), m.Created)
+	mi, ih, err := makeTorrent(ctx, filepath.Join(work, m.Archive), fmt.Sprintf("%s_%s.%s", m.Name, m.Version, ext), m.Created, m.PieceLength)
 	if err != nil {
 		return err
 	}

@@ -16,11 +16,14 @@ import (
 )
 
 // PieceLength chooses a BitTorrent piece size for an archive of size bytes
-// on a LAN: about 1,000-2,000 pieces, a power of two between 1 MiB and
-// 16 MiB. Larger pieces mean fewer HAVE messages and requests; the cap keeps
-// the first piece (and a corrupt piece's re-fetch) short.
+// on a LAN: up to about 2,000 pieces, a power of two between 64 KiB and
+// 16 MiB. Larger pieces mean fewer HAVE messages and requests; but a node
+// passes a piece on only once it has all of it, so a small image needs small
+// pieces for the swarm to pipeline (12 MiB in 1 MiB pieces took 1.77 x F/B
+// to 8 nodes, in 64 KiB pieces 1.39 x); the cap keeps the first piece (and a
+// corrupt piece's re-fetch) short.
 func PieceLength(size int64) int64 {
-	const lo, hi = 1 << 20, 16 << 20
+	const lo, hi = 64 << 10, 16 << 20
 	pl := int64(lo)
 	for pl < hi && size/pl > 2048 {
 		pl *= 2
@@ -31,7 +34,7 @@ func PieceLength(size int64) int64 {
 // makeTorrent hashes the archive's pieces on all cores and returns the
 // metainfo (private, no announce URL: whoever serves it fills in its own
 // tracker and web seed) and its info hash.
-func makeTorrent(ctx context.Context, archive, torrentName string, created time.Time) (*metainfo.MetaInfo, metainfo.Hash, error) {
+func makeTorrent(ctx context.Context, archive, torrentName string, created time.Time, pieceLength int64) (*metainfo.MetaInfo, metainfo.Hash, error) {
 	f, err := os.Open(archive)
 	if err != nil {
 		return nil, metainfo.Hash{}, fmt.Errorf("torrent: %w", err)
@@ -41,7 +44,10 @@ func makeTorrent(ctx context.Context, archive, torrentName string, created time.
 	if err != nil {
 		return nil, metainfo.Hash{}, fmt.Errorf("torrent: %w", err)
 	}
-	pl := PieceLength(fi.Size())
+	pl := pieceLength
+	if pl <= 0 {
+		pl = PieceLength(fi.Size())
+	}
 	pieces, err := pieceHashes(ctx, f, fi.Size(), pl)
 	if err != nil {
 		return nil, metainfo.Hash{}, fmt.Errorf("torrent: hash pieces of %s: %w", archive, err)

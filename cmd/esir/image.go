@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -195,6 +196,7 @@ of /proc, /sys, /dev, /run and /tmp and the SSH host keys are left out and
 	f.BoolVar(&opts.NoDefaultExcludes, "no-default-excludes", false, "keep /proc, /sys, /dev, /run, /tmp contents, SSH host keys and machine-id")
 	f.BoolVar(&opts.KeepMachineID, "keep-machine-id", false, "keep /etc/machine-id instead of emptying it")
 	f.IntVar(&opts.Level, "level", 3, "zstd compression level (1-19)")
+	f.Var(&byteSize{&opts.PieceLength}, "piece-size", "BitTorrent piece size, a power of two from 16KiB to 64MiB (default: from the archive's size)")
 	_ = cmd.MarkFlagRequired("name")
 	_ = cmd.MarkFlagRequired("version")
 	_ = cmd.MarkFlagDirname("from")
@@ -471,5 +473,38 @@ func writeAtomic(name string, write func(io.Writer) error) error {
 	if err := os.Rename(f.Name(), name); err != nil {
 		return fmt.Errorf("write %s: %w", name, err)
 	}
+	return nil
+}
+
+// byteSize is a flag value of bytes written with an optional binary unit:
+// 65536, 64K, 64KiB, 1M, 1MiB.
+type byteSize struct{ v *int64 }
+
+func (b *byteSize) String() string {
+	if b.v == nil || *b.v == 0 {
+		return ""
+	}
+	return strconv.FormatInt(*b.v, 10)
+}
+
+func (b *byteSize) Type() string { return "size" }
+
+func (b *byteSize) Set(s string) error {
+	num := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
+		if strings.HasSuffix(num, u.suffix) {
+			num, mult = strings.TrimSuffix(num, u.suffix), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n < 0 {
+		return fmt.Errorf("%q: want a size such as 65536, 64KiB or 1MiB", s)
+	}
+	*b.v = n * mult
 	return nil
 }
