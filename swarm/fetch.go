@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"expvar"
 	"fmt"
 	"io"
 	"net/http"
@@ -74,6 +75,12 @@ type Result struct {
 	Banned   []string          `json:"banned_peers,omitempty"`
 	// Uploaded counts piece bytes this node sent to others.
 	Uploaded int64 `json:"uploaded"`
+	// Wasted counts piece bytes received that were not needed (a chunk
+	// that came twice, or after the piece was complete).
+	Wasted int64 `json:"wasted"`
+	// Library holds the BitTorrent library's process-wide counters
+	// (expvar "torrent"), for diagnosis.
+	Library map[string]int64 `json:"library,omitempty"`
 	// Pieces says when this node completed each piece and when it learned
 	// of pieces from peers (for the piece-information delay).
 	Pieces havewire.PieceLog `json:"pieces"`
@@ -296,6 +303,21 @@ func (d *Download) Progress() Progress {
 		Uploaded: ts.BytesWrittenData.Int64(), Have: snap.Total, HavePeakSec: snap.PeakPerSecond}
 }
 
+// libraryCounters reads the BitTorrent library's expvar counters.
+func libraryCounters() map[string]int64 {
+	m, ok := expvar.Get("torrent").(*expvar.Map)
+	if !ok {
+		return nil
+	}
+	out := map[string]int64{}
+	m.Do(func(kv expvar.KeyValue) {
+		if v, ok := kv.Value.(*expvar.Int); ok {
+			out[kv.Key] = v.Value()
+		}
+	})
+	return out
+}
+
 // verify checks the finished file's SHA-256 against the image's digest.
 func (d *Download) verify() error {
 	if d.img.SHA256 == "" {
@@ -329,7 +351,8 @@ func (d *Download) Wait(ctx context.Context) (Result, error) {
 	d.mu.Unlock()
 	ts := d.t.Stats()
 	res := Result{Image: d.img, Path: d.cfg.Out, Duration: took, From: d.n.ReceivedBy(), Have: d.n.wire.Snapshot(),
-		Banned: d.n.BannedPeers(), Uploaded: ts.BytesWrittenData.Int64(), Pieces: d.n.wire.PieceLog()}
+		Banned: d.n.BannedPeers(), Uploaded: ts.BytesWrittenData.Int64(), Pieces: d.n.wire.PieceLog(),
+		Wasted: ts.BytesReadData.Int64() - ts.BytesReadUsefulData.Int64(), Library: libraryCounters()}
 	slices.Sort(res.Banned)
 	return res, err
 }

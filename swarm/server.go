@@ -56,12 +56,20 @@ type published struct {
 	added time.Time
 }
 
+// DefaultSeederConns bounds the server seeder's peer connections per image
+// when ServerConfig.Node.MaxConns is 0: initial seeding serves a few peers at
+// a time, but any node may need the seeder when the swarm lacks a piece.
+const DefaultSeederConns = 64
+
 // NewServer starts the seeder node and an empty tracker.
 func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
 	cfg.Node.Seeder = true
+	if cfg.Node.MaxConns <= 0 {
+		cfg.Node.MaxConns = DefaultSeederConns
+	}
 	switch {
 	case cfg.FullSeed:
 		cfg.Node.Seed = nil

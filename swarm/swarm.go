@@ -113,8 +113,15 @@ type NodeConfig struct {
 	Mode havewire.Mode
 	// MaxHold caps how long a HAVE is held (havewire.DefaultMaxHold when 0).
 	MaxHold time.Duration
-	// MaxConns bounds established peer connections per image (35 when 0).
+	// MaxConns bounds established peer connections per image
+	// (DefaultMaxConns when 0; a seeder may want more).
 	MaxConns int
+	// MaxRequests bounds the chunk requests this node keeps outstanding
+	// with one peer (DefaultMaxRequests when 0). The library would keep up
+	// to the peer's advertised queue (250 or more); on a LAN a few chunks per
+	// peer fill the pipe, and a long queue only makes the library steal
+	// requests between peers and cancel chunks already on the wire.
+	MaxRequests int
 	// MaxUnverified bounds bytes received but not yet hashed (64 MiB when 0).
 	MaxUnverified int64
 	// UploadRate caps piece upload in bytes per second (0: unlimited).
@@ -127,6 +134,17 @@ type NodeConfig struct {
 	Seed *havewire.SeedConfig
 	Log  *slog.Logger
 }
+
+// DefaultMaxConns is NodeConfig.MaxConns' default for a node that
+// downloads. Every connection shares the node's link, and a piece's HAVE and
+// a chunk's REQUEST wait behind what that connection has queued: with a few
+// connections each runs fast and their queues are short. On a 32-node swarm
+// of 10 Mbit/s links, 8 connections per node finished in 1.44 x F/B where 35
+// took 1.66 x at half the rate, with half the CPU.
+const DefaultMaxConns = 8
+
+// DefaultMaxRequests is NodeConfig.MaxRequests' default.
+const DefaultMaxRequests = 32
 
 // Node is one BitTorrent participant: an anacrolix client behind havewire.
 type Node struct {
@@ -148,7 +166,10 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		cfg.Log = slog.Default()
 	}
 	if cfg.MaxConns <= 0 {
-		cfg.MaxConns = 35
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.MaxRequests <= 0 {
+		cfg.MaxRequests = DefaultMaxRequests
 	}
 	if cfg.MaxUnverified <= 0 {
 		cfg.MaxUnverified = 64 << 20
@@ -158,7 +179,8 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Log, torrents: map[metainfo.Hash]*torrent.Torrent{},
 		received: map[string]int64{}, closed: map[string]int{}}
-	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces, Seed: cfg.Seed,
+	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces,
+		PieceLength: n.pieceLength, Seed: cfg.Seed,
 		UploadRate: cfg.UploadRate})
 
 	tc := torrent.NewDefaultClientConfig()
@@ -185,7 +207,14 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	tc.Bep20 = "-ES0100-"
 	tc.ExtendedHandshakeClientVersion = "esir 0.1"
 	tc.DefaultStorage = noStorage{} // every image gets its own storage; nothing else is written
+	maxReq := cfg.MaxRequests
+	tc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
+		if m.Reqq <= 0 || m.Reqq > maxReq {
+			m.Reqq = maxReq // the library takes it as the peer's limit
+		}
+	}
 	tc.Callbacks.PeerConnAdded = append(tc.Callbacks.PeerConnAdded, func(pc *torrent.PeerConn) {
+		pc.PeerMaxRequests = min(pc.PeerMaxRequests, maxReq)
 		pc.LocalLtepProtocolMap.AddUserProtocol(pp.ExtensionName(havewire.ExtensionName))
 		if cfg.Seed != nil {
 			pc.LocalLtepProtocolMap.AddUserProtocol(pp.ExtensionName(havewire.SeedExtensionName))
@@ -245,6 +274,16 @@ func (n *Node) pieces(ih [20]byte) int {
 		return 0
 	}
 	return t.NumPieces()
+}
+
+func (n *Node) pieceLength(ih [20]byte) int64 {
+	n.mu.Lock()
+	t := n.torrents[ih]
+	n.mu.Unlock()
+	if t == nil || t.Info() == nil {
+		return 0
+	}
+	return t.Info().PieceLength
 }
 
 // Addr returns the address peers connect to.

@@ -221,3 +221,42 @@ func TestServerHTTP(t *testing.T) {
 		t.Errorf("range request: status %d, %d bytes", resp.StatusCode, got.Len())
 	}
 }
+
+// TestMaxRequests checks that a node keeps at most MaxRequests chunk
+// requests outstanding with a peer, whatever queue the peer advertises (the
+// server's library advertises 1,024), and still completes.
+func TestMaxRequests(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	img := testImage(t, 4<<20, 64<<10)
+	_, url := startServer(t, img)
+	n, err := NewNode(NodeConfig{Listen: "127.0.0.1:0", MaxRequests: 3, Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	d, err := n.Fetch(ctx, FetchConfig{Server: url, Image: "test:1", Out: filepath.Join(t.TempDir(), "out")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := 0
+	for ctx.Err() == nil && d.t.BytesCompleted() < img.Size {
+		for _, pc := range d.t.PeerConns() {
+			// Read without the library's lock: the value is set once, at
+			// connection and at the extended handshake.
+			if max := pc.PeerMaxRequests; max > 3 {
+				t.Fatalf("peer %s: the library may keep %d requests outstanding, want at most 3", pc.RemoteAddr, max)
+			}
+			seen++
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	if seen == 0 {
+		t.Fatal("never saw a peer connection while downloading")
+	}
+	res, err := d.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameFile(t, img.Path, res.Path)
+}

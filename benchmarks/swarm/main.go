@@ -80,20 +80,31 @@ type config struct {
 	seeding string
 	// profile, when set, is a directory for a CPU profile of node 0's agent.
 	profile string
+	// timeline prints, per ESIR run, each second's aggregate download rate
+	// and the server's upload rate.
+	timeline bool
+	pieceLen int64
+	// serverFlags and agentFlags are extra flags for esir swarm serve and
+	// esir-agent fetch (experiments with their tuning).
+	serverFlags, agentFlags []string
 }
 
 func main() {
 	var (
-		nsFlag   = flag.String("n", "8,16,32", "node counts")
-		rateMbit = flag.Float64("rate", 10, "link rate B in Mbit/s (every link, the server's too)")
-		sizeMiB  = flag.Int64("size", 12, "image size in MiB (incompressible)")
-		jsonOut  = flag.String("json", "", "write the results as JSON to this file")
-		pngOut   = flag.String("png", "benchmarks/swarm/time-vs-n.png", "write the plot here (needs gnuplot)")
-		timeout  = flag.Duration("timeout", 7*time.Minute, "hard limit per method and N")
-		methods  = flag.String("methods", "adaptive,off,http,udpcast", "methods to run")
-		srvConns = flag.Int("server-conns", 0, "bound the server seeder's peer connections (0: the default)")
-		seeding  = flag.String("seeding", "initial", "server seeding policy: initial (BEP 16 style) or full")
-		profile  = flag.String("profile", "", "write a CPU profile of node 0's agent per ESIR run into this directory")
+		nsFlag    = flag.String("n", "8,16,32", "node counts")
+		rateMbit  = flag.Float64("rate", 10, "link rate B in Mbit/s (every link, the server's too)")
+		sizeMiB   = flag.Int64("size", 12, "image size in MiB (incompressible)")
+		jsonOut   = flag.String("json", "", "write the results as JSON to this file")
+		pngOut    = flag.String("png", "benchmarks/swarm/time-vs-n.png", "write the plot here (needs gnuplot)")
+		timeout   = flag.Duration("timeout", 7*time.Minute, "hard limit per method and N")
+		methods   = flag.String("methods", "adaptive,off,http,udpcast", "methods to run")
+		srvConns  = flag.Int("server-conns", 0, "bound the server seeder's peer connections (0: the default)")
+		seeding   = flag.String("seeding", "initial", "server seeding policy: initial (BEP 16 style) or full")
+		profile   = flag.String("profile", "", "write a CPU profile of node 0's agent per ESIR run into this directory")
+		srvFlags  = flag.String("server-flags", "", "extra flags for esir swarm serve, space-separated")
+		agtFlags  = flag.String("agent-flags", "", "extra flags for esir-agent fetch, space-separated")
+		pieceFlag = flag.Int64("piece", 0, "piece size in KiB (0: what esir image build chooses)")
+		timeline  = flag.Bool("timeline", false, "print each ESIR run's per-second download and server upload rates")
 	)
 	flag.Parse()
 	if err := netlab.Available(); err != nil {
@@ -101,7 +112,8 @@ func main() {
 		os.Exit(2)
 	}
 	cfg := config{rateMbit: *rateMbit, size: *sizeMiB << 20, timeout: *timeout, serverConns: *srvConns,
-		seeding: *seeding, profile: *profile}
+		seeding: *seeding, profile: *profile, timeline: *timeline,
+		serverFlags: strings.Fields(*srvFlags), agentFlags: strings.Fields(*agtFlags)}
 	for _, s := range strings.Split(*nsFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 || n > 200 {
@@ -128,7 +140,8 @@ func main() {
 			fail(fmt.Errorf("building %s (run from the repository root): %w: %s", c, err, out))
 		}
 	}
-	img, archive := buildImage(ctx, work, cfg.size)
+	img, archive := buildImage(ctx, work, cfg.size, *pieceFlag<<10)
+	cfg.pieceLen = pieceKiB(archive) << 10
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
 		fmt.Printf("load average at start: %s", b)
 	}
@@ -193,7 +206,7 @@ func pieceKiB(archive string) int64 {
 }
 
 // buildImage builds an image of one incompressible file in a fresh store.
-func buildImage(ctx context.Context, work string, size int64) (*swarm.Image, string) {
+func buildImage(ctx context.Context, work string, size, pieceLen int64) (*swarm.Image, string) {
 	root := filepath.Join(work, "root", "data")
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		fail(err)
@@ -212,7 +225,7 @@ func buildImage(ctx context.Context, work string, size int64) (*swarm.Image, str
 	if err != nil {
 		fail(err)
 	}
-	im, err := st.Build(ctx, filepath.Join(work, "root"), imaging.BuildOptions{Name: "bench", Version: "1"})
+	im, err := st.Build(ctx, filepath.Join(work, "root"), imaging.BuildOptions{Name: "bench", Version: "1", PieceLength: pieceLen})
 	if err != nil {
 		fail(err)
 	}
@@ -357,6 +370,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	srv := lb.server.Command(ctx, filepath.Join(cfg.bin, "esir"), "swarm", "serve", "--store", filepath.Join(cfg.work, "store"),
 		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--have-mode", mode, "--log-level", "warn",
 		"--max-conns", strconv.Itoa(cfg.serverConns), "--seeding", cfg.seeding)
+	srv.Args = append(srv.Args, cfg.serverFlags...)
 	srvLog, _ := os.Create(filepath.Join(dir, "server.log"))
 	srv.Stderr = srvLog
 	if err := srv.Start(); err != nil {
@@ -376,6 +390,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			"--image", "bench:1", "--out", filepath.Join(dir, fmt.Sprintf("out%d", i)), "--listen", h.IP().String()+":6881",
 			"--have-mode", mode, "--seed-for", "0", "--progress", "none", "--result", res, "--log-level", "warn",
 			"--webseed-after", "-1s")
+		a.Args = append(a.Args, cfg.agentFlags...)
 		if i == 0 && cfg.profile != "" {
 			os.MkdirAll(cfg.profile, 0o755)
 			a.Args = append(a.Args, "--cpuprofile", filepath.Join(cfg.profile, fmt.Sprintf("%s-%d.pprof", mode, len(lb.nodes))))
@@ -387,7 +402,31 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		}
 		agents = append(agents, a)
 	}
+	var srvTx []int64
+	var nodeTx [][]int64 // per sample, per node
+	stopSample := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		if !cfg.timeline {
+			return
+		}
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			row := txBytes(ctx, lb, append([]*netlab.Host{lb.server}, lb.nodes...))
+			srvTx = append(srvTx, row[0])
+			nodeTx = append(nodeTx, row[1:])
+			select {
+			case <-stopSample:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
 	times, err := waitFiles(ctx, start, results)
+	close(stopSample)
+	<-sampled
 	// Server bytes before the agents stop.
 	if out, e := lb.nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/stats"); e == nil {
 		var st swarm.Stats
@@ -441,6 +480,9 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	}
 	slices.Sort(p99s)
 	m.HoldP99Ms = p99s[len(p99s)-1]
+	if cfg.timeline {
+		printTimeline(mode, start, lb, logs, srvTx, nodeTx, cfg.rateMbit, cfg.pieceLen)
+	}
 	delays := pieceInfoDelays(lb, logs)
 	m.DelayEvents = len(delays)
 	if len(delays) > 0 {
@@ -452,6 +494,89 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		m.FromPeersFrac = float64(fromPeers) / float64(total)
 	}
 	return times, nil
+}
+
+// txBytes reads every host's transmit counter at once, as the receive
+// counter of its link's switch-side end (one process per sample, however
+// many hosts), in the order of hosts.
+func txBytes(ctx context.Context, lb *lab, hosts []*netlab.Host) []int64 {
+	out := make([]int64, len(hosts))
+	b, err := exec.CommandContext(ctx, "ip", "netns", "exec", lb.l.Switch, "cat", "/proc/net/dev").Output()
+	if err != nil {
+		return out
+	}
+	rx := map[string]int64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		name, rest, ok := strings.Cut(line, ":")
+		if f := strings.Fields(rest); ok && len(f) > 0 {
+			rx[strings.TrimSpace(name)], _ = strconv.ParseInt(f[0], 10, 64)
+		}
+	}
+	for i, h := range hosts {
+		peer := "v" + lb.l.Name() + h.Name
+		out[i] = rx[peer[:min(len(peer), 15)]]
+	}
+	return out
+}
+
+// printTimeline prints, for each second of an ESIR run, the pieces the nodes
+// completed (as a share of the swarm's upload capacity, (N+1) links) and
+// the server's upload as a share of its link.
+func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, srvTx []int64, nodeTx [][]int64, rateMbit float64, pieceLen int64) {
+	var perSec []int
+	for _, r := range logs {
+		for _, at := range r.Pieces.Completed[r.Image.InfoHash] {
+			s := int((at - start.UnixNano()) / 1e9)
+			if s < 0 {
+				s = 0
+			}
+			for len(perSec) <= s {
+				perSec = append(perSec, 0)
+			}
+			perSec[s]++
+		}
+	}
+	link := rateMbit * 1e6 / 8
+	var up, useful, tx, wasted int64
+	lib := map[string]int64{}
+	for _, r := range logs {
+		up += r.Uploaded
+		wasted += r.Wasted
+		for k, v := range r.Library {
+			lib[k] += v
+		}
+		for ip, v := range r.From {
+			if ip != "198.18.0.1" {
+				useful += v
+			}
+		}
+	}
+	if len(nodeTx) > 1 {
+		for i := range nodeTx[0] {
+			tx += nodeTx[len(nodeTx)-1][i] - nodeTx[0][i]
+		}
+	}
+	fmt.Printf("nodes: %d piece bytes uploaded, %d useful bytes received from peers (%.2f), %d bytes on the wire (%.2f)\n",
+		up, useful, float64(useful)/float64(max(up, 1)), tx, float64(useful)/float64(max(tx, 1)))
+	fmt.Printf("nodes: %d piece bytes received and not needed; library counters: %v\n", wasted, lib)
+	fmt.Printf("timeline %s N=%d (piece %d KiB): second, pieces completed, swarm download / (N+1) links, server upload / link, node uploads / link (min median max)\n",
+		mode, len(lb.nodes), pieceLen>>10)
+	for s, c := range perSec {
+		srv := ""
+		if s+1 < len(srvTx) {
+			srv = fmt.Sprintf("%5.0f%%", 100*float64(srvTx[s+1]-srvTx[s])/link)
+		}
+		nodes := ""
+		if s+1 < len(nodeTx) {
+			var u []float64
+			for i := range nodeTx[s] {
+				u = append(u, 100*float64(nodeTx[s+1][i]-nodeTx[s][i])/link)
+			}
+			slices.Sort(u)
+			nodes = fmt.Sprintf("  %4.0f%% %4.0f%% %4.0f%%", u[0], u[len(u)/2], u[len(u)-1])
+		}
+		fmt.Printf("  %3d %5d %5.0f%% %s%s\n", s, c, 100*float64(int64(c)*pieceLen)/(link*float64(len(lb.nodes)+1)), srv, nodes)
+	}
 }
 
 // pieceInfoDelays joins every node's log of pieces it learned of (from a

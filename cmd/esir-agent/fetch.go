@@ -21,7 +21,7 @@ func newFetchCmd(app *cli.App) *cobra.Command {
 	var (
 		server, image, out, listen, mode, rack, progressMode, resultFile, cpuProfile string
 		seedFor, webSeedAfter                                                        time.Duration
-		maxConns                                                                     int
+		maxConns, maxRequests                                                        int
 	)
 	cmd := &cobra.Command{
 		Use:   "fetch --server URL --image NAME[:VERSION] --out PATH",
@@ -57,7 +57,7 @@ written to --result (atomically) as soon as the image is verified.`,
 				}
 				defer pprof.StopCPUProfile()
 			}
-			n, err := swarm.NewNode(swarm.NodeConfig{Listen: listen, Mode: m, MaxConns: maxConns, Log: app.Log})
+			n, err := swarm.NewNode(swarm.NodeConfig{Listen: listen, Mode: m, MaxConns: maxConns, MaxRequests: maxRequests, Log: app.Log})
 			if err != nil {
 				return err
 			}
@@ -128,6 +128,7 @@ written to --result (atomically) as soon as the image is verified.`,
 	f.DurationVar(&seedFor, "seed-for", 10*time.Minute, "keep seeding this long after completion (0: until SIGTERM)")
 	f.DurationVar(&webSeedAfter, "webseed-after", 10*time.Second, "fall back to the web seed after this long without data (negative: never)")
 	f.IntVar(&maxConns, "max-conns", 0, "peer connections (0: default)")
+	f.IntVar(&maxRequests, "max-requests", 0, "chunk requests outstanding per peer (0: default 32)")
 	f.StringVar(&progressMode, "progress", "bar", "progress output: bar, json or none")
 	f.StringVar(&resultFile, "result", "", "write the result JSON here once verified (and again at exit)")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole fetch (and seeding) to this file")

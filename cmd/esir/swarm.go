@@ -30,6 +30,7 @@ func newSwarmServeCmd(app *cli.App) *cobra.Command {
 	var (
 		storeDir, listen, peerListen, mode string
 		maxConns, seedSlots                int
+		seedInFlight                       int64
 		seeding                            string
 		interval                           time.Duration
 	)
@@ -58,7 +59,7 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 			var seed *havewire.SeedConfig
 			switch seeding {
 			case "initial":
-				seed = &havewire.SeedConfig{Slots: seedSlots}
+				seed = &havewire.SeedConfig{Slots: seedSlots, InFlightBytes: seedInFlight << 10}
 			case "full":
 			default:
 				return fmt.Errorf("swarm serve: --seeding %q: want initial or full", seeding)
@@ -110,5 +111,6 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 	cmd.Flags().DurationVar(&interval, "announce-interval", 10*time.Second, "announce interval handed to peers")
 	cmd.Flags().StringVar(&seeding, "seeding", "initial", "initial (reveal pieces a few peers at a time, BEP 16 style) or full (advertise every piece)")
 	cmd.Flags().IntVar(&seedSlots, "seed-slots", 0, "initial seeding: peers served at once (0: default 4)")
+	cmd.Flags().Int64Var(&seedInFlight, "seed-inflight", 0, "initial seeding: KiB of small pieces a peer may hold revealed and not passed on (0: default 1024)")
 	return cmd
 }

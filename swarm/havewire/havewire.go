@@ -91,6 +91,9 @@ type Config struct {
 	// Pieces returns the number of pieces of the torrent with the given info
 	// hash, or 0 when unknown; it lets a connection size BITFIELD updates.
 	Pieces func(infoHash [20]byte) int
+	// PieceLength returns the torrent's piece length in bytes, or 0 when
+	// unknown; initial seeding sizes its per-peer budget with it.
+	PieceLength func(infoHash [20]byte) int64
 	// Seed, when set, makes this (complete) node an initial seeder; see
 	// SeedConfig. Nil: it advertises every piece it has to every peer.
 	Seed *SeedConfig

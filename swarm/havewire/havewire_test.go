@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -364,6 +365,46 @@ func TestInitialSeeding(t *testing.T) {
 			}
 			if c := first.c.counters().Counters; c.Revealed == 0 {
 				t.Errorf("Revealed counter is 0")
+			}
+		})
+	}
+}
+
+// TestInitialSeedingByteBudget checks that small pieces raise a peer's
+// in-flight allowance to InFlightBytes, and that without a piece length the
+// allowance stays InFlight pieces.
+func TestInitialSeedingByteBudget(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		pieceLen int64
+		want     int
+	}{
+		{"64 KiB pieces, 512 KiB budget", 64 << 10, 8},
+		{"1 MiB pieces, 512 KiB budget", 1 << 20, 2},
+		{"unknown piece length", 0, 2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 64 },
+				PieceLength: func([20]byte) int64 { return tt.pieceLen },
+				Seed: &SeedConfig{Slots: 1, InFlight: 2, InFlightBytes: 512 << 10, Stale: time.Hour,
+					Alone: time.Hour, Every: 5 * time.Millisecond}})
+			var peers []*pair
+			for range 2 {
+				p := newPair(t, w)
+				p.remoteSends(t, append(handshake(1), extHandshake(ExtensionName)...))
+				if _, err := p.c.Write(append(handshake(1), msg(msgHaveAll)...)); err != nil {
+					t.Fatal(err)
+				}
+				peers = append(peers, p)
+			}
+			time.Sleep(100 * time.Millisecond)
+			var got []int
+			for _, p := range peers {
+				got = append(got, len(frames(t, p.received()[68:]))-1) // minus the opening HAVE NONE
+			}
+			slices.Sort(got)
+			if got[0] != 0 || got[1] != tt.want {
+				t.Errorf("pieces revealed per peer %v, want [0 %d] (one slot)", got, tt.want)
 			}
 		})
 	}

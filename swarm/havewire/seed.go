@@ -22,6 +22,10 @@ type SeedConfig struct {
 	// InFlight bounds, per peer, the revealed pieces it has not downloaded
 	// yet plus those it downloaded that no other peer has yet (2 when zero).
 	InFlight int
+	// InFlightBytes raises InFlight for small pieces: a peer may hold this
+	// many bytes of such pieces (1 MiB when zero), so the seeder's link
+	// stays busy while pieces travel on whatever the piece size.
+	InFlightBytes int64
 	// Stale is how long a peer may hold a slot without progress before its
 	// undistributed pieces stop counting against it (2 s when zero), so the
 	// seeder never stalls on a peer that cannot pass pieces on.
@@ -41,6 +45,9 @@ func (c *SeedConfig) defaults() {
 	}
 	if c.InFlight <= 0 {
 		c.InFlight = 2
+	}
+	if c.InFlightBytes <= 0 {
+		c.InFlightBytes = 1 << 20
 	}
 	if c.Stale <= 0 {
 		c.Stale = 2 * time.Second
@@ -209,6 +216,12 @@ func (w *Wire) seedRound(now time.Time) bool {
 	w.mu.Lock()
 	for ih, views := range byIH {
 		n := views[0].n
+		budget := cfg.InFlight
+		if w.cfg.PieceLength != nil {
+			if pl := w.cfg.PieceLength(ih); pl > 0 {
+				budget = max(budget, int(cfg.InFlightBytes/pl))
+			}
+		}
 		given := w.seed.given[ih]
 		if len(given) != n {
 			given = make([]int32, n)
@@ -270,7 +283,7 @@ func (w *Wire) seedRound(now time.Time) bool {
 			}
 		}
 		for k, v := range views {
-			if v.all || v.count >= n || (inflight[k] >= cfg.InFlight && !lone) {
+			if v.all || v.count >= n || (inflight[k] >= budget && !lone) {
 				continue
 			}
 			if inflight[k] == 0 && served >= cfg.Slots {
@@ -296,7 +309,7 @@ func (w *Wire) seedRound(now time.Time) bool {
 				return copies[a] - copies[b]
 			})
 			if !lone {
-				cand = cand[:min(len(cand), cfg.InFlight-inflight[k])]
+				cand = cand[:min(len(cand), budget-inflight[k])]
 			}
 			for _, p := range cand {
 				given[p]++
