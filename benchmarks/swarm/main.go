@@ -558,7 +558,8 @@ func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, s
 	}
 	fmt.Printf("nodes: %d piece bytes uploaded, %d useful bytes received from peers (%.2f), %d bytes on the wire (%.2f)\n",
 		up, useful, float64(useful)/float64(max(up, 1)), tx, float64(useful)/float64(max(tx, 1)))
-	fmt.Printf("nodes: %d piece bytes received and not needed; library counters: %v\n", wasted, lib)
+	fmt.Printf("nodes: %d piece bytes received and not needed; library: %d cancels written, %d cancels received for chunks already sent, %d rejects written\n",
+		wasted, lib["messages written of type Cancel"], lib["unexpected cancels received"], lib["messages written of type Reject"])
 	fmt.Printf("timeline %s N=%d (piece %d KiB): second, pieces completed, swarm download / (N+1) links, server upload / link, node uploads / link (min median max)\n",
 		mode, len(lb.nodes), pieceLen>>10)
 	for s, c := range perSec {
