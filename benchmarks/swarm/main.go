@@ -104,9 +104,26 @@ func main() {
 		srvFlags  = flag.String("server-flags", "", "extra flags for esir swarm serve, space-separated")
 		agtFlags  = flag.String("agent-flags", "", "extra flags for esir-agent fetch, space-separated")
 		pieceFlag = flag.Int64("piece", 0, "piece size in KiB (0: what esir image build chooses)")
+		plotFrom  = flag.String("plot-from", "", "only redraw --png from a --json file of an earlier run")
 		timeline  = flag.Bool("timeline", false, "print each ESIR run's per-second download and server upload rates")
 	)
 	flag.Parse()
+	if *plotFrom != "" {
+		b, err := os.ReadFile(*plotFrom)
+		if err != nil {
+			fail(err)
+		}
+		var r struct {
+			Results []method `json:"results"`
+		}
+		if err := json.Unmarshal(b, &r); err != nil {
+			fail(fmt.Errorf("%s: %w", *plotFrom, err))
+		}
+		if err := plot(*pngOut, r.Results); err != nil {
+			fail(err)
+		}
+		return
+	}
 	if err := netlab.Available(); err != nil {
 		fmt.Fprintln(os.Stderr, "swarm benchmark:", err)
 		os.Exit(2)
@@ -775,7 +792,7 @@ func plot(path string, all []method) error {
 	}
 	defer os.RemoveAll(dir)
 	var script strings.Builder
-	fmt.Fprintf(&script, "set terminal png size 900,560\nset output '%s'\nset xlabel 'nodes N'\nset ylabel 'time until the last node has the image (s)'\nset key top left\nset grid\nplot ", path)
+	fmt.Fprintf(&script, "set terminal png size 900,560\nset output '%s'\nset xlabel 'nodes N'\nset ylabel 'time until the last node has the image (s, log scale)'\nset logscale y\nset xtics (8, 16, 32, 64)\nset key top left\nset grid\nplot ", path)
 	var names []string
 	for _, m := range all {
 		if !slices.Contains(names, m.Name) {
@@ -794,7 +811,7 @@ func plot(path string, all []method) error {
 		if i > 0 {
 			script.WriteString(", ")
 		}
-		fmt.Fprintf(&script, "'%s' with linespoints title '%s'", f, name)
+		fmt.Fprintf(&script, "'%s' with linespoints lw 2 title '%s'", f, name)
 	}
 	script.WriteString("\n")
 	sf := filepath.Join(dir, "plot.gp")
