@@ -155,6 +155,14 @@ func (f *Follower) Follow(ctx context.Context) error {
 			}
 			v, err := f.Node.View(ctx, b)
 			f.report(ctx, cur.Version, v, err)
+			if err != nil {
+				// A check that held at enrollment fails now (an engine
+				// died, a peer went away): enrollment is idempotent and
+				// starts only what is not running, so it runs again
+				// after Retry, until the checks hold.
+				f.Log.Warn("ssi: a check failed after enrollment: enrolling again", "in", f.Retry, "err", err)
+				failedAt = time.Now()
+			}
 		}
 	}
 }

@@ -528,6 +528,66 @@ func TestFollowPartitionNetns(t *testing.T) {
 	t.Logf("%v: all three enrolled %v after the partition healed", time.Since(t0).Round(time.Millisecond), took.Round(time.Millisecond))
 }
 
+// TestFollowEngineDiesNetns: three core nodes enrolled through the server;
+// the second one's corosync then stops. Its node service reports the failed
+// check, enrolls again (which starts corosync) and is enrolled once more,
+// while the other two stay enrolled throughout.
+func TestFollowEngineDiesNetns(t *testing.T) {
+	faultPrereqs(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	l := newFollowLab(ctx, t, "ssidie", corosyncDef)
+	var ms []*follower
+	for i, name := range []string{"c1", "c2", "c3"} {
+		ms = append(ms, l.add(ctx, name, i+1))
+	}
+	t0 := time.Now()
+	for _, m := range ms {
+		l.follow(ctx, m, &ssienroll.Node{Root: m.ns.Root, Run: m.ns, Init: ssienroll.Direct, Timeout: 6 * time.Second}, 2*time.Second)
+	}
+	l.allEnrolled(ctx, 3, 90*time.Second)
+	before, err := ms[1].ns.Run(ctx, "pidof", "corosync")
+	if err != nil {
+		t.Fatalf("c2: corosync not running once enrolled: %v", err)
+	}
+	t.Logf("%v: all enrolled; stopping c2's corosync (pid %s)", time.Since(t0).Round(time.Millisecond), strings.TrimSpace(string(before)))
+	stopCorosync(ctx, t, ms[1].ns)
+	// The two others stay enrolled throughout.
+	others := func() string {
+		for _, name := range []string{"c1", "c3"} {
+			if m := l.member(ctx, name); m.State != cluster.Enrolled {
+				return fmt.Sprintf("%s is %s (%s)", name, m.State, m.Error)
+			}
+		}
+		return ""
+	}
+	var bad []string
+	waitFor(t, ctx, "c2 failed at the server", 30*time.Second, func() (bool, string) {
+		if o := others(); o != "" {
+			bad = append(bad, o)
+		}
+		m := l.member(ctx, "c2")
+		return m.State == cluster.Failed, fmt.Sprintf("c2 is %s (%s)", m.State, m.Error)
+	})
+	m := l.member(ctx, "c2")
+	t.Logf("%v: c2 failed at the server, check %s: %s", time.Since(t0).Round(time.Millisecond), m.Check, m.Error)
+	waitFor(t, ctx, "c2 enrolled again", 60*time.Second, func() (bool, string) {
+		if o := others(); o != "" {
+			bad = append(bad, o)
+		}
+		m := l.member(ctx, "c2")
+		return m.State == cluster.Enrolled, fmt.Sprintf("c2 is %s (%s)", m.State, m.Error)
+	})
+	after, err := ms[1].ns.Run(ctx, "pidof", "corosync")
+	if err != nil || strings.TrimSpace(string(after)) == strings.TrimSpace(string(before)) {
+		t.Errorf("c2's corosync after re-enrollment: %q (%v), was %q: want a new process", after, err, before)
+	}
+	if len(bad) > 0 {
+		t.Errorf("the other members left the enrolled state while c2's corosync was down: %v", bad[:min(len(bad), 5)])
+	}
+	t.Logf("%v: c2 enrolled again with corosync %s", time.Since(t0).Round(time.Millisecond), strings.TrimSpace(string(after)))
+}
+
 type lockedWriter struct {
 	mu *sync.Mutex
 	w  io.Writer
