@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"strings"
 
 	"github.com/diskfs/go-diskfs"
 	fsdisk "github.com/diskfs/go-diskfs/disk"
@@ -31,89 +32,99 @@ func (r *run) cmdline() string {
 	return c + " -- initrd"
 }
 
-// The bootloader step's work is split in two. startBootPrep runs the part
-// that needs only the unpacked kernel in a goroutine while the early-boot
-// initramfs is built: extlinux's files in the root (its sync flushes the
-// unpacked tree), a fresh FAT32 on the ESP with the kernel and
-// loader.conf. The bootloader step then waits for it and writes what
-// makes the disk bootable: the early-boot initramfs and the loader entry
-// on the ESP, systemd-boot as the firmware's fallback loader, extlinux's
-// configuration and the boot code in the first 440 bytes. Until then
-// neither firmware finds a loader of the new install.
+// The bootloader step's work is spread over the install. Once the GPT is
+// written, a job makes a fresh FAT32 on the ESP with loader.conf (it needs
+// nothing from the image). The unpack step runs extlinux --install on the
+// empty root filesystem before the image's first byte: extlinux's sync()
+// (of every filesystem) has next to nothing to write then, and where
+// ldlinux.sys lands, whose own sector list extlinux patches into it, does
+// not depend on how far the unpack's writeback has got. Once the
+// image is unpacked and checked, a job writes the kernel onto the ESP,
+// then the early-boot initramfs as soon as it is built and the loader
+// entry (systemd-boot reads only FAT). The bootloader step then writes what
+// makes the disk bootable: extlinux's configuration and the boot code in
+// the first 440 bytes, and systemd-boot as the firmware's fallback loader.
+// Until then neither firmware finds a loader of the new install.
 
-// bootPrep is the bootloader work that runs beside the earlyboot step.
-type bootPrep struct {
-	// extlinux is closed once extlinux has written the root: the
-	// earlyboot step writes its files after it, so that the root's
-	// allocation, which ldlinux.sys records, does not depend on timing.
-	extlinux chan struct{}
-	done     chan struct{}
-	err      error
-	esp      *fsdisk.Disk          // the disk, opened by go-diskfs; closed by finish
-	fs       filesystem.FileSystem // the ESP's new FAT32
+// startESP starts making the ESP's filesystem; the GPT must be written.
+func (r *run) startESP() {
+	r.esp = r.goJob(func() error {
+		if err := r.espCreate(); err != nil {
+			return fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
+		}
+		return nil
+	})
 }
 
-// startBootPrep starts the bootloader's preparation; r.kernel must be set.
-func (r *run) startBootPrep() {
-	p := &bootPrep{extlinux: make(chan struct{}), done: make(chan struct{})}
-	r.prep = p
-	go func() {
-		defer close(p.done)
-		err := r.extlinuxInstall()
-		close(p.extlinux)
-		if err != nil {
-			p.err = fmt.Errorf("BIOS (extlinux): %w", err)
-			return
+// startESPFiles starts writing the unpacked kernel (r.kernel) onto the
+// ESP once its filesystem is made, then the early-boot initramfs once
+// r.initrd has built it.
+func (r *run) startESPFiles() {
+	fat, initrd := r.esp, r.initrd
+	r.esp = r.goJob(func() error {
+		if err := fat.wait(); err != nil {
+			return err
 		}
-		if err := r.espPrepare(p); err != nil {
-			p.err = fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
+		if err := writeFAT(r.espFS, []fatFile{{name: r.espKernel(), src: r.inRoot(r.kernel.vmlinuz)}}); err != nil {
+			return fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
 		}
-	}()
+		if err := initrd.wait(); err != nil {
+			return nil // the earlyboot step reports it
+		}
+		if err := writeFAT(r.espFS, []fatFile{
+			{name: r.espInitrd(), data: r.initrdData},
+			{name: ESPEntry, data: []byte(r.espEntry())},
+		}); err != nil {
+			return fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
+		}
+		return nil
+	})
+	// Most of the ESP's bytes are written then: the disk's writeback of
+	// them runs beside the steps that follow; the sync step waits for it.
+	esp := r.esp
+	r.espWriteback = r.goJob(func() error {
+		if err := esp.wait(); err != nil {
+			return nil // the bootloader step reports it
+		}
+		if err := r.espBackend.startWriteback(r.layout.espStart, r.layout.espSize); err != nil {
+			return fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
+		}
+		return nil
+	})
 }
 
-// waitBootPrep waits for the preparation and returns its error.
-func (r *run) waitBootPrep() error {
-	if r.prep == nil {
+// closeESP releases the ESP's disk; every job must have finished.
+func (r *run) closeESP() error {
+	if r.espDisk == nil {
 		return nil
 	}
-	<-r.prep.done
-	return r.prep.err
-}
-
-// closeBootPrep waits for the preparation and releases the ESP's disk.
-func (r *run) closeBootPrep() error {
-	if r.prep == nil {
-		return nil
-	}
-	<-r.prep.done
-	var err error
-	if r.prep.esp != nil {
-		err = r.prep.esp.Close()
-		r.prep.esp = nil
-	}
-	r.prep = nil
+	err := r.espDisk.Close()
+	r.espDisk, r.espFS = nil, nil
 	return err
 }
 
 // bootloader finishes extlinux (BIOS) in the root filesystem and the disk's
 // first 440 bytes, and systemd-boot (UEFI) on the ESP.
 func (r *run) bootloader() (string, error) {
-	if r.prep == nil {
-		r.startBootPrep()
-	}
-	if err := r.waitBootPrep(); err != nil {
-		return "", err
-	}
 	if err := r.extlinuxFinish(); err != nil {
 		return "", fmt.Errorf("BIOS (extlinux): %w", err)
 	}
-	if err := r.espFinish(r.prep); err != nil {
+	if err := r.esp.wait(); err != nil {
+		return "", err
+	}
+	if err := r.espFinish(); err != nil {
 		return "", fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
 	}
-	if err := r.closeBootPrep(); err != nil {
-		return "", fmt.Errorf("UEFI (systemd-boot on the ESP): close %s: %w", r.disk.Path, err)
-	}
 	return fmt.Sprintf("extlinux and systemd-boot, kernel %s, cmdline %q", r.kernel.version, r.cmdline()), nil
+}
+
+// extlinuxOwns says whether the archive entry rel (cleaned, relative to
+// the root) is one of the files extlinux --install writes. The unpack
+// leaves an image's own copies out: they would replace the ones extlinux
+// placed (and made immutable).
+func extlinuxOwns(rel string) bool {
+	dir := strings.TrimPrefix(path.Dir(ExtlinuxConf), "/")
+	return rel == dir+"/ldlinux.sys" || rel == dir+"/ldlinux.c32"
 }
 
 // extlinuxInstall puts extlinux's loader files into /boot/extlinux.
@@ -163,10 +174,9 @@ LABEL esir
 func (r *run) espKernel() string { return espKernelDir + "/vmlinuz-" + r.kernel.version }
 func (r *run) espInitrd() string { return espKernelDir + "/initrd.img-" + r.kernel.version }
 
-// espPrepare makes a fresh FAT32 filesystem on the ESP and writes the
-// kernel and loader.conf (systemd-boot reads only FAT). go-diskfs writes
-// it, so no vfat driver is needed here.
-func (r *run) espPrepare(p *bootPrep) error {
+// espCreate makes a fresh FAT32 filesystem on the ESP with loader.conf.
+// go-diskfs writes it, so no vfat driver is needed here.
+func (r *run) espCreate() error {
 	b, err := openCoalescing(r.disk.Path)
 	if err != nil {
 		return err
@@ -176,43 +186,32 @@ func (r *run) espPrepare(p *bootPrep) error {
 		b.Close()
 		return fmt.Errorf("open %s: %w", r.disk.Path, err)
 	}
-	p.esp = d
+	r.espDisk, r.espBackend = d, b
 	fs, err := d.CreateFilesystem(fsdisk.FilesystemSpec{Partition: espPart, FSType: filesystem.TypeFat32, VolumeLabel: "ESP", Reproducible: true})
 	if err != nil {
 		return fmt.Errorf("create FAT32: %w", err)
 	}
-	p.fs = fs
-	return writeFAT(fs, []fatFile{
-		{name: ESPLoaderConf, data: "default esir.conf\ntimeout 0\nconsole-mode keep\n"},
-		{name: r.espKernel(), src: r.inRoot(r.kernel.vmlinuz)},
-	})
+	r.espFS = fs
+	return writeFAT(fs, []fatFile{{name: ESPLoaderConf, data: []byte("default esir.conf\ntimeout 0\nconsole-mode keep\n")}})
 }
 
-// espFinish writes the early-boot initramfs, the loader entry and, last,
-// systemd-boot as the fallback loader, then flushes the disk.
-func (r *run) espFinish(p *bootPrep) error {
-	entry := fmt.Sprintf("title %s %s\nversion %s\nlinux %s\ninitrd %s\noptions %s\n",
+// espEntry is systemd-boot's loader entry for the installed kernel.
+func (r *run) espEntry() string {
+	return fmt.Sprintf("title %s %s\nversion %s\nlinux %s\ninitrd %s\noptions %s\n",
 		bootEntryTitle, r.img.Ref, r.kernel.version, r.espKernel(), r.espInitrd(), r.cmdline())
-	if err := writeFAT(p.fs, []fatFile{
-		{name: r.espInitrd(), src: r.inRoot(r.kernel.initrd)},
-		{name: ESPEntry, data: entry},
-		{name: ESPLoader, src: r.opts.Tools.SystemdBoot},
-	}); err != nil {
-		return err
-	}
-	if w, err := p.esp.Backend.Writable(); err == nil {
-		if s, ok := w.(interface{ Sync() error }); ok {
-			return s.Sync()
-		}
-	}
-	return nil
+}
+
+// espFinish writes systemd-boot as the fallback loader, which makes the
+// ESP bootable; the sync step writes it to the disk.
+func (r *run) espFinish() error {
+	return writeFAT(r.espFS, []fatFile{{name: ESPLoader, src: r.opts.Tools.SystemdBoot}})
 }
 
 // fatFile is a file to write onto the ESP: data, or the content of src.
 type fatFile struct {
 	name string
 	src  string
-	data string
+	data []byte
 }
 
 func writeFAT(fs filesystem.FileSystem, files []fatFile) error {
@@ -220,7 +219,7 @@ func writeFAT(fs filesystem.FileSystem, files []fatFile) error {
 		if err := fs.Mkdir(path.Dir(f.name)); err != nil {
 			return fmt.Errorf("mkdir %s: %w", path.Dir(f.name), err)
 		}
-		data := []byte(f.data)
+		data := f.data
 		if f.src != "" {
 			// One Write per file: go-diskfs allocates clusters and
 			// rewrites the whole FAT on every Write call, so io.Copy's

@@ -9,6 +9,7 @@ import (
 
 	"github.com/diskfs/go-diskfs/backend"
 	"github.com/diskfs/go-diskfs/backend/file"
+	"golang.org/x/sys/unix"
 )
 
 // coalescing is a go-diskfs storage backend that merges adjacent writes.
@@ -59,6 +60,11 @@ func (c *coalescing) WriteAt(p []byte, off int64) (int, error) {
 	if len(c.buf) == 0 {
 		c.off = off
 	}
+	if c.buf == nil {
+		// Grown by append, the buffer would be copied a dozen times
+		// on its way to its full size.
+		c.buf = make([]byte, 0, coalesceMax)
+	}
 	c.buf = append(c.buf, p...)
 	return len(p), nil
 }
@@ -108,6 +114,19 @@ func (c *coalescing) Sys() (*os.File, error) {
 		return nil, err
 	}
 	return c.f, nil
+}
+
+// startWriteback writes the pending bytes and starts writing the range
+// [off, off+n) of the disk back without waiting for it (a later fsync of
+// the disk does).
+func (c *coalescing) startWriteback(off, n int64) error {
+	if err := c.flush(); err != nil {
+		return err
+	}
+	if err := unix.SyncFileRange(int(c.f.Fd()), off, n, unix.SYNC_FILE_RANGE_WRITE); err != nil {
+		return fmt.Errorf("write back %s: %w", c.f.Name(), err)
+	}
+	return nil
 }
 
 // Sync writes the pending bytes and flushes the device.

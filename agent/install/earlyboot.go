@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"sort"
 	"strings"
 
@@ -107,62 +106,73 @@ func (r *run) startEarlyBase() {
 	}()
 }
 
-// wait returns the compressed part (its own slice: the caller may append).
+// wait returns the compressed part.
 func (e *earlyBase) wait() ([]byte, error) {
 	<-e.done
-	return slices.Clip(e.b), e.err
+	return e.b, e.err
 }
 
-// earlyBoot writes the node's early-boot initramfs next to the kernel.
-func (r *run) earlyBoot() (string, error) {
-	k, err := findKernel(r.mnt)
-	if err != nil {
-		return "", err
-	}
-	r.kernel = k
-	r.res.Kernel = k.version
-	// The bootloader's preparation needs only the kernel: it runs while
-	// the initramfs is built.
-	r.startBootPrep()
-	tree, err := modules.Open(r.inRoot(k.modules), modules.Options{})
-	if err != nil {
-		return "", err
-	}
-	devs := r.opts.Devices
-	if devs == nil {
-		if devs, err = modules.ReadDevices(r.opts.SysRoot); err != nil {
-			return "", err
+// startInitrd starts building the node's early-boot initramfs from the
+// unpacked kernel's modules (r.kernel) and writing it next to the kernel,
+// with the list of its modules in /etc/esir/boot-modules; r.initrdData
+// keeps it for the ESP.
+func (r *run) startInitrd() {
+	r.initrd = r.goJob(func() error {
+		k := r.kernel
+		tree, err := modules.Open(r.inRoot(k.modules), modules.Options{})
+		if err != nil {
+			return err
 		}
+		devs := r.opts.Devices
+		if devs == nil {
+			if devs, err = modules.ReadDevices(r.opts.SysRoot); err != nil {
+				return err
+			}
+		}
+		plan, err := tree.BootPlan(devs, modules.BootNeeds{Filesystems: []string{"ext4"}, Network: true})
+		if err != nil {
+			return err
+		}
+		r.bootPlan = plan
+		a := initramfs.New()
+		cfg := initrd.Config{Kernel: k.version, Root: r.res.RootPartUUID, RootFSType: "ext4", Init: "/sbin/init"}
+		if err := initrd.AddConfig(a, cfg); err != nil {
+			return err
+		}
+		if err := modules.AddToInitramfs(a, tree, plan); err != nil {
+			return err
+		}
+		base, err := r.base.wait()
+		if err != nil {
+			return err
+		}
+		var mods bytes.Buffer
+		if _, err := a.WriteTo(&mods); err != nil {
+			return fmt.Errorf("early-boot initramfs: %w", err)
+		}
+		// The two compressed archives, one after the other, are the
+		// initramfs (the kernel unpacks each in turn). One allocation
+		// of the whole: growing the agent's part would copy it.
+		r.initrdData = append(append(make([]byte, 0, len(base)+mods.Len()), base...), mods.Bytes()...)
+		// The list also goes into the root, where the installed system
+		// (and an administrator) can see which modules this node boots
+		// with.
+		if err := r.writeFile("/etc/esir/boot-modules", plan.ModuleList(true), 0o644); err != nil {
+			return err
+		}
+		return r.writeFile(k.initrd, r.initrdData, 0o644)
+	})
+}
+
+// earlyBoot waits for the node's early-boot initramfs, built and written
+// next to the kernel by the job the unpack started.
+func (r *run) earlyBoot() (string, error) {
+	if r.kernelErr != nil {
+		return "", r.kernelErr
 	}
-	plan, err := tree.BootPlan(devs, modules.BootNeeds{Filesystems: []string{"ext4"}, Network: true})
-	if err != nil {
+	if err := r.initrd.wait(); err != nil {
 		return "", err
 	}
-	r.res.BootModules = plan.Names()
-	a := initramfs.New()
-	cfg := initrd.Config{Kernel: k.version, Root: r.res.RootPartUUID, RootFSType: "ext4", Init: "/sbin/init"}
-	if err := initrd.AddConfig(a, cfg); err != nil {
-		return "", err
-	}
-	if err := modules.AddToInitramfs(a, tree, plan); err != nil {
-		return "", err
-	}
-	<-r.prep.extlinux
-	// The list also goes into the root, where the installed system (and an
-	// administrator) can see which modules this node boots with.
-	if err := r.writeFile("/etc/esir/boot-modules", plan.ModuleList(true), 0o644); err != nil {
-		return "", err
-	}
-	base, err := r.base.wait()
-	if err != nil {
-		return "", err
-	}
-	buf := bytes.NewBuffer(base)
-	if _, err := a.WriteTo(buf); err != nil {
-		return "", fmt.Errorf("early-boot initramfs: %w", err)
-	}
-	if err := r.writeFile(k.initrd, buf.Bytes(), 0o644); err != nil {
-		return "", err
-	}
-	return fmt.Sprintf("kernel %s, %d modules: %s", k.version, len(plan.Steps), strings.Join(r.res.BootModules, ",")), nil
+	r.res.BootModules = r.bootPlan.Names()
+	return fmt.Sprintf("kernel %s, %d modules: %s", r.kernel.version, len(r.bootPlan.Steps), strings.Join(r.res.BootModules, ",")), nil
 }

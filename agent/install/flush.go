@@ -16,13 +16,16 @@ import (
 // would idle, waiting on the network, and then do all its work at once.
 // One syncfs at a time runs every interval in its own goroutine.
 type flusher struct {
-	fd    int
-	once  sync.Once
-	stop  chan struct{}
-	done  chan struct{}
-	mu    sync.Mutex
-	err   error
-	syncs int
+	fd         int
+	finishOnce sync.Once
+	stopOnce   sync.Once
+	once       sync.Once
+	finish     chan struct{}
+	stop       chan struct{}
+	done       chan struct{}
+	mu         sync.Mutex
+	err        error
+	syncs      int
 }
 
 // startFlusher starts flushing the filesystem mounted at mnt every interval.
@@ -31,7 +34,7 @@ func startFlusher(mnt string, every time.Duration) (*flusher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s for writeback: %w", mnt, err)
 	}
-	f := &flusher{fd: fd, stop: make(chan struct{}), done: make(chan struct{})}
+	f := &flusher{fd: fd, finish: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
 	go f.loop(mnt, every)
 	return f, nil
 }
@@ -40,10 +43,12 @@ func (f *flusher) loop(mnt string, every time.Duration) {
 	defer close(f.done)
 	t := time.NewTicker(every)
 	defer t.Stop()
-	for {
+	for last := false; !last; {
 		select {
 		case <-f.stop:
 			return
+		case <-f.finish:
+			last = true
 		case <-t.C:
 		}
 		err := unix.Syncfs(f.fd)
@@ -59,12 +64,22 @@ func (f *flusher) loop(mnt string, every time.Duration) {
 	}
 }
 
-// Stop ends the flushing, waits for a syncfs in flight and returns the
-// first writeback error and how many flushes ran. Calling it again
-// returns the same.
+// Finish asks for one last flush at once (after the one in flight, if
+// any), after which the flushing ends, and returns how many flushes have
+// run; it does not wait for them. Stop does.
+func (f *flusher) Finish() int {
+	f.finishOnce.Do(func() { close(f.finish) })
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.syncs
+}
+
+// Stop ends the flushing (a last flush Finish asked for may be left out),
+// waits for a syncfs in flight and returns the first writeback error and
+// how many flushes ran. Calling it again returns the same.
 func (f *flusher) Stop() (int, error) {
+	f.stopOnce.Do(func() { close(f.stop) })
 	f.once.Do(func() {
-		close(f.stop)
 		<-f.done
 		unix.Close(f.fd)
 	})

@@ -69,6 +69,30 @@ func TestFlusher(t *testing.T) {
 	}
 }
 
+// TestFlusherFinish: Finish asks for one more flush at once, even with the
+// next tick far away, and the flushing ends after it.
+func TestFlusherFinish(t *testing.T) {
+	dir := t.TempDir()
+	f, err := startFlusher(dir, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "data"), make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.Finish(); n != 0 {
+		t.Errorf("Finish counted %d flushes before the first tick, want 0", n)
+	}
+	select {
+	case <-f.done:
+	case <-time.After(time.Minute):
+		t.Fatal("no flush a minute after Finish")
+	}
+	if n, err := f.Stop(); n != 1 || err != nil {
+		t.Errorf("Stop after Finish = %d, %v; want 1, nil", n, err)
+	}
+}
+
 // TestWriteFAT writes files onto a FAT32 made by go-diskfs in one Write
 // each and reads them back.
 func TestWriteFAT(t *testing.T) {
@@ -107,9 +131,9 @@ func TestWriteFAT(t *testing.T) {
 		t.Fatal(err)
 	}
 	files := []fatFile{
-		{name: "/loader/loader.conf", data: "default esir.conf\n"},
+		{name: "/loader/loader.conf", data: []byte("default esir.conf\n")},
 		{name: "/esir/vmlinuz-6.1", src: src},
-		{name: "/loader/entries/esir.conf", data: "title ESIR\n"},
+		{name: "/loader/entries/esir.conf", data: []byte("title ESIR\n")},
 	}
 	if err := writeFAT(fs, files); err != nil {
 		t.Fatal(err)
@@ -118,7 +142,7 @@ func TestWriteFAT(t *testing.T) {
 		t.Errorf("writeFAT of a missing source = %v, want an error naming it", err)
 	}
 	for _, f := range files {
-		want := []byte(f.data)
+		want := f.data
 		if f.src != "" {
 			want = big
 		}

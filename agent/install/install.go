@@ -7,8 +7,9 @@
 //	            LegacyBIOSBootable), optional swap; the kernel learns the
 //	            partitions through BLKPG, which needs no GPT parser in it
 //	mkfs        mkfs.ext4 on the root partition
-//	unpack      mount root, stream the archive into it with imaging.Extract
-//	            while checking its SHA-256
+//	unpack      mount root, put extlinux's files into the empty filesystem,
+//	            stream the archive into it with imaging.Extract while
+//	            checking its SHA-256
 //	personalise hostname, /etc/hosts, empty machine-id, no SSH host keys,
 //	            network configuration, fstab by PARTUUID, authorized_keys
 //	earlyboot   the node's hardware-matched boot modules in a small
@@ -40,6 +41,8 @@ import (
 	"strings"
 	"time"
 
+	fsdisk "github.com/diskfs/go-diskfs/disk"
+	"github.com/diskfs/go-diskfs/filesystem"
 	"github.com/esir-project/esir/agent/disk"
 	"github.com/esir-project/esir/imaging"
 	"github.com/esir-project/esir/modules"
@@ -203,8 +206,13 @@ func Run(ctx context.Context, img Image, asg *agentapi.Assignment, opts Options)
 	r.startEarlyBase()
 	err := r.all()
 	<-r.base.done
-	if perr := r.closeBootPrep(); perr != nil && err == nil {
-		err = &StepError{Step: StepBootloader, Device: r.disk.Path, Err: perr}
+	r.waitJobs()
+	r.closeAgentCopy()
+	if perr := r.closeESP(); perr != nil && err == nil {
+		err = &StepError{Step: StepBootloader, Device: r.disk.Path, Err: fmt.Errorf("UEFI (systemd-boot on the ESP): close %s: %w", r.disk.Path, perr)}
+	}
+	if r.fl != nil {
+		r.fl.Stop()
 	}
 	if r.mnt != "" {
 		if uerr := unmount(r.mnt); uerr != nil && err == nil {
@@ -226,12 +234,29 @@ type run struct {
 	res    *Result
 	layout layout
 
-	disk    disk.Disk
-	rootDev string // root partition's device
-	mnt     string // where root is mounted
-	kernel  kernelFiles
-	prep    *bootPrep  // the bootloader's preparation, started by earlyboot
-	base    *earlyBase // the early boot's image-independent part, started with the install
+	disk      disk.Disk
+	rootDev   string   // root partition's device
+	mnt       string   // where root is mounted
+	fl        *flusher // writes the root back while unpacking
+	kernel    kernelFiles
+	kernelErr error      // why the unpacked image has no usable kernel
+	base      *earlyBase // the early boot's image-independent part, started with the install
+
+	// Jobs (see job.go) and what they leave for the steps that wait for
+	// them.
+	jobs         []*job
+	esp          *job // the ESP's filesystem, kernel, early-boot initramfs and loader entry
+	espWriteback *job // the start of the ESP's writeback to the disk
+	initrd       *job // the early-boot initramfs, built and written into the root
+	svc          *job // the node service's files
+	agentCopy    *job // the agent binary's copy, written while unpacking
+	agentFile    *os.File
+	espDisk      *fsdisk.Disk
+	espBackend   *coalescing
+	espFS        filesystem.FileSystem
+	initrdData   []byte
+	bootPlan     *modules.Plan
+	svcHow       string
 }
 
 func (r *run) report(e Event) {
@@ -334,16 +359,23 @@ func (r *run) unpack() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := unix.Mount(r.rootDev, mnt, "ext4", 0, ""); err != nil {
+	// noatime: reading the modules and the kernel back must not dirty
+	// their inodes (relatime would: the unpack gives them an access time
+	// no later than their modification time).
+	if err := unix.Mount(r.rootDev, mnt, "ext4", unix.MS_NOATIME, ""); err != nil {
 		os.Remove(mnt)
 		return "", fmt.Errorf("mount %s on %s: %w", r.rootDev, mnt, err)
 	}
 	r.mnt = mnt
+	if err := r.extlinuxInstall(); err != nil {
+		return "", fmt.Errorf("BIOS (extlinux) on the empty root filesystem: %w", err)
+	}
 	fl, err := startFlusher(mnt, flushEvery)
 	if err != nil {
 		return "", err
 	}
-	defer fl.Stop()
+	r.fl = fl
+	r.startAgentCopy()
 	rc, err := r.img.Open(r.ctx)
 	if err != nil {
 		return "", fmt.Errorf("open image %s: %w", r.img.Ref, err)
@@ -351,7 +383,7 @@ func (r *run) unpack() (string, error) {
 	defer rc.Close()
 	h := sha256.New()
 	cr := &countReader{r: io.TeeReader(rc, h), h: h, run: r}
-	st, err := imaging.Extract(r.ctx, cr, mnt, imaging.ExtractOptions{})
+	st, err := imaging.Extract(r.ctx, cr, mnt, imaging.ExtractOptions{Include: func(rel string) bool { return !extlinuxOwns(rel) }})
 	if err != nil {
 		return "", fmt.Errorf("image %s at archive byte %d: %w", r.img.Ref, cr.n, err)
 	}
@@ -366,12 +398,28 @@ func (r *run) unpack() (string, error) {
 	if got := hex.EncodeToString(h.Sum(nil)); r.img.SHA256 != "" && !strings.EqualFold(got, r.img.SHA256) {
 		return "", fmt.Errorf("image %s: digest mismatch: archive sha256 %s, the manifest says %s", r.img.Ref, got, r.img.SHA256)
 	}
-	flushes, err := fl.Stop()
-	if err != nil {
-		return "", err
-	}
+	// The unpack's last flush runs beside what follows; the sync step
+	// waits for it.
+	flushes := fl.Finish()
+	r.startTail()
 	return fmt.Sprintf("%d entries, %d bytes of files from %d archive bytes, written back in %d flushes while unpacking",
 		st.Entries, st.Bytes, cr.n, flushes), nil
+}
+
+// startTail starts, once the image is unpacked and checked, the work of
+// the steps after personalise that does not wait for them: the boot files
+// and the node service. Their steps wait for them in order.
+func (r *run) startTail() {
+	r.startService()
+	k, err := findKernel(r.mnt)
+	if err != nil {
+		r.kernelErr = err
+		return
+	}
+	r.kernel = k
+	r.res.Kernel = k.version
+	r.startInitrd()
+	r.startESPFiles()
 }
 
 // flushEvery is how often the unpack writes the root's dirty data back.
@@ -396,8 +444,18 @@ func (c *countReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// sync flushes the root filesystem, unmounts it and flushes the disk.
+// sync unmounts the root filesystem (which writes it back) and flushes the
+// disk, the ESP with it.
 func (r *run) sync() (string, error) {
+	if err := r.espWriteback.wait(); err != nil {
+		return "", err
+	}
+	if err := r.closeESP(); err != nil {
+		return "", fmt.Errorf("close the ESP on %s: %w", r.disk.Path, err)
+	}
+	if _, err := r.fl.Stop(); err != nil {
+		return "", err
+	}
 	if err := unmount(r.mnt); err != nil {
 		return "", err
 	}

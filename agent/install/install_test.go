@@ -370,6 +370,16 @@ func checkInstalled(t *testing.T, fx *fixture, file string, res *install.Result,
 			t.Errorf("%s: %v", f, err)
 		}
 	}
+	// The agent binary, copied in while the image unpacked and named
+	// once it was in place.
+	if got, err := os.ReadFile(filepath.Join(mnt, "usr/sbin/esir-agent")); err != nil {
+		t.Error(err)
+	} else if want, _ := os.ReadFile(fx.agent); !bytes.Equal(got, want) {
+		t.Errorf("usr/sbin/esir-agent: %d bytes differ from the agent's %d", len(got), len(want))
+	}
+	if fi, err := os.Stat(filepath.Join(mnt, "usr/sbin/esir-agent")); err == nil && fi.Mode().Perm() != 0o755 {
+		t.Errorf("usr/sbin/esir-agent has mode %v, want 0755", fi.Mode().Perm())
+	}
 	if keys, _ := filepath.Glob(filepath.Join(mnt, "etc/ssh/ssh_host_*")); len(keys) > 0 {
 		t.Errorf("SSH host keys left: %v", keys)
 	}

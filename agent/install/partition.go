@@ -136,6 +136,9 @@ func (r *run) partition() (string, error) {
 	if err := announcePartitions(r.disk.Path, ly.table); err != nil {
 		return "", err
 	}
+	// The ESP's filesystem needs nothing from the image: it is made
+	// while the root is.
+	r.startESP()
 	return fmt.Sprintf("GPT: ESP %d MiB PARTUUID %s, root PARTUUID %s, swap %d MiB", espMiB(r.asg.Disk),
 		r.res.ESPPartUUID, r.res.RootPartUUID, r.asg.Disk.SwapMiB), nil
 }

@@ -6,7 +6,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
+
+// writebackMin is the size from which writeFile starts a file's writeback
+// at once.
+const writebackMin = 1 << 20
 
 // writeFile writes name inside the mounted root atomically (temporary file
 // and rename), creating its directory.
@@ -24,6 +30,11 @@ func (r *run) writeFile(name string, data []byte, mode os.FileMode) error {
 		os.Remove(tmp.Name())
 		return fmt.Errorf("write %s: %w", name, err)
 	}
+	if len(data) >= writebackMin {
+		// Start writing it to the disk now, beside the install's other
+		// work, rather than in the flush at the end.
+		_ = unix.SyncFileRange(int(tmp.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	}
 	if err := tmp.Chmod(mode); err != nil {
 		tmp.Close()
 		os.Remove(tmp.Name())
@@ -35,6 +46,28 @@ func (r *run) writeFile(name string, data []byte, mode os.FileMode) error {
 	}
 	if err := os.Rename(tmp.Name(), p); err != nil {
 		os.Remove(tmp.Name())
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	return nil
+}
+
+// linkFile names f, a file without a name in the root's filesystem
+// (O_TMPFILE), name inside the root, atomically replacing what is there.
+func (r *run) linkFile(f *os.File, name string, mode os.FileMode) error {
+	p := r.inRoot(name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	if err := f.Chmod(mode); err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	tmp := filepath.Join(filepath.Dir(p), ".esir-"+filepath.Base(p))
+	_ = os.Remove(tmp)
+	if err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, tmp, unix.AT_EMPTY_PATH); err != nil {
+		return fmt.Errorf("write %s: link: %w", name, err)
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("write %s: %w", name, err)
 	}
 	return nil
