@@ -6,8 +6,12 @@
 // and an install from a local copy of the archive (first byte read to
 // installed: disk write alone). Both swarm sides count from the transfer's
 // start because the first verified piece comes late (pieces are hashed
-// behind the wire). Downloads go to a tmpfs, as on a node. Target: ratio
-// <= 1.15.
+// behind the wire). As on a node (agent/pipeline), the streaming install
+// is installed once its last step is done and the swarm's own check of the
+// archive has passed; the download keeps seeding meanwhile. Downloads go to
+// a tmpfs, as on a node. Target: ratio <= 1.15. Each streaming run also
+// records when its download had its last byte, which tells the swarm's
+// share of a slow run from the install's.
 //
 // It needs root (loop devices, mount). Everything runs on loopback: an ESIR
 // seeder server (tracker, metainfo, web seed) with its upload capped to the
@@ -49,9 +53,10 @@ type result struct {
 	UncompressedSize int64     `json:"uncompressed_bytes"`
 	RateMbit         float64   `json:"rate_mbit"`
 	Runs             int       `json:"runs"`
-	StreamSec        []float64 `json:"stream_install_s"` // transfer start -> installed, streaming from the swarm
-	DownloadSec      []float64 `json:"download_s"`       // transfer start -> last byte, swarm alone
-	LocalSec         []float64 `json:"local_install_s"`  // first byte -> installed, local archive
+	StreamSec        []float64 `json:"stream_install_s"`   // transfer start -> installed, streaming from the swarm
+	StreamLastSec    []float64 `json:"stream_last_byte_s"` // transfer start -> last byte, in the streaming runs
+	DownloadSec      []float64 `json:"download_s"`         // transfer start -> last byte, swarm alone
+	LocalSec         []float64 `json:"local_install_s"`    // first byte -> installed, local archive
 	Median           struct {
 		Stream, Download, Local, Bound, Ratio float64
 	} `json:"median"`
@@ -181,24 +186,53 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 		res.DownloadSec = append(res.DownloadSec, d.Seconds())
 
 		local := install.ImageFromStore(&m, img.ArchivePath())
-		d, err = installOnce(ctx, work, i, "local", local, agentBin, devs, nil)
+		d, err = installOnce(ctx, work, i, "local", local, agentBin, devs, nil, nil)
 		if err != nil {
 			return fmt.Errorf("local install: %w", err)
 		}
 		res.LocalSec = append(res.LocalSec, d.Seconds())
 
+		// As on a node (agent/pipeline): the download goes on (seeding)
+		// after the unpack has read its last byte, and the install is
+		// reported once it has finished and the swarm's own check of the
+		// archive has passed.
 		var node *swarm.Node
+		var dl *swarm.Download
 		var opened time.Time
+		var lastByte <-chan time.Duration
+		wctx, stopWatch := context.WithCancel(ctx)
 		stream := install.ImageFromStore(&m, "")
 		stream.Open = func(ctx context.Context) (io.ReadCloser, error) {
-			n, dl, err := startFetch(ctx, server, m.Ref(), filepath.Join(ram, fmt.Sprintf("st%d", i)), log)
+			n, d, err := startFetch(ctx, server, m.Ref(), filepath.Join(ram, fmt.Sprintf("st%d", i)), log)
 			if err != nil {
 				return nil, err
 			}
-			node, opened = n, time.Now()
-			return &closer{ReadCloser: dl.Reader(ctx), close: func() { dl.Close() }}, nil
+			node, dl, opened = n, d, time.Now()
+			lastByte = watchLastByte(wctx, dl, opened)
+			return dl.Reader(ctx), nil
 		}
-		d, err = installOnce(ctx, work, i, "stream", stream, agentBin, devs, &opened)
+		verified := func() error {
+			if dl == nil {
+				return errors.New("the install never opened the image")
+			}
+			_, err := dl.Wait(ctx)
+			return err
+		}
+		d, err = installOnce(ctx, work, i, "stream", stream, agentBin, devs, &opened, verified)
+		if err == nil && lastByte == nil {
+			err = errors.New("the install never opened the image")
+		}
+		if err == nil {
+			last, ok := <-lastByte
+			if !ok {
+				err = errors.New("the download's last byte was never seen")
+			}
+			res.StreamLastSec = append(res.StreamLastSec, last.Seconds())
+		}
+		stopWatch()
+		if dl != nil {
+			dl.Close()
+		}
 		if node != nil {
 			node.Close()
 		}
@@ -218,7 +252,9 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	fmt.Printf("%-44s %10.2f %10.2f %8.2f %8s\n", "start -> installed (streaming install)", res.Median.Stream, res.Median.Bound, res.Median.Ratio, "<= 1.15")
 	fmt.Printf("%-44s %10.2f %10s %8.2f\n", "  baseline: download alone (swarm)", res.Median.Download, "", res.Median.Stream/res.Median.Download)
 	fmt.Printf("%-44s %10.2f %10s %8.2f\n", "  baseline: install from a local copy", res.Median.Local, "", res.Median.Stream/res.Median.Local)
+	fmt.Printf("%-44s %10.2f\n", "  streaming runs: last byte (median)", median(res.StreamLastSec))
 	fmt.Printf("runs (s): stream %v download %v local %v\n", fmtList(res.StreamSec), fmtList(res.DownloadSec), fmtList(res.LocalSec))
+	fmt.Printf("runs (s): streaming runs' last byte %v\n", fmtList(res.StreamLastSec))
 	if jsonOut != "" {
 		b, _ := json.MarshalIndent(res, "", "  ")
 		if err := os.WriteFile(jsonOut, append(b, '\n'), 0o644); err != nil {
@@ -227,13 +263,6 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	}
 	return nil
 }
-
-type closer struct {
-	io.ReadCloser
-	close func()
-}
-
-func (c *closer) Close() error { err := c.ReadCloser.Close(); c.close(); return err }
 
 func startFetch(ctx context.Context, server, ref, dir string, log *slog.Logger) (*swarm.Node, *swarm.Download, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -300,8 +329,9 @@ func downloadOnly(ctx context.Context, server, ref, dir string, log *slog.Logger
 
 // installOnce installs onto a fresh disk file and returns the time from the
 // first archive byte read (or from *start, when given and set: the swarm
-// transfer's start, as for the download alone) to the end of the last step.
-func installOnce(ctx context.Context, work string, i int, name string, img install.Image, agentBin string, devs []modules.Device, start *time.Time) (time.Duration, error) {
+// transfer's start, as for the download alone) to the end of the last step
+// and of done, when given (the swarm's check of the download).
+func installOnce(ctx context.Context, work string, i int, name string, img install.Image, agentBin string, devs []modules.Device, start *time.Time, done func() error) (time.Duration, error) {
 	file := filepath.Join(work, fmt.Sprintf("%s%d.img", name, i))
 	f, err := os.Create(file)
 	if err != nil {
@@ -327,16 +357,51 @@ func installOnce(ctx context.Context, work string, i int, name string, img insta
 				first = time.Now()
 			}
 			if e.Status == install.Done && !first.IsZero() {
-				fmt.Fprintf(os.Stderr, "  %s: %s done at +%.2fs\n", name, e.Step, time.Since(first).Seconds())
+				ref := first
+				if start != nil && !start.IsZero() {
+					ref = *start
+				}
+				fmt.Fprintf(os.Stderr, "  %s: %s done at +%.2fs\n", name, e.Step, time.Since(ref).Seconds())
 			}
 		}})
 	if err != nil {
 		return 0, err
 	}
+	if done != nil {
+		if err := done(); err != nil {
+			return 0, err
+		}
+	}
 	if start != nil && !start.IsZero() {
 		return time.Since(*start), nil
 	}
 	return time.Since(first), nil
+}
+
+// watchLastByte sends when the streaming install's download has all its
+// bytes (polled every 5 ms, as for the download alone), from start; the
+// channel closes without it if ctx ends first.
+func watchLastByte(ctx context.Context, dl *swarm.Download, start time.Time) <-chan time.Duration {
+	c := make(chan time.Duration, 1)
+	go func() {
+		defer close(c)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if p := dl.Progress(); p.Total > 0 && p.Bytes == p.Total {
+				d := time.Since(start)
+				fmt.Fprintf(os.Stderr, "  stream: download's last byte at +%.2fs\n", d.Seconds())
+				c <- d
+				return
+			}
+		}
+	}()
+	return c
 }
 
 func median(xs []float64) float64 {
