@@ -91,6 +91,21 @@ type Node struct {
 // acts on every member at once, so the new nodelist must be installed on every
 // member (Install) before any of them reloads.
 func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
+	m, err := n.enroll(ctx, b)
+	if err != nil && ctx.Err() != nil {
+		// Interrupted (a newer nodelist version arrived): an engine this
+		// round started may still be coming up with these files, unseen by
+		// the next round, which would then start it again in vain and
+		// believe it runs the newer files. Forgetting the digests makes
+		// the next round reload whatever runs.
+		for _, svc := range b.Services {
+			os.Remove(n.appliedPath(svc))
+		}
+	}
+	return m, err
+}
+
+func (n *Node) enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	name := b.Member.Name
 	m := Membership{Role: string(b.Member.Role)}
 	if err := n.Install(b); err != nil {
