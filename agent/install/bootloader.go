@@ -56,22 +56,41 @@ func (r *run) startESP() {
 	})
 }
 
-// startESPFiles starts writing the unpacked kernel (r.kernel) onto the
-// ESP once its filesystem is made, then the early-boot initramfs once
-// r.initrd has built it.
-func (r *run) startESPFiles() {
-	fat, initrd := r.esp, r.initrd
+// startBootFiles starts the boot files' jobs that need the unpacked kernel
+// (r.kernel): extlinux's configuration in the root, and the kernel onto
+// the ESP once its filesystem is made (read at once, so the root can be
+// released early), then the early-boot initramfs once r.initrd has built
+// it.
+func (r *run) startBootFiles() {
+	r.extlinuxConf = r.goJob(func() error {
+		if err := r.extlinuxConfig(); err != nil {
+			return fmt.Errorf("BIOS (extlinux): %w", err)
+		}
+		return nil
+	})
+	var kernel []byte
+	r.kernelRead = r.goJob(func() error {
+		var err error
+		if kernel, err = os.ReadFile(r.inRoot(r.kernel.vmlinuz)); err != nil {
+			return fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
+		}
+		return nil
+	})
+	fat, read, initrd := r.esp, r.kernelRead, r.initrd
 	r.esp = r.goJob(func() error {
 		if err := fat.wait(); err != nil {
 			return err
 		}
-		if err := writeFAT(r.espFS, []fatFile{{name: r.espKernel(), src: r.inRoot(r.kernel.vmlinuz)}}); err != nil {
-			return fmt.Errorf("UEFI (systemd-boot on the ESP): %w", err)
+		if err := read.wait(); err != nil {
+			return err
 		}
+		// The initramfs is on the install's critical path (the root's
+		// unmount waits for it), the ESP is not: it waits for the CPU.
 		if err := initrd.wait(); err != nil {
 			return nil // the earlyboot step reports it
 		}
 		if err := writeFAT(r.espFS, []fatFile{
+			{name: r.espKernel(), data: kernel},
 			{name: r.espInitrd(), data: r.initrdData},
 			{name: ESPEntry, data: []byte(r.espEntry())},
 		}); err != nil {
@@ -106,7 +125,10 @@ func (r *run) closeESP() error {
 // bootloader finishes extlinux (BIOS) in the root filesystem and the disk's
 // first 440 bytes, and systemd-boot (UEFI) on the ESP.
 func (r *run) bootloader() (string, error) {
-	if err := r.extlinuxFinish(); err != nil {
+	if err := r.extlinuxConf.wait(); err != nil {
+		return "", err
+	}
+	if err := r.extlinuxBootCode(); err != nil {
 		return "", fmt.Errorf("BIOS (extlinux): %w", err)
 	}
 	if err := r.esp.wait(); err != nil {
@@ -137,8 +159,8 @@ func (r *run) extlinuxInstall() error {
 	return err
 }
 
-// extlinuxFinish writes extlinux's configuration and the boot code.
-func (r *run) extlinuxFinish() error {
+// extlinuxConfig writes extlinux's configuration.
+func (r *run) extlinuxConfig() error {
 	conf := fmt.Sprintf(`# Written by ESIR's installer.
 DEFAULT esir
 PROMPT 0
@@ -149,9 +171,12 @@ LABEL esir
 	INITRD %s
 	APPEND %s
 `, bootEntryTitle, r.img.Ref, r.kernel.vmlinuz, r.kernel.initrd, r.cmdline())
-	if err := r.writeFile(ExtlinuxConf, []byte(conf), 0o644); err != nil {
-		return err
-	}
+	return r.writeFile(ExtlinuxConf, []byte(conf), 0o644)
+}
+
+// extlinuxBootCode writes the boot code (gptmbr.bin) into the disk's first
+// 440 bytes, which makes the disk bootable under BIOS.
+func (r *run) extlinuxBootCode() error {
 	mbr, err := os.ReadFile(r.opts.Tools.GPTMBR)
 	if err != nil {
 		return err

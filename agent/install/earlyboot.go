@@ -167,6 +167,8 @@ func (r *run) startInitrd() {
 // earlyBoot waits for the node's early-boot initramfs, built and written
 // next to the kernel by the job the unpack started.
 func (r *run) earlyBoot() (string, error) {
+	// Personalise was the last step to write into the root.
+	r.startRelease()
 	if r.kernelErr != nil {
 		return "", r.kernelErr
 	}

@@ -248,6 +248,9 @@ type run struct {
 	esp          *job // the ESP's filesystem, kernel, early-boot initramfs and loader entry
 	espWriteback *job // the start of the ESP's writeback to the disk
 	initrd       *job // the early-boot initramfs, built and written into the root
+	extlinuxConf *job // extlinux's configuration in the root
+	kernelRead   *job // the kernel, read from the root for the ESP
+	release      *job // the root's unmount
 	svc          *job // the node service's files
 	agentCopy    *job // the agent binary's copy, written while unpacking
 	agentFile    *os.File
@@ -419,7 +422,33 @@ func (r *run) startTail() {
 	r.kernel = k
 	r.res.Kernel = k.version
 	r.startInitrd()
-	r.startESPFiles()
+	r.startBootFiles()
+}
+
+// startRelease starts unmounting the root (which writes it back) as soon
+// as nothing writes into it or reads from it any more: the steps up to
+// personalise, which have run, and the jobs of the initramfs, the node
+// service, extlinux's configuration and the kernel's copy for the ESP. The
+// steps that follow only write the ESP and the boot code, and the sync
+// step waits for the unmount. When one of those jobs fails, the root stays
+// mounted and its step reports the failure.
+func (r *run) startRelease() {
+	waits := []*job{r.initrd, r.svc, r.extlinuxConf, r.kernelRead}
+	r.release = r.goJob(func() error {
+		for _, j := range waits {
+			if err := j.wait(); err != nil {
+				return nil
+			}
+		}
+		if _, err := r.fl.Stop(); err != nil {
+			return err
+		}
+		if err := unmount(r.mnt); err != nil {
+			return err
+		}
+		r.mnt = ""
+		return nil
+	})
 }
 
 // flushEvery is how often the unpack writes the root's dirty data back.
@@ -444,22 +473,28 @@ func (c *countReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// sync unmounts the root filesystem (which writes it back) and flushes the
+// sync waits for the root filesystem's unmount (which writes it back; see
+// startRelease), unmounts it itself if that did not run, and flushes the
 // disk, the ESP with it.
 func (r *run) sync() (string, error) {
+	if err := r.release.wait(); err != nil {
+		return "", err
+	}
 	if err := r.espWriteback.wait(); err != nil {
 		return "", err
 	}
 	if err := r.closeESP(); err != nil {
 		return "", fmt.Errorf("close the ESP on %s: %w", r.disk.Path, err)
 	}
-	if _, err := r.fl.Stop(); err != nil {
-		return "", err
+	if r.mnt != "" {
+		if _, err := r.fl.Stop(); err != nil {
+			return "", err
+		}
+		if err := unmount(r.mnt); err != nil {
+			return "", err
+		}
+		r.mnt = ""
 	}
-	if err := unmount(r.mnt); err != nil {
-		return "", err
-	}
-	r.mnt = ""
 	f, err := os.OpenFile(r.disk.Path, os.O_RDWR, 0)
 	if err != nil {
 		return "", err

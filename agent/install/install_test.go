@@ -112,6 +112,11 @@ func newDisk(t *testing.T, dir, name string, size int64) string {
 
 // installFile installs the image onto a disk image file in-process.
 func installFile(t *testing.T, fx *fixture, file, host string, hw []modules.Device) (*install.Result, []install.Event, error) {
+	return installFileWith(t, fx, file, host, hw, fx.agent)
+}
+
+// installFileWith is installFile with the agent binary given.
+func installFileWith(t *testing.T, fx *fixture, file, host string, hw []modules.Device, agent string) (*install.Result, []install.Event, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dev, detach, err := install.AttachFile(ctx, file)
@@ -127,7 +132,7 @@ func installFile(t *testing.T, fx *fixture, file, host string, hw []modules.Devi
 	asg.Disk.Rule.Path = dev
 	var events []install.Event
 	res, err := install.Run(ctx, install.ImageFromStore(&fx.image.Manifest, fx.image.ArchivePath()), asg, install.Options{
-		MAC: mac, Cmdline: "console=ttyS0,115200", Agent: fx.agent, Devices: hw,
+		MAC: mac, Cmdline: "console=ttyS0,115200", Agent: agent, Devices: hw,
 		Report: func(e install.Event) { events = append(events, e) },
 	})
 	return res, events, err
@@ -156,6 +161,38 @@ func TestInstall(t *testing.T) {
 		}
 		if i := bytes.IndexFunc(data, func(r rune) bool { return r != 0 }); i >= 0 {
 			t.Fatalf("the refused disk was written at byte %d", i)
+		}
+	})
+
+	// Work done in the background (here the early-boot initramfs and the
+	// node service, both lacking the agent binary) fails at its own step,
+	// nothing after it runs, the disk gets no boot code, and the install
+	// leaves nothing mounted (installFile detaches the disk).
+	t.Run("background-failure-reported-at-its-step", func(t *testing.T) {
+		file := newDisk(t, fx.dir, "noagent.img", 512*mib)
+		missing := filepath.Join(fx.dir, "no-such-agent")
+		_, events, err := installFileWith(t, fx, file, "noagent", fx.virtio, missing)
+		var se *install.StepError
+		if !errors.As(err, &se) || se.Step != install.StepEarlyBoot || !strings.Contains(se.Error(), missing) {
+			t.Fatalf("want an earlyboot step error naming %s, got %v", missing, err)
+		}
+		for _, e := range events {
+			if e.Step == install.StepBootloader || e.Step == install.StepService || e.Step == install.StepSync {
+				t.Errorf("step %s ran after earlyboot failed", e.Step)
+			}
+		}
+		raw := make([]byte, 440)
+		f, err := os.Open(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.ReadAt(raw, 0); err != nil {
+			t.Fatal(err)
+		}
+		mbr, _ := os.ReadFile(install.DefaultTools().GPTMBR)
+		if bytes.HasPrefix(raw, mbr) {
+			t.Error("the failed install wrote the boot code")
 		}
 	})
 

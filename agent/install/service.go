@@ -99,9 +99,6 @@ func (r *run) startService() {
 
 // service waits for the node service's files.
 func (r *run) service() (string, error) {
-	if r.svc == nil {
-		r.startService()
-	}
 	if err := r.svc.wait(); err != nil {
 		return "", err
 	}
