@@ -17,7 +17,7 @@
 // seeder server (tracker, metainfo, web seed) with its upload capped to the
 // link rate given, and one agent node per run.
 //
-//	go run ./benchmarks/agent [--rate-mbit 400] [--modules all|storage] [--runs 3] [--json FILE] [--trace] [--cpuprofile FILE]
+//	go run ./benchmarks/agent [--rate-mbit 400] [--modules all|storage] [--runs 3] [--piece-length BYTES] [--json FILE] [--trace] [--cpuprofile FILE]
 package main
 
 import (
@@ -51,6 +51,7 @@ type result struct {
 	Image            string    `json:"image"`
 	ArchiveBytes     int64     `json:"archive_bytes"`
 	UncompressedSize int64     `json:"uncompressed_bytes"`
+	PieceLength      int64     `json:"piece_length"`
 	RateMbit         float64   `json:"rate_mbit"`
 	Runs             int       `json:"runs"`
 	StreamSec        []float64 `json:"stream_install_s"`   // transfer start -> installed, streaming from the swarm
@@ -70,6 +71,7 @@ func main() {
 	jsonOut := flag.String("json", "", "write the figures as JSON to this file")
 	trace := flag.Bool("trace", false, "print the download's progress every 0.5 s, and the swarm's log, to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	pieceLength := flag.Int64("piece-length", 0, "BitTorrent piece length of the image in bytes (0: the image store's choice)")
 	flag.Parse()
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
@@ -83,14 +85,14 @@ func main() {
 		defer f.Close()
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(context.Background(), *rate, *mods, *runs, *jsonOut, *trace); err != nil {
+	if err := run(context.Background(), *rate, *mods, *runs, *jsonOut, *trace, *pieceLength); err != nil {
 		fmt.Fprintln(os.Stderr, "benchmark agent:", err)
 		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut string, trace bool) error {
+func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut string, trace bool, pieceLength int64) error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (loop devices, mount)")
 	}
@@ -121,7 +123,7 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	if err != nil {
 		return err
 	}
-	img, err := st.Build(ctx, tree, imaging.BuildOptions{Name: "sample", Version: "1"})
+	img, err := st.Build(ctx, tree, imaging.BuildOptions{Name: "sample", Version: "1", PieceLength: pieceLength})
 	if err != nil {
 		return err
 	}
@@ -176,7 +178,8 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	}
 	defer unix.Unmount(ram, unix.MNT_DETACH)
 
-	res := result{Image: m.Ref(), ArchiveBytes: m.CompressedSize, UncompressedSize: m.UncompressedSize, RateMbit: rateMbit, Runs: runs, Target: 1.15}
+	res := result{Image: m.Ref(), ArchiveBytes: m.CompressedSize, UncompressedSize: m.UncompressedSize, PieceLength: m.PieceLength,
+		RateMbit: rateMbit, Runs: runs, Target: 1.15}
 	for i := 0; i < runs; i++ {
 		d, err := downloadOnly(ctx, server, m.Ref(), filepath.Join(ram, fmt.Sprintf("dl%d", i)), log, trace)
 		os.RemoveAll(filepath.Join(ram, fmt.Sprintf("dl%d", i)))
@@ -246,8 +249,8 @@ func run(ctx context.Context, rateMbit float64, mods string, runs int, jsonOut s
 	res.Median.Bound = max(res.Median.Download, res.Median.Local)
 	res.Median.Ratio = res.Median.Stream / res.Median.Bound
 
-	fmt.Printf("agent install streaming: image %s, archive %.1f MiB (%.1f MiB uncompressed), link %.0f Mbit/s, %d runs (medians)\n",
-		res.Image, float64(res.ArchiveBytes)/(1<<20), float64(res.UncompressedSize)/(1<<20), rateMbit, runs)
+	fmt.Printf("agent install streaming: image %s, archive %.1f MiB (%.1f MiB uncompressed) in %d KiB pieces, link %.0f Mbit/s, %d runs (medians)\n",
+		res.Image, float64(res.ArchiveBytes)/(1<<20), float64(res.UncompressedSize)/(1<<20), res.PieceLength>>10, rateMbit, runs)
 	fmt.Printf("%-44s %10s %10s %8s %8s\n", "measure", "ESIR s", "bound s", "ratio", "target")
 	fmt.Printf("%-44s %10.2f %10.2f %8.2f %8s\n", "start -> installed (streaming install)", res.Median.Stream, res.Median.Bound, res.Median.Ratio, "<= 1.15")
 	fmt.Printf("%-44s %10.2f %10s %8.2f\n", "  baseline: download alone (swarm)", res.Median.Download, "", res.Median.Stream/res.Median.Download)
