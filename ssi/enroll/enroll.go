@@ -188,11 +188,23 @@ func (n *Node) mountHome(ctx context.Context, dir string) error {
 func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 	log := n.logger().With("node", b.Member.Name, "version", b.Version)
 	for _, svc := range b.Services {
+		up := n.isRunning(ctx, svc)
+		if !up && n.Init != Systemd && n.running(ctx, daemon(svc)) {
+			// Its daemon runs but does not answer yet: an earlier round
+			// started it moments ago. Starting it again would fail on its
+			// lock, unseen (corosync forks first), and leave it running the
+			// older files: wait for it, then reload it if they changed.
+			up = n.waitRunning(ctx, svc)
+		}
 		switch changed := n.changed(b, svc); {
-		case !n.isRunning(ctx, svc):
+		case !up:
 			log.Info("starting", "service", svc)
 			if err := n.start(ctx, svc); err != nil {
 				return &CheckError{Node: b.Member.Name, Check: CheckStart, Err: fmt.Errorf("start %s: %w", svc, err)}
+			}
+			if !n.waitRunning(ctx, svc) {
+				return &CheckError{Node: b.Member.Name, Check: CheckStart,
+					Err: fmt.Errorf("start %s: it does not run %v after starting", svc, startWait)}
 			}
 		case changed:
 			log.Info("configuration changed: reloading", "service", svc)
@@ -210,6 +222,24 @@ func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 		}
 	}
 	return nil
+}
+
+// startWait bounds how long a started engine may take to answer.
+const startWait = 20 * time.Second
+
+// waitRunning waits up to startWait for svc to run (isRunning) and reports
+// whether it does.
+func (n *Node) waitRunning(ctx context.Context, svc string) bool {
+	ctx, cancel := context.WithTimeout(ctx, startWait)
+	defer cancel()
+	for !n.isRunning(ctx, svc) {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return true
 }
 
 // Leave stops the node's engines in reverse start order and waits for them

@@ -21,6 +21,11 @@ type engines struct {
 	running map[string]bool // by service name
 	acts    []string
 	fail    string // a command line that fails
+	// coming counts, per service, the queries its daemon still leaves
+	// unanswered: it runs (pidof finds it) but does not answer yet.
+	coming map[string]int
+	// slow makes a started corosync answer only after a few queries.
+	slow bool
 }
 
 func (e *engines) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
@@ -34,6 +39,12 @@ func (e *engines) Run(ctx context.Context, name string, args ...string) ([]byte,
 	byDaemon := map[string]string{"chronyd": "chrony", "keepalived": "keepalived", "corosync": "corosync", "pacemakerd": "pacemaker"}
 	switch {
 	case line == "corosync-cfgtool -s":
+		if e.coming["corosync"] > 0 {
+			if e.coming["corosync"]--; e.coming["corosync"] == 0 {
+				e.running["corosync"] = true
+			}
+			return nil, errors.New("exit status 1")
+		}
 		if !e.running["corosync"] {
 			return nil, errors.New("exit status 1")
 		}
@@ -44,7 +55,7 @@ func (e *engines) Run(ctx context.Context, name string, args ...string) ([]byte,
 		}
 		return nil, nil
 	case name == "pidof":
-		if !e.running[byDaemon[args[0]]] {
+		if svc := byDaemon[args[0]]; !e.running[svc] && e.coming[svc] == 0 {
 			return nil, errors.New("exit status 1")
 		}
 		return []byte("42\n"), nil
@@ -62,6 +73,8 @@ func (e *engines) Run(ctx context.Context, name string, args ...string) ([]byte,
 		e.running["chrony"] = false
 	case name == "chronyd":
 		e.running["chrony"] = true
+	case name == "corosync" && e.slow:
+		e.coming[name] = 3
 	case name == "keepalived" || name == "corosync":
 		e.running[name] = true
 	}
@@ -136,7 +149,7 @@ func TestStartReloadsChangedEngines(t *testing.T) {
 			}},
 	} {
 		t.Run(map[Init]string{Systemd: "systemd", Direct: "direct"}[tt.init], func(t *testing.T) {
-			e := &engines{running: map[string]bool{}}
+			e := &engines{running: map[string]bool{}, coming: map[string]int{}}
 			n := &Node{Root: t.TempDir(), Run: e, Init: tt.init}
 			b := reloadBundle(tt.services...)
 			if err := n.Start(ctx, b); err != nil {
@@ -183,5 +196,37 @@ func TestStartReloadsChangedEngines(t *testing.T) {
 				t.Errorf("Start after a failed reload ran %q, want the reload again", got)
 			}
 		})
+	}
+}
+
+// TestStartWaitsForComingEngine covers a daemon that runs but does not answer
+// yet: Start waits for a corosync it started until it answers, and when a
+// corosync an earlier round started is still coming up, Start does not start
+// a second one (which would die on the first one's lock, unseen) but waits
+// for it and reloads it with the newer files.
+func TestStartWaitsForComingEngine(t *testing.T) {
+	ctx := context.Background()
+	e := &engines{running: map[string]bool{}, coming: map[string]int{}, slow: true}
+	n := &Node{Root: t.TempDir(), Run: e, Init: Direct}
+	b := reloadBundle("corosync")
+	if err := n.Start(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.take(); !slices.Equal(got, []string{"corosync"}) {
+		t.Fatalf("first Start ran %q, want one corosync", got)
+	}
+	if !e.running["corosync"] {
+		t.Fatal("Start returned before the corosync it started answered")
+	}
+
+	// Another node root: corosync was started with version 1's files by a
+	// round that was interrupted; it still comes up when version 2 arrives.
+	e = &engines{running: map[string]bool{}, coming: map[string]int{"corosync": 3}}
+	n = &Node{Root: t.TempDir(), Run: e, Init: Direct}
+	if err := n.Start(ctx, edit(b, "/etc/corosync/corosync.conf", "totem { config_version: 2 }\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.take(); !slices.Equal(got, []string{"corosync-cfgtool -R"}) {
+		t.Fatalf("Start with corosync coming up ran %q, want it waited for and reloaded", got)
 	}
 }
