@@ -6,7 +6,10 @@
 //
 // Every namespace a Lab creates is named "esir-<lab>-<host>", so Purge can
 // remove what a crashed run left behind. Close kills every process still
-// running in the lab's namespaces and deletes them.
+// running in the lab's namespaces and deletes them. A lab name is held by
+// one Lab at a time on the machine (a lock file under /run/esir-netlab):
+// a second run of the same test or benchmark waits for the first instead
+// of purging its namespaces from under it.
 //
 // Addresses must come from 198.18.0.0/15 (RFC 2544, benchmarking networks):
 // AddHost refuses anything else, so a test can never aim traffic at a real
@@ -21,6 +24,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -35,6 +39,8 @@ func BenchRange() netip.Prefix { return netip.MustParsePrefix("198.18.0.0/15") }
 type Lab struct {
 	name   string
 	Switch string // the switch namespace's name
+
+	lock *os.File // holds the lab's name (flock) until Close
 
 	mu     sync.Mutex
 	hosts  []*Host
@@ -70,8 +76,9 @@ func Available() error {
 }
 
 // New creates the switch namespace and its bridge. name must be short (at
-// most 8 characters of [a-z0-9]); a leftover lab of the same name is purged
-// first.
+// most 8 characters of [a-z0-9]). While another Lab of the same name is
+// open, on this machine, New waits for it to close (or ctx to end); a
+// leftover lab of the same name (from a crashed run) is then purged.
 func New(ctx context.Context, name string) (*Lab, error) {
 	if err := Available(); err != nil {
 		return nil, err
@@ -79,10 +86,15 @@ func New(ctx context.Context, name string) (*Lab, error) {
 	if name == "" || len(name) > 8 || strings.Trim(name, "abcdefghijklmnopqrstuvwxyz0123456789") != "" {
 		return nil, fmt.Errorf("netlab: lab name %q: want 1-8 characters of [a-z0-9]", name)
 	}
-	if err := Purge(ctx, name); err != nil {
+	lock, err := lockName(ctx, name)
+	if err != nil {
 		return nil, err
 	}
-	l := &Lab{name: name, Switch: "esir-" + name + "-sw"}
+	if err := Purge(ctx, name); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	l := &Lab{name: name, Switch: "esir-" + name + "-sw", lock: lock}
 	steps := [][]string{
 		{"netns", "add", l.Switch},
 		{"-n", l.Switch, "link", "set", "lo", "up"},
@@ -92,10 +104,44 @@ func New(ctx context.Context, name string) (*Lab, error) {
 	for _, s := range steps {
 		if err := ip(ctx, s...); err != nil {
 			_ = Purge(context.Background(), name)
+			lock.Close()
 			return nil, err
 		}
 	}
 	return l, nil
+}
+
+// lockDir holds a lock file per lab name.
+const lockDir = "/run/esir-netlab"
+
+// lockName takes the machine-wide lock of lab name, waiting while another
+// process (or Lab) holds it. The lock goes with the returned file: closing
+// it, or the process ending, releases it.
+func lockName(ctx context.Context, name string) (*os.File, error) {
+	if err := os.MkdirAll(lockDir, 0o755); err != nil {
+		return nil, fmt.Errorf("netlab: lab %s: lock: %w", name, err)
+	}
+	path := filepath.Join(lockDir, name+".lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("netlab: lab %s: lock: %w", name, err)
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("netlab: lab %s: lock %s: %w", name, path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("netlab: lab %s is in use by another run (%s): %w", name, path, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // Name returns the lab's name.
@@ -263,9 +309,14 @@ func (h *Host) IP() netip.Addr { return h.Addr.Addr() }
 // (taps and veths go with them). It is safe to call more than once.
 func (l *Lab) Close() error {
 	l.mu.Lock()
+	was := l.closed
 	l.closed = true
 	l.mu.Unlock()
-	return Purge(context.Background(), l.name)
+	err := Purge(context.Background(), l.name)
+	if !was && l.lock != nil {
+		l.lock.Close()
+	}
+	return err
 }
 
 // Purge removes every namespace of lab name ("esir-<name>-*"), killing the

@@ -86,3 +86,53 @@ func TestNamespacesPingShapeAndCleanUp(t *testing.T) {
 		t.Fatalf("second Close: %v", err)
 	}
 }
+
+// TestSameNameWaits opens a lab and then the same lab name again, as a
+// second run of one test would: the second New waits instead of purging
+// the first one's namespaces, gives up with an error naming the lab when
+// its context ends, and gets the name once the first lab is closed.
+func TestSameNameWaits(t *testing.T) {
+	needLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	l, err := New(ctx, "nllock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	a, err := l.AddHost(ctx, "a", netip.MustParsePrefix("198.18.7.1/24"), Link{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancelShort := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancelShort()
+	if l2, err := New(short, "nllock"); err == nil {
+		l2.Close()
+		t.Fatal("a second lab of the same name opened while the first was open")
+	} else if !strings.Contains(err.Error(), "nllock is in use") {
+		t.Fatalf("second New: %v, want it to name the lab in use", err)
+	}
+	if _, err := a.Run(ctx, "true"); err != nil {
+		t.Fatalf("the first lab's host went while a second New waited: %v", err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		l2, err := New(ctx, "nllock")
+		if err == nil {
+			err = l2.Close()
+		}
+		got <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("New after the first lab closed: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("New still waits after the first lab closed")
+	}
+}
