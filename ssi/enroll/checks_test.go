@@ -203,12 +203,25 @@ type script struct {
 	mu    sync.Mutex
 	table map[string]func() ([]byte, error)
 	ran   []string
+	// live makes pidof find a daemon once a command started it (its name
+	// first, or detached with setsid), instead of asking table.
+	live bool
 }
 
 func (s *script) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
 	line := strings.Join(append([]string{name}, args...), " ")
 	s.mu.Lock()
 	s.ran = append(s.ran, line)
+	if s.live && name == "pidof" && len(args) == 1 {
+		up := slices.ContainsFunc(s.ran, func(l string) bool {
+			return strings.HasPrefix(l, args[0]+" ") || strings.Contains(l, "setsid "+args[0]+" ")
+		})
+		s.mu.Unlock()
+		if !up {
+			return nil, errors.New("exit status 1")
+		}
+		return []byte("42\n"), nil
+	}
 	s.mu.Unlock()
 	keys := make([]string, 0, len(s.table))
 	for k := range s.table {
@@ -256,8 +269,7 @@ func TestEnrollRemoteChecks(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			run := &script{table: map[string]func() ([]byte, error){
-				"pidof":                          fail(""),
+			run := &script{live: true, table: map[string]func() ([]byte, error){
 				"chronyd -x -f":                  answer(""),
 				"sh -c setsid pacemaker-remoted": answer(""),
 				"crm_mon":                        tt.crmMon,
@@ -284,7 +296,7 @@ func TestEnrollRemoteChecks(t *testing.T) {
 		})
 	}
 	// Started with -x (SharedClock) and pacemaker-remoted detached.
-	run := &script{table: map[string]func() ([]byte, error){"pidof": fail(""), "": answer("")}}
+	run := &script{live: true, table: map[string]func() ([]byte, error){"": answer("")}}
 	n := &Node{Root: t.TempDir(), Run: run, Init: Direct, SharedClock: true}
 	if err := n.Start(context.Background(), b); err != nil {
 		t.Fatal(err)
