@@ -223,6 +223,33 @@ func (s *script) Run(ctx context.Context, name string, args ...string) ([]byte, 
 	return nil, fmt.Errorf("%s: not found", line)
 }
 
+// upAfterStart makes pidof find chronyd and pacemaker-remoted in s once the
+// command that starts each ran (Start waits for an engine it started).
+func upAfterStart(s *script) {
+	var mu sync.Mutex
+	up := map[string]bool{}
+	for start, daemon := range map[string]string{"chronyd -x -f": "chronyd", "sh -c setsid pacemaker-remoted": "pacemaker-remoted"} {
+		prev := s.table[start]
+		if prev == nil {
+			prev = answer("")
+		}
+		s.table[start] = func() ([]byte, error) {
+			mu.Lock()
+			up[daemon] = true
+			mu.Unlock()
+			return prev()
+		}
+		s.table["pidof "+daemon] = func() ([]byte, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if up[daemon] {
+				return []byte("42\n"), nil
+			}
+			return nil, errors.New("exit status 1")
+		}
+	}
+}
+
 func answer(out string) func() ([]byte, error) {
 	return func() ([]byte, error) { return []byte(out), nil }
 }
@@ -263,6 +290,7 @@ func TestEnrollRemoteChecks(t *testing.T) {
 				"crm_mon":                        tt.crmMon,
 				"chronyc -n tracking":            tt.chrony,
 			}}
+			upAfterStart(run)
 			n := &Node{Root: t.TempDir(), Run: run, Init: Direct, SharedClock: true, Timeout: 300 * time.Millisecond}
 			m, err := n.Enroll(context.Background(), b)
 			if tt.wantCheck == "" {
@@ -285,6 +313,7 @@ func TestEnrollRemoteChecks(t *testing.T) {
 	}
 	// Started with -x (SharedClock) and pacemaker-remoted detached.
 	run := &script{table: map[string]func() ([]byte, error){"pidof": fail(""), "": answer("")}}
+	upAfterStart(run)
 	n := &Node{Root: t.TempDir(), Run: run, Init: Direct, SharedClock: true}
 	if err := n.Start(context.Background(), b); err != nil {
 		t.Fatal(err)
