@@ -392,7 +392,7 @@ vips:
 	if err != nil {
 		t.Fatal(err)
 	}
-	run := &script{table: map[string]func() ([]byte, error){"": answer("")}}
+	run := &script{table: map[string]func() ([]byte, error){"": answer(""), "sysctl -n": answer("0\n")}}
 	n := &Node{Root: t.TempDir(), Run: run, Init: Direct}
 	_, _ = n.Enroll(context.Background(), b) // no engine answers here; only the order matters
 	sys, lo := -1, -1

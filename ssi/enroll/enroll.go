@@ -97,9 +97,10 @@ func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 		// round started may still be coming up with these files, unseen by
 		// the next round, which would then start it again in vain and
 		// believe it runs the newer files. Forgetting the digests makes
-		// the next round reload whatever runs.
+		// the next round reload whatever runs. The records stay: they
+		// say what ESIR started, for stopDropped.
 		for _, svc := range b.Services {
-			os.Remove(n.appliedPath(svc))
+			n.forgetDigest(svc)
 		}
 	}
 	return m, err
@@ -115,6 +116,14 @@ func (n *Node) enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	// for the VIP it is about to carry on lo. The files stay for the next
 	// boot (systemd-sysctl); here they are applied now.
 	if err := n.applySysctls(ctx, b); err != nil {
+		return m, &CheckError{Node: name, Check: CheckVIP, Err: err}
+	}
+	// VIPs an earlier bundle put on lo go first, then the ARP settings
+	// that only a real server needs.
+	if err := n.dropLoopbackVIPs(ctx, b); err != nil {
+		return m, err
+	}
+	if err := n.restoreSysctls(ctx, b); err != nil {
 		return m, &CheckError{Node: name, Check: CheckVIP, Err: err}
 	}
 	for _, a := range b.LoopbackVIPs {
@@ -183,10 +192,14 @@ func (n *Node) mountHome(ctx context.Context, dir string) error {
 // (corosync-cfgtool -R, on every member at once), keepalived reloads
 // (SIGHUP to its parent process; systemctl reload), chrony restarts (chronyd
 // reads chrony.conf only at start) and the NFS server re-exports. An
-// unchanged running engine is left alone. Errors are *CheckError (start or
-// reload).
+// unchanged running engine is left alone. Engines ESIR started for an
+// earlier bundle that b no longer lists are stopped first, in reverse start
+// order (stopDropped). Errors are *CheckError (stop, start or reload).
 func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 	log := n.logger().With("node", b.Member.Name, "version", b.Version)
+	if err := n.stopDropped(ctx, b); err != nil {
+		return err
+	}
 	for _, svc := range b.Services {
 		up := n.isRunning(ctx, svc)
 		if !up && n.Init != Systemd && n.running(ctx, daemon(svc)) {
@@ -214,7 +227,9 @@ func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 			}
 		default:
 			log.Debug("runs already with this configuration", "service", svc)
-			continue
+			if n.recorded(svc) {
+				continue
+			}
 		}
 		if err := n.markApplied(b, svc); err != nil {
 			// The next Start reloads once more: harmless.
@@ -242,8 +257,8 @@ func (n *Node) waitRunning(ctx context.Context, svc string) bool {
 	return true
 }
 
-// Leave stops the node's engines in reverse start order and waits for them
-// to exit. The server then removes the node from the nodelist, the remaining
+// Leave stops the node's engines in reverse start order, waits for them
+// to exit and forgets their records. The server then removes the node from the nodelist, the remaining
 // members reload it (Enroll with their new bundles) and the reconciling core
 // member purges the node from pacemaker (Reconcile). Stopping an engine that
 // does not run is not an error.
@@ -253,6 +268,9 @@ func (n *Node) Leave(ctx context.Context, b *ssi.Bundle) error {
 		n.logger().Info("stopping", "node", b.Member.Name, "service", svc)
 		if err := n.stop(ctx, svc); err != nil {
 			return fmt.Errorf("leave %s: step stop %s: %w", b.Member.Name, svc, err)
+		}
+		if err := os.Remove(n.appliedPath(svc)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("leave %s: step forget %s's configuration: %w", b.Member.Name, svc, err)
 		}
 	}
 	return nil
@@ -466,29 +484,4 @@ func (n *Node) logger() *slog.Logger {
 		return n.Log
 	}
 	return slog.New(slog.DiscardHandler)
-}
-
-// applySysctls sets the kernel parameters of b's /etc/sysctl.d files
-// ("key = value" lines) with sysctl -w.
-func (n *Node) applySysctls(ctx context.Context, b *ssi.Bundle) error {
-	for _, f := range b.Files {
-		if !strings.HasPrefix(f.Path, "/etc/sysctl.d/") {
-			continue
-		}
-		for l := range strings.Lines(string(f.Data)) {
-			l = strings.TrimSpace(l)
-			if l == "" || l[0] == '#' || l[0] == ';' {
-				continue
-			}
-			k, v, ok := strings.Cut(l, "=")
-			if !ok {
-				return fmt.Errorf("%s: not a key = value line: %q", f.Path, l)
-			}
-			kv := strings.TrimSpace(k) + "=" + strings.TrimSpace(v)
-			if out, err := n.Run.Run(ctx, "sysctl", "-w", kv); err != nil {
-				return fmt.Errorf("%s: sysctl -w %s: %w: %s", f.Path, kv, err, bytes.TrimSpace(out))
-			}
-		}
-	}
-	return nil
 }
