@@ -379,9 +379,13 @@ func (n *Node) stop(ctx context.Context, svc string) error {
 }
 
 // Install writes b's files under the node's root atomically with their modes
-// and owners, and adds b's fstab lines to etc/fstab once. Errors are
-// *CheckError (install).
+// and owners, adds b's fstab lines to etc/fstab once and keeps the cluster's
+// SSH key in root's authorized_keys (installSSH). Errors are *CheckError
+// (install).
 func (n *Node) Install(b *ssi.Bundle) error {
+	if err := n.sshDir(b); err != nil {
+		return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
+	}
 	for _, f := range b.Files {
 		if err := n.writeFile(f); err != nil {
 			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
@@ -391,6 +395,9 @@ func (n *Node) Install(b *ssi.Bundle) error {
 		if err := n.addFstab(b.FstabLines); err != nil {
 			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: fmt.Errorf("fstab: %w", err)}
 		}
+	}
+	if err := n.installSSH(b); err != nil {
+		return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
 	}
 	return nil
 }
