@@ -86,7 +86,9 @@ type Node struct {
 // pacemaker-remoted, once a core node reconciled its connection resource);
 // chrony is synchronised (TimeSynced); the NFS home is mounted. It returns the
 // node's view, or a *CheckError naming the node and the first check that did
-// not pass within the node's timeout. It is idempotent: run it at every boot
+// not pass within the node's timeout; a failed membership check says, when
+// corosync tells, whether the missing members' packets fail authentication
+// (another authkey) or their link is down (a partition). It is idempotent: run it at every boot
 // and whenever the nodelist version changes. A reload (corosync-cfgtool -R)
 // acts on every member at once, so the new nodelist must be installed on every
 // member (Install) before any of them reloads.
@@ -138,7 +140,7 @@ func (n *Node) enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 		cs, err := n.waitMember(ctx, name, b.Member.ID, len(b.Core))
 		m.NodeID, m.Joined, m.Nodelist, m.Quorate, m.Expected, m.Total = cs.NodeID, cs.Joined, cs.Nodelist, cs.Quorate, cs.Expected, cs.Total
 		if err != nil {
-			return m, err
+			return m, n.explainMembership(ctx, b, cs, err)
 		}
 	}
 	if slices.Contains(b.Services, "pacemaker") || slices.Contains(b.Services, "pacemaker_remote") {
