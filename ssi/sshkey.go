@@ -78,7 +78,10 @@ func loadSSHKey(path string) (priv []byte, public string, err error) {
 // towards the members alone, ssh accepts the first host key a member shows
 // and keeps it in root's known_hosts (StrictHostKeyChecking accept-new); a
 // key that changes later (a reinstalled member) is refused as usual, until
-// the administrator removes the old one (ssh-keygen -R NAME).
+// the administrator removes the old one (ssh-keygen -R NAME). Towards the
+// members, ssh offers root's agent's keys and the cluster key, not root's
+// default key files (naming one IdentityFile drops those, and naming them
+// too would make ssh warn on every clush line where they do not exist).
 func (b *Bundle) addSSH(c *Cluster, s *State, m Member, keys *Keys) error {
 	if len(keys.SSH) == 0 || keys.SSHPublic == "" {
 		return fmt.Errorf("render %s: profile.clustershell needs the cluster's SSH key (LoadKeys makes it)", m.Name)
@@ -97,10 +100,7 @@ func (b *Bundle) addSSH(c *Cluster, s *State, m Member, keys *Keys) error {
 		"# keys are made at their first boot: the first one each shows is accepted and\n"+
 		"# kept in known_hosts; a changed one is refused (ssh-keygen -R NAME after a reinstall).\n"+
 		"Match localuser root originalhost %s\n"+
-		"\tIdentityFile %s\n"+
-		"\t# root's own keys, which ssh would not try once one is named\n"+
-		"\tIdentityFile ~/.ssh/id_ed25519\n\tIdentityFile ~/.ssh/id_ecdsa\n\tIdentityFile ~/.ssh/id_rsa\n"+
-		"\tStrictHostKeyChecking accept-new\n",
+		"\tIdentityFile %s\n\tStrictHostKeyChecking accept-new\n",
 		c.Name, s.Version, strings.Join(hosts, ","), SSHKeyPath))
 	return nil
 }

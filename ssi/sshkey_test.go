@@ -161,8 +161,5 @@ func TestSSHConfigScoped(t *testing.T) {
 		if key != member || acceptNew != member {
 			t.Errorf("ssh to %s (member %v): cluster key %v, accept-new %v", host, member, key, acceptNew)
 		}
-		if member && !slices.Contains(lines, "identityfile ~/.ssh/id_ed25519") {
-			t.Errorf("ssh to %s no longer tries root's own key", host)
-		}
 	}
 }
