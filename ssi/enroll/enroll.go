@@ -88,10 +88,10 @@ type Node struct {
 // node's view, or a *CheckError naming the node and the first check that did
 // not pass within the node's timeout; a failed membership check says, when
 // corosync tells, whether the missing members' packets fail authentication
-// (another authkey) or their link is down (a partition). It is idempotent: run it at every boot
-// and whenever the nodelist version changes. A reload (corosync-cfgtool -R)
-// acts on every member at once, so the new nodelist must be installed on every
-// member (Install) before any of them reloads.
+// (another authkey) or their link is down (a partition). It is idempotent:
+// run it at every boot and whenever the nodelist version changes. A reload
+// (corosync-cfgtool -R) acts on every member at once, so the new nodelist
+// must be installed on every member (Install) before any of them reloads.
 func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	m, err := n.enroll(ctx, b)
 	if err != nil && ctx.Err() != nil {
@@ -259,11 +259,11 @@ func (n *Node) waitRunning(ctx context.Context, svc string) bool {
 	return true
 }
 
-// Leave stops the node's engines in reverse start order, waits for them
-// to exit and forgets their records. The server then removes the node from the nodelist, the remaining
-// members reload it (Enroll with their new bundles) and the reconciling core
-// member purges the node from pacemaker (Reconcile). Stopping an engine that
-// does not run is not an error.
+// Leave stops the node's engines in reverse start order, waits for them to
+// exit and forgets their records. The server then removes the node from the
+// nodelist, the remaining members reload it (Enroll with their new bundles)
+// and the reconciling core member purges the node from pacemaker
+// (Reconcile). Stopping an engine that does not run is not an error.
 func (n *Node) Leave(ctx context.Context, b *ssi.Bundle) error {
 	for i := len(b.Services) - 1; i >= 0; i-- {
 		svc := b.Services[i]
