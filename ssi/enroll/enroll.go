@@ -260,7 +260,8 @@ func (n *Node) waitRunning(ctx context.Context, svc string) bool {
 }
 
 // Leave stops the node's engines in reverse start order, waits for them to
-// exit and forgets their records. The server then removes the node from the
+// exit and forgets their records; the real-server VIPs leave lo and the ARP
+// settings go back to their values before ESIR. The server then removes the node from the
 // nodelist, the remaining members reload it (Enroll with their new bundles)
 // and the reconciling core member purges the node from pacemaker
 // (Reconcile). Stopping an engine that does not run is not an error.
@@ -274,6 +275,14 @@ func (n *Node) Leave(ctx context.Context, b *ssi.Bundle) error {
 		if err := os.Remove(n.appliedPath(svc)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("leave %s: step forget %s's configuration: %w", b.Member.Name, svc, err)
 		}
+	}
+	// No VIP stays on lo, and the ARP settings go back as they were.
+	none := &ssi.Bundle{Cluster: b.Cluster, Member: b.Member, Version: b.Version}
+	if err := n.dropLoopbackVIPs(ctx, none); err != nil {
+		return fmt.Errorf("leave %s: step real-server VIPs: %w", b.Member.Name, err)
+	}
+	if err := n.restoreSysctls(ctx, none); err != nil {
+		return fmt.Errorf("leave %s: step kernel settings: %w", b.Member.Name, err)
 	}
 	return nil
 }

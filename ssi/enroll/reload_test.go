@@ -412,7 +412,8 @@ func TestStartStopFails(t *testing.T) {
 // settings; a VIP its next bundle no longer lists is taken off lo, and once
 // none remains the ARP settings go back to the values they had before ESIR
 // set them (not the kernel's defaults) and their sysctl.d file is removed.
-// Addresses and settings ESIR did not make are left alone.
+// Addresses and settings ESIR did not make are left alone. Leave undoes the
+// same.
 func TestEnrollDropsLoopbackVIPs(t *testing.T) {
 	ctx := context.Background()
 	e := newEngines()
@@ -467,5 +468,24 @@ func TestEnrollDropsLoopbackVIPs(t *testing.T) {
 	}
 	if got := e.take(); len(got) != 0 {
 		t.Fatalf("Enroll with nothing to undo ran %q", got)
+	}
+
+	// A real server that leaves the cluster undoes the same.
+	b.LoopbackVIPs = []netip.Addr{a}
+	b.Files = []ssi.File{{Path: conf, Mode: 0o644, Data: []byte("net.ipv4.conf.all.arp_ignore = 1\nnet.ipv4.conf.all.arp_announce = 2\n")}}
+	if _, err := n.Enroll(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	if !e.lo["198.18.0.100/32"] || e.sysctl["net.ipv4.conf.all.arp_ignore"] != "1" {
+		t.Fatalf("real server again: lo %v, settings %v", e.lo, e.sysctl)
+	}
+	if err := n.Leave(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	if want := map[string]bool{"127.0.0.2/32": true}; !maps.Equal(e.lo, want) || e.sysctl["net.ipv4.conf.all.arp_ignore"] != "0" || e.sysctl["net.ipv4.conf.all.arp_announce"] != "1" {
+		t.Fatalf("after Leave: lo %v, settings %v", e.lo, e.sysctl)
+	}
+	if _, err := os.Stat(filepath.Join(root, conf)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("%s stays after Leave: %v", conf, err)
 	}
 }
