@@ -43,7 +43,10 @@ func TestClusterDefinition(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	keys := &ssi.Keys{Corosync: make([]byte, 256), Pacemaker: make([]byte, 256)}
+	keys, err := ssi.LoadKeys(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, n := range nodes {
 		bd, err := ssi.Render(got, s, keys, n.Name)
 		if err != nil {

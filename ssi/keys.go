@@ -19,6 +19,8 @@ const (
 type Keys struct {
 	Corosync  []byte // /etc/corosync/authkey, core nodes only
 	Pacemaker []byte // /etc/pacemaker/authkey, every pacemaker or pacemaker-remote node
+	SSH       []byte // root's cluster SSH private key (OpenSSH format), core nodes only (SSHKeyPath)
+	SSHPublic string // its authorized_keys line, on every member
 }
 
 // LoadKeys reads the secrets kept in dir, generating each missing one once.
@@ -34,6 +36,9 @@ func LoadKeys(dir string) (*Keys, error) {
 		return nil, err
 	}
 	if k.Pacemaker, err = loadKey(filepath.Join(dir, "pacemaker-authkey"), pacemakerKeyLen); err != nil {
+		return nil, err
+	}
+	if k.SSH, k.SSHPublic, err = loadSSHKey(filepath.Join(dir, "ssh-ed25519")); err != nil {
 		return nil, err
 	}
 	return &k, nil

@@ -41,6 +41,11 @@ type Bundle struct {
 	LoopbackVIPs []netip.Addr `json:"loopback_vips"`
 	DirectorVIPs []netip.Addr `json:"director_vips"` // VIPs this node may hold as a VRRP director
 	Services     []string     `json:"services"`
+
+	// SSHAuthorizedKey is the cluster's SSH public key line (ending with
+	// SSHKeyMark) the node keeps in root's authorized_keys beside the
+	// administrator's; "" without clustershell.
+	SSHAuthorizedKey string `json:"ssh_authorized_key,omitempty"`
 }
 
 // Render builds node name's bundle from the definition, the allocation and the
@@ -99,6 +104,9 @@ func Render(c *Cluster, s *State, keys *Keys, name string) (*Bundle, error) {
 	}
 	if p.ClusterShell {
 		b.add("/etc/clustershell/groups.d/esir.yaml", 0o644, clushGroups(c, s))
+		if err := b.addSSH(c, s, m, keys); err != nil {
+			return nil, err
+		}
 	}
 	return b, nil
 }

@@ -298,6 +298,7 @@ func fixture(t *testing.T) (*Cluster, *State, *Keys) {
 		}
 	}
 	keys := &Keys{Corosync: bytes.Repeat([]byte{0xc0}, corosyncKeyLen), Pacemaker: bytes.Repeat([]byte{0x9a}, pacemakerKeyLen)}
+	keys.SSH, keys.SSHPublic = fixedSSHKey(t)
 	return c, s, keys
 }
 
@@ -329,9 +330,12 @@ func dump(b *Bundle) string {
 	for _, a := range b.LoopbackVIPs {
 		fmt.Fprintf(&w, "lo %s\n", a)
 	}
+	if b.SSHAuthorizedKey != "" {
+		fmt.Fprintf(&w, "authorized_key %s\n", b.SSHAuthorizedKey)
+	}
 	for _, f := range b.Files {
 		fmt.Fprintf(&w, "\n=== %s %04o %s:%s\n", f.Path, f.Mode, f.Owner, f.Group)
-		if strings.HasSuffix(f.Path, "authkey") {
+		if strings.HasSuffix(f.Path, "authkey") || f.Path == SSHKeyPath {
 			fmt.Fprintf(&w, "<secret: %d bytes of 0x%02x>\n", len(f.Data), f.Data[0])
 			continue
 		}

@@ -340,13 +340,15 @@ func (l *followLab) enrolledSince(ctx context.Context) (stop func() map[string]t
 }
 
 // failedWith waits until the server shows member name failed at check
-// with an error containing text, and returns the member.
-func (l *followLab) failedWith(ctx context.Context, name, check, text string, limit time.Duration) cluster.Member {
+// with an error containing text and every one of more, and returns the
+// member.
+func (l *followLab) failedWith(ctx context.Context, name, check, text string, limit time.Duration, more ...string) cluster.Member {
 	l.t.Helper()
 	var m cluster.Member
-	waitFor(l.t, ctx, fmt.Sprintf("%s failed at check %s (%q)", name, check, text), limit, func() (bool, string) {
+	texts := append([]string{text}, more...)
+	waitFor(l.t, ctx, fmt.Sprintf("%s failed at check %s (%q)", name, check, texts), limit, func() (bool, string) {
 		m = l.member(ctx, name)
-		return m.State == cluster.Failed && m.Check == check && strings.Contains(m.Error, text),
+		return m.State == cluster.Failed && m.Check == check && !slices.ContainsFunc(texts, func(s string) bool { return !strings.Contains(m.Error, s) }),
 			fmt.Sprintf("%s is %s, check %q: %s", name, m.State, m.Check, m.Error)
 	})
 	return m
@@ -421,9 +423,10 @@ func faultPrereqs(t *testing.T) {
 // TestFollowWrongAuthkeyNetns: three core nodes follow their assignment
 // from the server, and the third one's corosync runs with a corrupted
 // authkey (corrupted on the node after ESIR installed it). That node is never
-// reported enrolled: the server shows it failed, naming the node and the
-// check (membership: it sees only itself), over several enrollment rounds,
-// and the other two wait for it (membership: 2 of 3). Once its corosync
+// reported enrolled: the server shows it failed, naming the node, the check
+// (membership: it sees only itself) and the cause (the others' packets fail
+// authentication), over several enrollment rounds, and the other two wait
+// for it (membership: 2 of 3; c3's packets fail authentication). Once its corosync
 // restarts with the key the server handed out, all three enroll.
 func TestFollowWrongAuthkeyNetns(t *testing.T) {
 	faultPrereqs(t)
@@ -445,10 +448,17 @@ func TestFollowWrongAuthkeyNetns(t *testing.T) {
 		}
 		l.follow(ctx, m, &ssienroll.Node{Root: m.ns.Root, Run: run, Init: ssienroll.Direct, Timeout: 6 * time.Second}, 2*time.Second)
 	}
-	first := l.failedWith(ctx, "c3", "membership", "c3 not enrolled: check membership: 1 of 3 core members joined ([3])", time.Minute)
+	// Each names the cause: corosync on c3 cannot authenticate the
+	// others' packets, and theirs cannot authenticate c3's.
+	first := l.failedWith(ctx, "c3", "membership", "c3 not enrolled: check membership: 1 of 3 core members joined ([3])", time.Minute,
+		"; packets from 198.18.0.1 (c1), 198.18.0.2 (c2) fail authentication (wrong authkey on this node?)")
 	t.Logf("%v: c3 failed: %s", time.Since(t0).Round(time.Millisecond), first.Error)
 	for _, name := range []string{"c1", "c2"} {
-		l.failedWith(ctx, name, "membership", name+" not enrolled: check membership: 2 of 3 core members joined ([1 2])", 30*time.Second)
+		m := l.failedWith(ctx, name, "membership", name+" not enrolled: check membership: 2 of 3 core members joined ([1 2])", 30*time.Second,
+			"; packets from 198.18.0.3 (c3) fail authentication (wrong authkey?)")
+		if strings.Contains(m.Error, "partition") {
+			t.Errorf("%s blames a partition for a wrong authkey: %s", name, m.Error)
+		}
 	}
 	// Another round (retry, install, corosync runs already with the files
 	// it was given) fails the same way.
@@ -482,8 +492,9 @@ func TestFollowWrongAuthkeyNetns(t *testing.T) {
 // the server while the third one's cluster link is cut (its eth0 down in its
 // namespace; it still reaches the server). None is reported enrolled while
 // the partition lasts, over several enrollment rounds: the server shows the
-// cut-off node failed at check membership seeing only itself, and the two
-// others at check membership with 2 of 3. Once the link is back, all three
+// cut-off node failed at check membership seeing only itself and no member
+// reachable, and the two others at check membership with 2 of 3 and c3 not
+// reachable: a partition, not an authkey. Once the link is back, all three
 // enroll.
 func TestFollowPartitionNetns(t *testing.T) {
 	faultPrereqs(t)
@@ -502,10 +513,16 @@ func TestFollowPartitionNetns(t *testing.T) {
 	for _, m := range ms {
 		l.follow(ctx, m, &ssienroll.Node{Root: m.ns.Root, Run: m.ns, Init: ssienroll.Direct, Timeout: 6 * time.Second}, 2*time.Second)
 	}
-	first := l.failedWith(ctx, "c3", "membership", "c3 not enrolled: check membership: 1 of 3 core members joined ([3])", time.Minute)
+	// Each names the cause: corosync's link to the others is down.
+	first := l.failedWith(ctx, "c3", "membership", "c3 not enrolled: check membership: 1 of 3 core members joined ([3])", time.Minute,
+		"; no core member reachable on link 0 (partition?)")
 	t.Logf("%v: c3 failed: %s", time.Since(t0).Round(time.Millisecond), first.Error)
 	for _, name := range []string{"c1", "c2"} {
-		l.failedWith(ctx, name, "membership", name+" not enrolled: check membership: 2 of 3 core members joined ([1 2])", 30*time.Second)
+		m := l.failedWith(ctx, name, "membership", name+" not enrolled: check membership: 2 of 3 core members joined ([1 2])", 30*time.Second,
+			"; c3 (198.18.0.3) not reachable on link 0 (partition?)")
+		if strings.Contains(m.Error, "authentication") {
+			t.Errorf("%s blames an authkey for a partition: %s", name, m.Error)
+		}
 	}
 	waitFor(t, ctx, "c3 failed again in a later round", 40*time.Second, func() (bool, string) {
 		m := l.member(ctx, "c3")

@@ -11,6 +11,7 @@ import (
 const (
 	CheckInstall    = "install"    // the bundle's files and fstab lines
 	CheckStart      = "start"      // starting an engine
+	CheckStop       = "stop"       // stopping an engine the node's bundle no longer lists
 	CheckMembership = "membership" // corosync lists the node, and every core member, as joined
 	CheckQuorum     = "quorum"     // corosync says the partition is quorate
 	CheckNodeID     = "node-id"    // corosync runs under the node's allocated id

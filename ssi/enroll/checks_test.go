@@ -203,25 +203,12 @@ type script struct {
 	mu    sync.Mutex
 	table map[string]func() ([]byte, error)
 	ran   []string
-	// live makes pidof find a daemon once a command started it (its name
-	// first, or detached with setsid), instead of asking table.
-	live bool
 }
 
 func (s *script) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
 	line := strings.Join(append([]string{name}, args...), " ")
 	s.mu.Lock()
 	s.ran = append(s.ran, line)
-	if s.live && name == "pidof" && len(args) == 1 {
-		up := slices.ContainsFunc(s.ran, func(l string) bool {
-			return strings.HasPrefix(l, args[0]+" ") || strings.Contains(l, "setsid "+args[0]+" ")
-		})
-		s.mu.Unlock()
-		if !up {
-			return nil, errors.New("exit status 1")
-		}
-		return []byte("42\n"), nil
-	}
 	s.mu.Unlock()
 	keys := make([]string, 0, len(s.table))
 	for k := range s.table {
@@ -234,6 +221,33 @@ func (s *script) Run(ctx context.Context, name string, args ...string) ([]byte, 
 		}
 	}
 	return nil, fmt.Errorf("%s: not found", line)
+}
+
+// upAfterStart makes pidof find chronyd and pacemaker-remoted in s once the
+// command that starts each ran (Start waits for an engine it started).
+func upAfterStart(s *script) {
+	var mu sync.Mutex
+	up := map[string]bool{}
+	for start, daemon := range map[string]string{"chronyd -x -f": "chronyd", "sh -c setsid pacemaker-remoted": "pacemaker-remoted"} {
+		prev := s.table[start]
+		if prev == nil {
+			prev = answer("")
+		}
+		s.table[start] = func() ([]byte, error) {
+			mu.Lock()
+			up[daemon] = true
+			mu.Unlock()
+			return prev()
+		}
+		s.table["pidof "+daemon] = func() ([]byte, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if up[daemon] {
+				return []byte("42\n"), nil
+			}
+			return nil, errors.New("exit status 1")
+		}
+	}
 }
 
 func answer(out string) func() ([]byte, error) {
@@ -269,12 +283,14 @@ func TestEnrollRemoteChecks(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			run := &script{live: true, table: map[string]func() ([]byte, error){
+			run := &script{table: map[string]func() ([]byte, error){
+				"pidof":                          fail(""),
 				"chronyd -x -f":                  answer(""),
 				"sh -c setsid pacemaker-remoted": answer(""),
 				"crm_mon":                        tt.crmMon,
 				"chronyc -n tracking":            tt.chrony,
 			}}
+			upAfterStart(run)
 			n := &Node{Root: t.TempDir(), Run: run, Init: Direct, SharedClock: true, Timeout: 300 * time.Millisecond}
 			m, err := n.Enroll(context.Background(), b)
 			if tt.wantCheck == "" {
@@ -296,7 +312,8 @@ func TestEnrollRemoteChecks(t *testing.T) {
 		})
 	}
 	// Started with -x (SharedClock) and pacemaker-remoted detached.
-	run := &script{live: true, table: map[string]func() ([]byte, error){"": answer("")}}
+	run := &script{table: map[string]func() ([]byte, error){"pidof": fail(""), "": answer("")}}
+	upAfterStart(run)
 	n := &Node{Root: t.TempDir(), Run: run, Init: Direct, SharedClock: true}
 	if err := n.Start(context.Background(), b); err != nil {
 		t.Fatal(err)
@@ -375,7 +392,7 @@ vips:
 	if err != nil {
 		t.Fatal(err)
 	}
-	run := &script{table: map[string]func() ([]byte, error){"": answer("")}}
+	run := &script{table: map[string]func() ([]byte, error){"": answer(""), "sysctl -n": answer("0\n")}}
 	n := &Node{Root: t.TempDir(), Run: run, Init: Direct}
 	_, _ = n.Enroll(context.Background(), b) // no engine answers here; only the order matters
 	sys, lo := -1, -1

@@ -86,10 +86,12 @@ type Node struct {
 // pacemaker-remoted, once a core node reconciled its connection resource);
 // chrony is synchronised (TimeSynced); the NFS home is mounted. It returns the
 // node's view, or a *CheckError naming the node and the first check that did
-// not pass within the node's timeout. It is idempotent: run it at every boot
-// and whenever the nodelist version changes. A reload (corosync-cfgtool -R)
-// acts on every member at once, so the new nodelist must be installed on every
-// member (Install) before any of them reloads.
+// not pass within the node's timeout; a failed membership check says, when
+// corosync tells, whether the missing members' packets fail authentication
+// (another authkey) or their link is down (a partition). It is idempotent:
+// run it at every boot and whenever the nodelist version changes. A reload
+// (corosync-cfgtool -R) acts on every member at once, so the new nodelist
+// must be installed on every member (Install) before any of them reloads.
 func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	m, err := n.enroll(ctx, b)
 	if err != nil && ctx.Err() != nil {
@@ -97,9 +99,10 @@ func (n *Node) Enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 		// round started may still be coming up with these files, unseen by
 		// the next round, which would then start it again in vain and
 		// believe it runs the newer files. Forgetting the digests makes
-		// the next round reload whatever runs.
+		// the next round reload whatever runs. The records stay: they
+		// say what ESIR started, for stopDropped.
 		for _, svc := range b.Services {
-			os.Remove(n.appliedPath(svc))
+			n.forgetDigest(svc)
 		}
 	}
 	return m, err
@@ -117,6 +120,14 @@ func (n *Node) enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 	if err := n.applySysctls(ctx, b); err != nil {
 		return m, &CheckError{Node: name, Check: CheckVIP, Err: err}
 	}
+	// VIPs an earlier bundle put on lo go first, then the ARP settings
+	// that only a real server needs.
+	if err := n.dropLoopbackVIPs(ctx, b); err != nil {
+		return m, err
+	}
+	if err := n.restoreSysctls(ctx, b); err != nil {
+		return m, &CheckError{Node: name, Check: CheckVIP, Err: err}
+	}
 	for _, a := range b.LoopbackVIPs {
 		if out, err := n.Run.Run(ctx, "ip", "addr", "replace", a.String()+"/32", "dev", "lo"); err != nil {
 			return m, &CheckError{Node: name, Check: CheckVIP, Err: fmt.Errorf("real-server VIP %s on lo: %w: %s", a, err, bytes.TrimSpace(out))}
@@ -129,7 +140,7 @@ func (n *Node) enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 		cs, err := n.waitMember(ctx, name, b.Member.ID, len(b.Core))
 		m.NodeID, m.Joined, m.Nodelist, m.Quorate, m.Expected, m.Total = cs.NodeID, cs.Joined, cs.Nodelist, cs.Quorate, cs.Expected, cs.Total
 		if err != nil {
-			return m, err
+			return m, n.explainMembership(ctx, b, cs, err)
 		}
 	}
 	if slices.Contains(b.Services, "pacemaker") || slices.Contains(b.Services, "pacemaker_remote") {
@@ -183,10 +194,14 @@ func (n *Node) mountHome(ctx context.Context, dir string) error {
 // (corosync-cfgtool -R, on every member at once), keepalived reloads
 // (SIGHUP to its parent process; systemctl reload), chrony restarts (chronyd
 // reads chrony.conf only at start) and the NFS server re-exports. An
-// unchanged running engine is left alone. Errors are *CheckError (start or
-// reload).
+// unchanged running engine is left alone. Engines ESIR started for an
+// earlier bundle that b no longer lists are stopped first, in reverse start
+// order (stopDropped). Errors are *CheckError (stop, start or reload).
 func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 	log := n.logger().With("node", b.Member.Name, "version", b.Version)
+	if err := n.stopDropped(ctx, b); err != nil {
+		return err
+	}
 	for _, svc := range b.Services {
 		up := n.isRunning(ctx, svc)
 		if !up && n.Init != Systemd && n.running(ctx, daemon(svc)) {
@@ -214,7 +229,9 @@ func (n *Node) Start(ctx context.Context, b *ssi.Bundle) error {
 			}
 		default:
 			log.Debug("runs already with this configuration", "service", svc)
-			continue
+			if n.recorded(svc) {
+				continue
+			}
 		}
 		if err := n.markApplied(b, svc); err != nil {
 			// The next Start reloads once more: harmless.
@@ -242,11 +259,12 @@ func (n *Node) waitRunning(ctx context.Context, svc string) bool {
 	return true
 }
 
-// Leave stops the node's engines in reverse start order and waits for them
-// to exit. The server then removes the node from the nodelist, the remaining
-// members reload it (Enroll with their new bundles) and the reconciling core
-// member purges the node from pacemaker (Reconcile). Stopping an engine that
-// does not run is not an error.
+// Leave stops the node's engines in reverse start order, waits for them to
+// exit and forgets their records; the real-server VIPs leave lo and the ARP
+// settings go back to their values before ESIR. The server then removes the node from the
+// nodelist, the remaining members reload it (Enroll with their new bundles)
+// and the reconciling core member purges the node from pacemaker
+// (Reconcile). Stopping an engine that does not run is not an error.
 func (n *Node) Leave(ctx context.Context, b *ssi.Bundle) error {
 	for i := len(b.Services) - 1; i >= 0; i-- {
 		svc := b.Services[i]
@@ -254,6 +272,17 @@ func (n *Node) Leave(ctx context.Context, b *ssi.Bundle) error {
 		if err := n.stop(ctx, svc); err != nil {
 			return fmt.Errorf("leave %s: step stop %s: %w", b.Member.Name, svc, err)
 		}
+		if err := os.Remove(n.appliedPath(svc)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("leave %s: step forget %s's configuration: %w", b.Member.Name, svc, err)
+		}
+	}
+	// No VIP stays on lo, and the ARP settings go back as they were.
+	none := &ssi.Bundle{Cluster: b.Cluster, Member: b.Member, Version: b.Version}
+	if err := n.dropLoopbackVIPs(ctx, none); err != nil {
+		return fmt.Errorf("leave %s: step real-server VIPs: %w", b.Member.Name, err)
+	}
+	if err := n.restoreSysctls(ctx, none); err != nil {
+		return fmt.Errorf("leave %s: step kernel settings: %w", b.Member.Name, err)
 	}
 	return nil
 }
@@ -361,9 +390,13 @@ func (n *Node) stop(ctx context.Context, svc string) error {
 }
 
 // Install writes b's files under the node's root atomically with their modes
-// and owners, and adds b's fstab lines to etc/fstab once. Errors are
-// *CheckError (install).
+// and owners, adds b's fstab lines to etc/fstab once and keeps the cluster's
+// SSH key in root's authorized_keys (installSSH). Errors are *CheckError
+// (install).
 func (n *Node) Install(b *ssi.Bundle) error {
+	if err := n.sshDir(b); err != nil {
+		return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
+	}
 	for _, f := range b.Files {
 		if err := n.writeFile(f); err != nil {
 			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
@@ -373,6 +406,9 @@ func (n *Node) Install(b *ssi.Bundle) error {
 		if err := n.addFstab(b.FstabLines); err != nil {
 			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: fmt.Errorf("fstab: %w", err)}
 		}
+	}
+	if err := n.installSSH(b); err != nil {
+		return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
 	}
 	return nil
 }
@@ -466,29 +502,4 @@ func (n *Node) logger() *slog.Logger {
 		return n.Log
 	}
 	return slog.New(slog.DiscardHandler)
-}
-
-// applySysctls sets the kernel parameters of b's /etc/sysctl.d files
-// ("key = value" lines) with sysctl -w.
-func (n *Node) applySysctls(ctx context.Context, b *ssi.Bundle) error {
-	for _, f := range b.Files {
-		if !strings.HasPrefix(f.Path, "/etc/sysctl.d/") {
-			continue
-		}
-		for l := range strings.Lines(string(f.Data)) {
-			l = strings.TrimSpace(l)
-			if l == "" || l[0] == '#' || l[0] == ';' {
-				continue
-			}
-			k, v, ok := strings.Cut(l, "=")
-			if !ok {
-				return fmt.Errorf("%s: not a key = value line: %q", f.Path, l)
-			}
-			kv := strings.TrimSpace(k) + "=" + strings.TrimSpace(v)
-			if out, err := n.Run.Run(ctx, "sysctl", "-w", kv); err != nil {
-				return fmt.Errorf("%s: sysctl -w %s: %w: %s", f.Path, kv, err, bytes.TrimSpace(out))
-			}
-		}
-	}
-	return nil
 }

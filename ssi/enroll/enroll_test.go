@@ -383,7 +383,11 @@ func waitHolder(ctx context.Context, t *testing.T, vip netip.Addr, live []*node,
 
 // TestLevel1VRRPNetns starts keepalived on three directors of one VIP, each a
 // node in its own namespaces: exactly one holds the VIP (the highest
-// priority), and when it dies the VIP moves to the next.
+// priority). When the definition takes the first off the VIP's directors,
+// its keepalived stops and the VIP moves to the next, while the first
+// carries it on lo as a real server; when it is no real server either, the
+// VIP leaves its lo and its ARP settings are restored. When the holder
+// dies, the VIP moves to the next director.
 func TestLevel1VRRPNetns(t *testing.T) {
 	if err := netlab.Available(); err != nil {
 		t.Skipf("needs root and network namespaces: %v", err)
@@ -429,8 +433,86 @@ func TestLevel1VRRPNetns(t *testing.T) {
 		}
 	}
 	waitHolder(ctx, t, vip, nodes, "d1", "priority 150")
-	nodes[0].Kill()
-	waitHolder(ctx, t, vip, nodes[1:], "d2", "d1 died, d2 has priority 140")
+
+	// d1 is no longer a director: its keepalived stops, the VIP moves to
+	// d2, and d1 carries it on lo as a real server instead.
+	c.VIPs[0].Directors = []string{"d2", "d3"}
+	st.Version++
+	for _, n := range nodes {
+		b, err := ssi.Render(c, st, &ssi.Keys{}, n.Host.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		withoutRealServers(t, b)
+		if _, err := n.enr.Enroll(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := nodes[0].Run(ctx, "pidof", "keepalived"); err == nil {
+		t.Fatalf("d1 is no director any more but keepalived still runs as %s", out)
+	}
+	waitHolder(ctx, t, vip, nodes, "d2", "d1 demoted, d2 has priority 150")
+	onLo := func(n *node) bool {
+		out, err := n.Run(ctx, "ip", "-o", "addr", "show", "dev", "lo")
+		if err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		return strings.Contains(string(out), " "+vip.String()+"/32 ")
+	}
+	sysctl := func(n *node, key string) string {
+		out, err := n.Run(ctx, "sysctl", "-n", key)
+		if err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	if !onLo(nodes[0]) || sysctl(nodes[0], "net.ipv4.conf.all.arp_ignore") != "1" {
+		t.Fatal("d1, a real server now, does not carry the VIP on lo with arp_ignore 1")
+	}
+
+	// d1 is no real server either: the VIP leaves its lo and the ARP
+	// settings are back to what they were.
+	c.VIPs[0].RealServers = []string{"d3"}
+	st.Version++
+	b, err := ssi.Render(c, st, &ssi.Keys{}, "d1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nodes[0].enr.Enroll(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	if onLo(nodes[0]) || sysctl(nodes[0], "net.ipv4.conf.all.arp_ignore") != "0" || sysctl(nodes[0], "net.ipv4.conf.lo.arp_announce") != "0" {
+		t.Fatal("d1 is no real server any more but keeps the VIP on lo or the ARP settings")
+	}
+
+	nodes[1].Kill()
+	waitHolder(ctx, t, vip, nodes[2:], "d3", "d2 died, d3 has priority 140")
+}
+
+// withoutRealServers takes the real_server blocks out of b's
+// keepalived.conf: on this host's kernel (no ip_vs) keepalived exits when
+// it reloads a configuration with real servers. IPVS is level 2's
+// (ssi/vmtest).
+func withoutRealServers(t *testing.T, b *ssi.Bundle) {
+	t.Helper()
+	for i, f := range b.Files {
+		if f.Path != "/etc/keepalived/keepalived.conf" {
+			continue
+		}
+		conf := string(f.Data)
+		for {
+			i := strings.Index(conf, "\n\treal_server ")
+			if i < 0 {
+				break
+			}
+			j := strings.Index(conf[i:], "\n\t}\n")
+			if j < 0 {
+				t.Fatalf("keepalived.conf: real_server block without its end:\n%s", f.Data)
+			}
+			conf = conf[:i] + conf[i+j+3:]
+		}
+		b.Files[i].Data = []byte(conf)
+	}
 }
 
 // recorder is a node's Runner that records the command lines it runs.

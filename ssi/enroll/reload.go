@@ -81,12 +81,11 @@ func (n *Node) changed(b *ssi.Bundle, svc string) bool {
 	return err != nil || strings.TrimSpace(string(old)) != sum
 }
 
-// markApplied records that svc runs with the files b gives it.
+// markApplied records that svc runs with the files b gives it. A service
+// without files Start reloads gets an empty record: it says that ESIR
+// started it (stopDropped).
 func (n *Node) markApplied(b *ssi.Bundle, svc string) error {
 	sum := digest(b, svc)
-	if sum == "" {
-		return nil
-	}
 	path := n.appliedPath(svc)
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("record %s's configuration: %w", svc, err)
@@ -99,6 +98,20 @@ func (n *Node) markApplied(b *ssi.Bundle, svc string) error {
 		return fmt.Errorf("record %s's configuration: %w", svc, err)
 	}
 	return nil
+}
+
+// recorded reports whether svc has a record in appliedDir.
+func (n *Node) recorded(svc string) bool {
+	_, err := os.Stat(n.appliedPath(svc))
+	return err == nil
+}
+
+// forgetDigest replaces svc's record with one that matches no digest: the
+// next Start reloads svc, and the record still says ESIR started it.
+func (n *Node) forgetDigest(svc string) {
+	if err := writeRecord(n.appliedPath(svc), []byte("unknown\n")); err != nil {
+		n.logger().Warn("ssi: forget an engine's configuration", "service", svc, "err", err)
+	}
 }
 
 // isRunning reports whether service svc runs: corosync answers
