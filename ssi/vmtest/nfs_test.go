@@ -164,5 +164,10 @@ func checkHome(ctx context.Context, t *testing.T, logf func(string, ...any), srv
 	if _, err := srv.enr.Run.Run(ctx, "pidof", "rpc.mountd"); err != nil {
 		t.Errorf("%s: no rpc.mountd after Start again: %v", srv.name, err)
 	}
+	// Leave withdrew the exports from the kernel (exportfs -au): Start
+	// puts them back.
+	if out := run(srv, "exportfs", "-v"); !strings.Contains(out, export) {
+		t.Errorf("%s: exportfs -v lists %q after Start again, want %s", srv.name, out, export)
+	}
 	logf("nfs: %s's NFS server stopped (Leave) and started again (Start): %d threads", srv.name, threads)
 }
