@@ -13,7 +13,8 @@ common=(ca-certificates git tar zstd xz-utils cpio e2fsprogs attr libcap2-bin ip
   qemu-system-x86 qemu-utils ipxe ipxe-qemu ovmf systemd-boot-efi busybox-static linux-image-amd64
   extlinux syslinux-common mtools dosfstools fdisk)
 testonly=(udhcpc isc-dhcp-client dnsmasq tftp-hpa tftpd-hpa curl aria2 transmission-cli udpcast
-  kea-admin squashfs-tools debootstrap chromium python3 gnuplot-nox corosync pacemaker pacemaker-cli-utils chrony keepalived ipvsadm clustershell openssh-server)
+  kea-admin squashfs-tools debootstrap chromium python3 gnuplot-nox corosync pacemaker pacemaker-cli-utils chrony keepalived ipvsadm clustershell openssh-server
+  nfs-kernel-server nfs-common)
 case "$what" in
   test) pkgs=("${common[@]}" "${testonly[@]}") ;;
   lab) pkgs=("${common[@]}") ;;
@@ -36,6 +37,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
   [ $had_policy = 1 ] || rm -f /usr/sbin/policy-rc.d
+  # nfs-kernel-server and rpcbind (which nfs-common needs) enable their units
+  # for the next boot. The tests run the NFS server only inside QEMU guests
+  # (ssi/vmtest), and a test machine has no reason to serve NFS or rpcbind on
+  # port 111: when this run installed them, they stay off at boot too.
+  if [[ " ${missing[*]} " == *" nfs-kernel-server "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --quiet nfs-server.service rpcbind.service rpcbind.socket >&2 || true
+  fi
 fi
 
 # Debian 12's pacemaker-remote conflicts with pacemaker, but the SSI level-1

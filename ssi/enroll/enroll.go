@@ -334,6 +334,8 @@ func (n *Node) start(ctx context.Context, svc string) error {
 		// them. pacemaker-remoted reads /etc/pacemaker/authkey and listens
 		// on TCP 3121 for the core node holding its connection.
 		return run("sh", "-c", "setsid "+daemon(svc)+" </dev/null >/dev/null 2>&1 &")
+	case "nfs-server":
+		return n.startNFS(ctx)
 	}
 	return fmt.Errorf("service %s cannot be started without systemd yet", svc)
 }
@@ -345,6 +347,9 @@ func (n *Node) stop(ctx context.Context, svc string) error {
 			return fmt.Errorf("%w: %s", err, bytes.TrimSpace(out))
 		}
 		return nil
+	}
+	if svc == "nfs-server" {
+		return n.stopNFS(ctx)
 	}
 	proc := daemon(svc)
 	if !n.running(ctx, proc) {

@@ -115,8 +115,8 @@ func (n *Node) forgetDigest(svc string) {
 }
 
 // isRunning reports whether service svc runs: corosync answers
-// corosync-cfgtool; under systemd the unit is active; otherwise its daemon
-// runs.
+// corosync-cfgtool; under systemd the unit is active; the kernel NFS server
+// has nfsd threads and rpc.mountd; otherwise its daemon runs.
 func (n *Node) isRunning(ctx context.Context, svc string) bool {
 	if svc == "corosync" {
 		_, err := n.Run.Run(ctx, "corosync-cfgtool", "-s")
@@ -125,6 +125,9 @@ func (n *Node) isRunning(ctx context.Context, svc string) bool {
 	if n.Init == Systemd {
 		_, err := n.Run.Run(ctx, "systemctl", "is-active", "--quiet", svc)
 		return err == nil
+	}
+	if svc == "nfs-server" {
+		return n.nfsUp(ctx)
 	}
 	return n.running(ctx, daemon(svc))
 }

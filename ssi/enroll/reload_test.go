@@ -45,8 +45,21 @@ func (e *engines) Run(ctx context.Context, name string, args ...string) ([]byte,
 		e.acts = append(e.acts, line)
 		return []byte("boom"), errors.New("exit status 1")
 	}
-	byDaemon := map[string]string{"chronyd": "chrony", "keepalived": "keepalived", "corosync": "corosync", "pacemakerd": "pacemaker", "pacemaker-remoted": "pacemaker_remote"}
+	byDaemon := map[string]string{"chronyd": "chrony", "keepalived": "keepalived", "corosync": "corosync", "pacemakerd": "pacemaker", "pacemaker-remoted": "pacemaker_remote",
+		"rpc.mountd": "rpc.mountd"}
 	switch {
+	case line == "cat "+nfsdThreads:
+		// The kernel NFS server: "nfsd" is its mounted filesystem,
+		// "nfs-server" its threads.
+		if !e.running["nfsd"] {
+			return nil, errors.New("no such file")
+		}
+		if e.running["nfs-server"] {
+			return []byte("8\n"), nil
+		}
+		return []byte("0\n"), nil
+	case line == "pidof rpc.mountd" && e.running["rpc.mountd"]:
+		return []byte("44\n"), nil
 	case line == "corosync-cfgtool -s":
 		if e.coming["corosync"] > 0 {
 			if e.coming["corosync"]--; e.coming["corosync"] == 0 {
@@ -89,6 +102,14 @@ func (e *engines) Run(ctx context.Context, name string, args ...string) ([]byte,
 		e.coming[name] = 3
 	case name == "keepalived" || name == "corosync":
 		e.running[name] = true
+	case line == "mount -t nfsd nfsd /proc/fs/nfsd":
+		e.running["nfsd"] = true
+	case name == "rpc.mountd":
+		e.running[name] = true
+	case name == "rpc.nfsd":
+		e.running["nfs-server"] = args[0] != "0"
+	case line == "kill -TERM 44":
+		e.running["rpc.mountd"] = false
 	case name == "systemctl" && args[0] == "stop":
 		e.running[args[1]] = false
 	case line == "corosync-cfgtool -H --force":
@@ -183,12 +204,14 @@ func TestStartReloadsChangedEngines(t *testing.T) {
 				"/etc/exports.d/esir-home.exports": {"systemctl reload nfs-server"},
 				"/etc/pacemaker/authkey":           nil,
 			}},
-		{init: Direct, services: []string{"corosync", "chrony", "keepalived"},
-			start: []string{"corosync", "chronyd -f /etc/chrony/chrony.conf", "keepalived -f /etc/keepalived/keepalived.conf"},
+		{init: Direct, services: []string{"corosync", "chrony", "keepalived", "nfs-server"},
+			start: []string{"corosync", "chronyd -f /etc/chrony/chrony.conf", "keepalived -f /etc/keepalived/keepalived.conf",
+				"mount -t nfsd nfsd /proc/fs/nfsd", "exportfs -ra", "rpc.mountd -N 2 -N 3 --no-udp", "rpc.nfsd -N 3 -V 4 --no-udp"},
 			changes: map[string][]string{
-				"/etc/corosync/corosync.conf":     {"corosync-cfgtool -R"},
-				"/etc/chrony/chrony.conf":         {"chronyc shutdown", "chronyd -f /etc/chrony/chrony.conf"},
-				"/etc/keepalived/keepalived.conf": {"kill -HUP 42"},
+				"/etc/corosync/corosync.conf":      {"corosync-cfgtool -R"},
+				"/etc/chrony/chrony.conf":          {"chronyc shutdown", "chronyd -f /etc/chrony/chrony.conf"},
+				"/etc/keepalived/keepalived.conf":  {"kill -HUP 42"},
+				"/etc/exports.d/esir-home.exports": {"exportfs -ra"},
 			}},
 	} {
 		t.Run(map[Init]string{Systemd: "systemd", Direct: "direct"}[tt.init], func(t *testing.T) {

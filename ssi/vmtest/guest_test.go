@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -79,7 +80,7 @@ func shQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) 
 func (g guestRunner) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	cmdline := shQuote(name)
+	cmdline := shQuote(guestPath(name))
 	for _, a := range args {
 		cmdline += " " + shQuote(a)
 	}
@@ -119,6 +120,23 @@ func (g guestRunner) Run(ctx context.Context, name string, args ...string) ([]by
 		return body, wrap(err)
 	}
 	return body, nil
+}
+
+// guestPath returns the guest's path of a command that was copied from the
+// host (hostBinaries), and other names as they are. Debian's busybox-static
+// sh runs its own applet for every name it has, whatever PATH says: without
+// the path, `mount /home` would be busybox's mount, which mounts an nfs4
+// fstab line without mount.nfs4 (and as NFSv4.0), unlike a Debian node.
+func guestPath(name string) string {
+	if strings.Contains(name, "/") {
+		return name
+	}
+	for _, b := range hostBinaries {
+		if path.Base(b.dst) == name {
+			return "/" + b.dst
+		}
+	}
+	return name
 }
 
 // virtualServers parses `ipvsadm -Ln`: each virtual service ("TCP

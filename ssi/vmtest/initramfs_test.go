@@ -77,25 +77,34 @@ while :; do sleep 3600; done
 var busyboxApplets = []string{
 	"sh", "mount", "cat", "cut", "echo", "hostname", "uname", "insmod", "lsmod", "sleep", "mkdir",
 	"syslogd", "httpd", "nc", "sysctl", "kill", "killall", "pidof", "ps", "ls", "grep", "sed",
-	"poweroff", "true", "false", "test", "[",
+	"poweroff", "true", "false", "test", "[", "su", "stat", "chown", "chmod", "touch", "rm", "umount", "id",
 }
 
 // hostBinaries are copied from the host (Debian 12, like the guest kernel's
-// userland) with their shared libraries.
+// userland) with their shared libraries. The NFS server's tools come from
+// nfs-kernel-server; mount.nfs (also mount.nfs4) from nfs-common is the
+// helper util-linux's mount runs for the home's nfs4 fstab line, as on a
+// Debian node (guestPath).
 var hostBinaries = []struct{ src, dst, pkg string }{
 	{"/usr/sbin/keepalived", "usr/sbin/keepalived", "keepalived"},
 	{"/usr/sbin/ipvsadm", "usr/sbin/ipvsadm", "ipvsadm"},
 	{"/usr/bin/ip", "usr/bin/ip", "iproute2"},
+	{"/usr/bin/mount", "usr/bin/mount", "mount"},
+	{"/usr/sbin/rpc.nfsd", "usr/sbin/rpc.nfsd", "nfs-kernel-server"},
+	{"/usr/sbin/rpc.mountd", "usr/sbin/rpc.mountd", "nfs-kernel-server"},
+	{"/usr/sbin/exportfs", "usr/sbin/exportfs", "nfs-kernel-server"},
+	{"/usr/sbin/mount.nfs", "sbin/mount.nfs", "nfs-common"},
 }
 
 // libDirs are searched for DT_NEEDED libraries, as Debian's ld.so does.
 var libDirs = []string{"/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"}
 
 // baseInitramfs builds the initramfs every guest shares: busybox, keepalived,
-// ipvsadm and ip with their libraries, the kernel modules named (with their
-// dependencies, resolved by package modules) and the load list /init reads,
-// and /init. It returns the uncompressed cpio (a plain cpio unpacks much
-// faster under TCG than a compressed one) and the plan's module names.
+// ipvsadm, ip, mount and the NFS tools with their libraries, the kernel
+// modules named (with their dependencies, resolved by package modules) and
+// the load list /init reads, and /init. It returns the uncompressed cpio (a
+// plain cpio unpacks much faster under TCG than a compressed one) and the
+// plan's module names.
 func baseInitramfs(k vm.Kernel, busybox string, mods []string) ([]byte, []string, error) {
 	a := initramfs.New()
 	if err := a.File("bin/busybox", busybox, 0o755); err != nil {
@@ -145,7 +154,7 @@ func baseInitramfs(k vm.Kernel, busybox string, mods []string) ([]byte, []string
 	if err := modules.AddToInitramfs(a, tree, plan); err != nil {
 		return nil, nil, err
 	}
-	for _, d := range []string{"proc", "sys", "dev", "run", "tmp", "etc", "var"} {
+	for _, d := range []string{"proc", "sys", "dev", "run", "tmp", "etc", "var", "home", "var/lib/nfs"} {
 		if err := a.Dir(d, 0o755); err != nil {
 			return nil, nil, err
 		}
@@ -153,8 +162,18 @@ func baseInitramfs(k vm.Kernel, busybox string, mods []string) ([]byte, []string
 	steps := []error{
 		a.CharDev("dev/console", 0o600, 5, 1),
 		a.Symlink("var/run", "/run"),
-		a.Bytes("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644),
-		a.Bytes("etc/group", []byte("root:x:0:\n"), 0o644),
+		// user is the home's user in the NFS check; nobody is whom the
+		// export's root_squash maps root to.
+		a.Bytes("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\n"+
+			"user:x:1000:1000:user:/home/user:/bin/sh\n"+
+			"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), 0o644),
+		a.Bytes("etc/group", []byte("root:x:0:\nuser:x:1000:\nnogroup:x:65534:\n"), 0o644),
+		// What nfs-kernel-server, libtirpc-common and netbase install
+		// beside the binaries (rpc.nfsd finds its port in /etc/services).
+		a.Bytes("etc/exports", nil, 0o644),
+		a.File("etc/netconfig", "/etc/netconfig", 0o644),
+		a.File("etc/services", "/etc/services", 0o644),
+		a.Symlink("sbin/mount.nfs4", "mount.nfs"),
 		a.Bytes("init", []byte(strings.ReplaceAll(guestInit, "@CTLPORT@", strconv.Itoa(ctlPort))), 0o755),
 	}
 	for _, err := range steps {

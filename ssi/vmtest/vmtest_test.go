@@ -22,8 +22,8 @@ import (
 	"github.com/esir-project/esir/vm"
 )
 
-// clusterYAML is the level-2 cluster: keepalived only, one VIP balanced by
-// two directors over two real servers.
+// clusterYAML is the level-2 cluster: keepalived, one VIP balanced by two
+// directors over two real servers, and the NFS home exported by r1.
 const clusterYAML = `name: lvs
 profile:
   corosync: false
@@ -31,7 +31,7 @@ profile:
   fencing: false
   keepalived: true
   chrony: false
-  nfs_home: false
+  nfs_home: true
   clustershell: false
 core_size: 1
 vips:
@@ -42,6 +42,9 @@ vips:
     real_servers: [r1, r2]
     services:
       - port: 80
+nfs:
+  server: r1
+  clients: 198.18.0.0/24
 `
 
 // Node addresses on the lab's bridge; the client is 198.18.0.2.
@@ -71,6 +74,11 @@ type node struct {
 // spreads client connections to the VIP over both real servers; a real
 // server whose service dies is taken out of IPVS; and when the master
 // director dies the backup takes the VIP and the service answers again.
+// The same guests check the NFS home, which the CI host's kernel cannot
+// serve (no nfsd): r1 runs the kernel NFS server as ssi/enroll starts it
+// without systemd, r2 and d2 enroll and mount /home with their rendered fstab
+// line, and a file written on one is read on the others (startHome,
+// checkHome).
 func TestLevel2IPVSQEMU(t *testing.T) {
 	if testing.Short() {
 		t.Skip("QEMU guests under TCG are slow; skipped with -short")
@@ -123,7 +131,7 @@ func TestLevel2IPVSQEMU(t *testing.T) {
 	vip := netip.AddrPortFrom(vipDef.Address.Addr(), svc.Port)
 	service := fmt.Sprintf("%s %s", strings.ToUpper(svc.Protocol), vip)
 
-	base, mods, err := baseInitramfs(k, busybox, []string{"virtio_pci", "virtio_net", "ip_vs", "ip_vs_" + svc.Scheduler})
+	base, mods, err := baseInitramfs(k, busybox, []string{"virtio_pci", "virtio_net", "ip_vs", "ip_vs_" + svc.Scheduler, "nfsd", "nfsv4"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,6 +186,11 @@ func TestLevel2IPVSQEMU(t *testing.T) {
 		}}
 		if err := n.enr.Install(b); err != nil {
 			t.Fatal(err)
+		}
+		if slices.Contains(b.Services, "nfs-server") {
+			if err := os.WriteFile(filepath.Join(stage, "etc", "nfs.conf"), []byte(nfsConf), 0o644); err != nil {
+				t.Fatal(err)
+			}
 		}
 		initrd := filepath.Join(dir, na.name, "initrd.cpio")
 		if err := nodeInitramfs(base, stage, initrd); err != nil {
@@ -246,6 +259,12 @@ func TestLevel2IPVSQEMU(t *testing.T) {
 		})
 	}
 	logf("control shells answer")
+
+	// The NFS home's server starts first: its grace period, in which
+	// clients cannot open files, runs out while keepalived is checked.
+	export := c.NFS.Export
+	startHome(ctx, t, r1, export)
+	logf("nfs: %s exports %s (NFSv4 only)", r1.name, export)
 
 	// Real servers: the ARP sysctls, then the VIP on lo, as ssi/enroll's
 	// Enroll applies LoopbackVIPs.
@@ -386,6 +405,11 @@ func TestLevel2IPVSQEMU(t *testing.T) {
 			fmt.Sprintf("d1 real servers: %v (%v), d2 real servers: %v (%v)", rs1, err1, rs2, err2)
 	})
 	logf("r2's service restarted: back in both directors' IPVS after %.1fs", el.Seconds())
+
+	// The NFS home, before d1 (another of its clients) dies.
+	start = time.Now()
+	checkHome(ctx, t, logf, r1, export, r2, d2)
+	logf("nfs: home checked in %.1fs", time.Since(start).Seconds())
 
 	// (4) The master director dies: d2 takes the VIP and connections to it
 	// succeed again, through d2, spread over both real servers.
