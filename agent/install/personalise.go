@@ -114,6 +114,9 @@ func (r *run) personalise() (string, error) {
 			return "", err
 		}
 	}
+	if err := r.writeHostKeyUnit(); err != nil {
+		return "", err
+	}
 	if err := r.writeNetwork(); err != nil {
 		return "", err
 	}
@@ -138,6 +141,52 @@ func (r *run) personalise() (string, error) {
 		}
 	}
 	return fmt.Sprintf("hostname %s, %d authorized keys, network %s", fqdn, len(a.AuthorizedKeys), netMode(a.Network.Mode)), nil
+}
+
+// Host key regeneration: the image's SSH host keys are removed (every node
+// would share them), and Debian's OpenSSH regenerates them only when the
+// package is configured, while ssh.service refuses to start without them
+// (its ExecStartPre runs sshd -t). A oneshot unit ordered before ssh.service
+// makes the node's own keys at first boot.
+const (
+	HostKeyUnit     = "/etc/systemd/system/esir-ssh-host-keys.service"
+	hostKeyWants    = "/etc/systemd/system/ssh.service.wants/esir-ssh-host-keys.service"
+	hostKeyUnitText = `# Written by ESIR's installer: this node's SSH host keys, made at first
+# boot (the image's were removed: every node would have shared them).
+[Unit]
+Description=ESIR: generate this node's SSH host keys
+Before=ssh.service
+ConditionPathExists=/usr/bin/ssh-keygen
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=ssh.service
+`
+)
+
+// writeHostKeyUnit installs the host key unit, enabled for ssh.service,
+// when the image has an SSH server started by systemd.
+func (r *run) writeHostKeyUnit() error {
+	if _, err := os.Stat(r.inRoot("/usr/sbin/sshd")); err != nil {
+		return nil
+	}
+	if _, err := os.Stat(r.inRoot("/lib/systemd/systemd")); err != nil {
+		return nil
+	}
+	if err := r.writeFile(HostKeyUnit, []byte(hostKeyUnitText), 0o644); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(r.inRoot(hostKeyWants)), 0o755); err != nil {
+		return fmt.Errorf("enable %s: %w", HostKeyUnit, err)
+	}
+	_ = os.Remove(r.inRoot(hostKeyWants))
+	if err := os.Symlink(HostKeyUnit, r.inRoot(hostKeyWants)); err != nil {
+		return fmt.Errorf("enable %s: %w", HostKeyUnit, err)
+	}
+	return nil
 }
 
 func netMode(m string) string {

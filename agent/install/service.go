@@ -41,6 +41,9 @@ const initScriptText = `#!/bin/sh
 case "$1" in
 start)
 	mkdir -p /run/network /var/run
+	# The image's SSH host keys were removed by the installer: make this
+	# node's own.
+	[ -x /usr/bin/ssh-keygen ] && /usr/bin/ssh-keygen -A >/dev/null 2>&1
 	( ifup -a >/dev/null 2>&1; exec ` + nodeServiceCmd + ` >/dev/console 2>&1 ) &
 	echo $! > /var/run/esir-node.pid
 	;;
