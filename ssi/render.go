@@ -41,6 +41,14 @@ type Bundle struct {
 	LoopbackVIPs []netip.Addr `json:"loopback_vips"`
 	DirectorVIPs []netip.Addr `json:"director_vips"` // VIPs this node may hold as a VRRP director
 	Services     []string     `json:"services"`
+
+	// FenceDevices are pacemaker's fencing devices, on core nodes of a
+	// cluster running pacemaker with fencing on (nil elsewhere): the
+	// reconciling core node keeps the CIB in line with them.
+	FenceDevices []FenceDevice `json:"fence_devices,omitempty"`
+	// StonithWatchdogTimeout is pacemaker's stonith-watchdog-timeout for
+	// watchdog-only sbd ("" otherwise), on the same core nodes.
+	StonithWatchdogTimeout string `json:"stonith_watchdog_timeout,omitempty"`
 }
 
 // Render builds node name's bundle from the definition, the allocation and the
@@ -73,6 +81,7 @@ func Render(c *Cluster, s *State, keys *Keys, name string) (*Bundle, error) {
 			b.Services = append(b.Services, "pacemaker_remote")
 		}
 	}
+	b.addFencing(c, s, m)
 	if p.Chrony {
 		b.add("/etc/chrony/chrony.conf", 0o644, chronyConf(c, s, m))
 		b.Services = append(b.Services, "chrony")
