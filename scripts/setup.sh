@@ -13,7 +13,8 @@ common=(ca-certificates git tar zstd xz-utils cpio e2fsprogs attr libcap2-bin ip
   qemu-system-x86 qemu-utils ipxe ipxe-qemu ovmf systemd-boot-efi busybox-static linux-image-amd64
   extlinux syslinux-common mtools dosfstools fdisk)
 testonly=(udhcpc isc-dhcp-client dnsmasq tftp-hpa tftpd-hpa curl aria2 transmission-cli udpcast
-  kea-admin squashfs-tools debootstrap chromium python3 gnuplot-nox corosync pacemaker pacemaker-cli-utils chrony keepalived ipvsadm clustershell)
+  kea-admin squashfs-tools debootstrap chromium python3 gnuplot-nox corosync pacemaker pacemaker-cli-utils chrony keepalived ipvsadm clustershell
+  fence-agents ipmitool openipmi)
 case "$what" in
   test) pkgs=("${common[@]}" "${testonly[@]}") ;;
   lab) pkgs=("${common[@]}") ;;

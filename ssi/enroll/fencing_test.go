@@ -6,6 +6,7 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -384,4 +385,111 @@ func TestLevel1FencingNetns(t *testing.T) {
 	})
 	t.Logf("%v: fence-f3 removed", time.Since(t0).Round(time.Millisecond))
 	stop()
+}
+
+// TestPlanFencing checks the fencing changes Reconcile decides on.
+func TestPlanFencing(t *testing.T) {
+	dev := func(node string) ssi.FenceDevice {
+		return ssi.FenceDevice{ID: ssi.FenceDeviceID(node), Agent: ssi.AgentIPMI, Node: node,
+			Params: map[string]string{"ip": "198.18.1." + node[1:], "username": "admin", "lanplus": "1", "pcmk_host_list": node,
+				"password_script": "cat /etc/pacemaker/esir-fence-" + node + ".password"}}
+	}
+	devices := []ssi.FenceDevice{dev("p1"), dev("p2"), dev("p3")}
+	// cib returns the CIB's fencing part as Reconcile made it for ds.
+	cib := func(ds ...ssi.FenceDevice) cibFence {
+		var x strings.Builder
+		x.WriteString("<cib><configuration><resources>")
+		for _, d := range ds {
+			x.WriteString(deviceXML(d))
+		}
+		x.WriteString(`<primitive id="admin-pdu" class="stonith" type="fence_apc"><instance_attributes id="a"><nvpair id="a1" name="ip" value="198.18.9.9"/></instance_attributes></primitive>`)
+		x.WriteString("</resources><constraints>")
+		for _, d := range ds {
+			x.WriteString(avoidXML(d))
+		}
+		x.WriteString("</constraints></configuration></cib>")
+		f, err := parseCIBFence([]byte(x.String()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	create := func(d ssi.FenceDevice) []string {
+		return []string{"cibadmin --create --scope resources --xml-text " + deviceXML(d),
+			"cibadmin --create --scope constraints --xml-text " + avoidXML(d)}
+	}
+	changed := dev("p2")
+	changed.Params = maps.Clone(changed.Params)
+	changed.Params["ip"] = "198.18.1.22"
+	tests := []struct {
+		name    string
+		fencing bool
+		devices []ssi.FenceDevice
+		wd      string
+		cib     cibFence
+		want    []string
+	}{
+		{name: "settled", fencing: true, devices: devices, cib: cib(devices...)},
+		{name: "new cluster", fencing: true, devices: devices, cib: cib(),
+			want: slices.Concat(create(devices[0]), create(devices[1]), create(devices[2]))},
+		{name: "BMC changed", fencing: true, devices: []ssi.FenceDevice{devices[0], changed, devices[2]}, cib: cib(devices...),
+			want: []string{`cibadmin --delete --scope resources --xml-text <primitive id="fence-p2"/>`,
+				"cibadmin --create --scope resources --xml-text " + deviceXML(changed)}},
+		{name: "node left", fencing: true, devices: devices[:2], cib: cib(devices...),
+			want: []string{`cibadmin --delete --scope constraints --xml-text <rsc_location id="fence-p3-avoids-p3"/>`,
+				`cibadmin --delete --scope resources --xml-text <primitive id="fence-p3"/>`}},
+		{name: "fencing off", fencing: false, devices: devices, cib: cib(devices[:1]...),
+			want: []string{`cibadmin --delete --scope constraints --xml-text <rsc_location id="fence-p1-avoids-p1"/>`,
+				`cibadmin --delete --scope resources --xml-text <primitive id="fence-p1"/>`}},
+		{name: "watchdog-only sbd", fencing: true, wd: "10s", cib: cib(),
+			want: []string{"crm_attribute --type crm_config --name stonith-watchdog-timeout --update 10s"}},
+		{name: "sbd gone", fencing: true, cib: cibFence{watchdog: "10s"},
+			want: []string{"crm_attribute --type crm_config --name stonith-watchdog-timeout --delete"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := bundle("p1", 1, ssi.Core, "corosync", "pacemaker")
+			b.Fencing, b.FenceDevices, b.StonithWatchdogTimeout = tt.fencing, tt.devices, tt.wd
+			var got []string
+			for _, a := range planFencing(b, tt.cib) {
+				got = append(got, strings.Join(a.args, " "))
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("planFencing:\n got %q\nwant %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestDeviceXML checks a device's primitive: class stonith, ESIR's mark,
+// the parameters as instance attributes with ids, a monitor; and its
+// constraint.
+func TestDeviceXML(t *testing.T) {
+	d := ssi.FenceDevice{ID: "fence-n1", Agent: ssi.AgentIPMI, Node: "n1", Params: map[string]string{"ip": "198.18.1.1", "pcmk_host_list": "n1"}}
+	x := deviceXML(d)
+	want := `<primitive id="fence-n1" class="stonith" type="fence_ipmilan" description="ESIR: fences n1">` +
+		`<instance_attributes id="fence-n1-instance_attributes">` +
+		`<nvpair id="fence-n1-instance_attributes-ip" name="ip" value="198.18.1.1"></nvpair>` +
+		`<nvpair id="fence-n1-instance_attributes-pcmk_host_list" name="pcmk_host_list" value="n1"></nvpair></instance_attributes>` +
+		`<operations><op id="fence-n1-monitor-interval-60s" name="monitor" interval="60s"></op></operations></primitive>`
+	if x != want {
+		t.Errorf("deviceXML:\n got %s\nwant %s", x, want)
+	}
+	if a := avoidXML(d); a != `<rsc_location id="fence-n1-avoids-n1" rsc="fence-n1" node="n1" score="-INFINITY"></rsc_location>` {
+		t.Errorf("avoidXML = %s", a)
+	}
+}
+
+// TestStonithDeviceCount counts a cloned device once.
+func TestStonithDeviceCount(t *testing.T) {
+	s, err := parseCrmMon(fixture(t, "crm_mon-stonith.xml"))
+	if err != nil || s.StonithDevices != 2 {
+		t.Errorf("crm_mon-stonith.xml: %d devices, %v; want 2", s.StonithDevices, err)
+	}
+	out := `<pacemaker-result><nodes><node name="p1" id="1" online="true" type="member"/></nodes><resources>
+<clone id="sbd-clone"><resource id="sbd:0" resource_agent="stonith:fence_sbd"/><resource id="sbd:1" resource_agent="stonith:fence_sbd"/></clone>
+<resource id="fence-p1" resource_agent="stonith:fence_ipmilan"/><resource id="web" resource_agent="ocf:heartbeat:apache"/></resources></pacemaker-result>`
+	if s, err := parseCrmMon([]byte(out)); err != nil || s.StonithDevices != 2 {
+		t.Errorf("a cloned device and another: %d devices, %v; want 2", s.StonithDevices, err)
+	}
 }
