@@ -169,10 +169,35 @@ func deviceNodes(ctx context.Context, n *node) (map[string]string, error) {
 // does: every node gets a fence_ipmilan device, started on another node,
 // and no password reaches the CIB. Then f3's corosync is killed (kill -9):
 // the survivors fence f3 through its BMC with the real fence_ipmilan
-// (ipmitool): stonith_admin's history shows the fencing succeeded, the BMC
-// reports power off, and the power-off killed every process of f3. Finally
-// f3 leaves the definition's members and its device goes.
+// (ipmitool), fencing.action off: stonith_admin's history shows the fencing
+// succeeded, the BMC reports power off, and the power-off killed every
+// process of f3. Finally f3 leaves the definition's members and its device
+// goes.
 func TestLevel1FencingNetns(t *testing.T) {
+	testFencing(t, "off", "its corosync died", func(ctx context.Context, victim *node) error {
+		pid, err := victim.Run(ctx, "pidof", "corosync")
+		if err != nil {
+			return err
+		}
+		_, err = victim.Run(ctx, "kill", "-KILL", strings.TrimSpace(string(pid)))
+		return err
+	})
+}
+
+// TestLevel1FencingPartitionNetns is TestLevel1FencingNetns with f3 cut off
+// the network (its link down: it alone loses quorum) and fencing.action
+// reboot (the default): the survivors power f3 off and on again through its
+// BMC; f3's processes died at the power-off.
+func TestLevel1FencingPartitionNetns(t *testing.T) {
+	testFencing(t, "reboot", "it was cut off", func(ctx context.Context, victim *node) error {
+		_, err := victim.Host.Run(ctx, "ip", "link", "set", "eth0", "down")
+		return err
+	})
+}
+
+// testFencing runs the fencing test with fencing.action action; fail makes
+// the victim f3 fail.
+func testFencing(t *testing.T, action, failure string, fail func(ctx context.Context, victim *node) error) {
 	if err := netlab.Available(); err != nil {
 		t.Skipf("needs root and network namespaces: %v", err)
 	}
@@ -194,7 +219,7 @@ func TestLevel1FencingNetns(t *testing.T) {
 	// ipmitool asks first (14 s of retries per call): the devices name
 	// cipher suite 3 (RAKP-HMAC-SHA1, the usual one) through options.
 	defDir := t.TempDir()
-	yaml := "name: l1f\nprofile:\n  corosync: true\n  pacemaker: true\n  fencing: true\ncore_size: 3\ntoken_ms: 1000\nfencing:\n  action: off\n  bmcs:\n"
+	yaml := "name: l1f\nprofile:\n  corosync: true\n  pacemaker: true\n  fencing: true\ncore_size: 3\ntoken_ms: 1000\nfencing:\n  action: " + action + "\n  bmcs:\n"
 	for i, n := range names {
 		if err := os.WriteFile(filepath.Join(defDir, n+".password"), []byte(password(i)+"\n"), 0o600); err != nil {
 			t.Fatal(err)
@@ -313,15 +338,10 @@ func TestLevel1FencingNetns(t *testing.T) {
 	}
 	t.Logf("%v: devices in place", time.Since(t0).Round(time.Millisecond))
 
-	// f3 fails: its corosync dies. The survivors keep quorum and fence it
-	// through its BMC.
+	// f3 fails. The survivors keep quorum and fence it through its BMC.
 	victim := nodes[2]
-	pid, err := victim.Run(ctx, "pidof", "corosync")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if out, err := victim.Run(ctx, "kill", "-KILL", strings.TrimSpace(string(pid))); err != nil {
-		t.Fatalf("%v: %s", err, out)
+	if err := fail(ctx, victim); err != nil {
+		t.Fatalf("f3's failure: %v", err)
 	}
 	tFail := time.Now()
 	var events []fenceEvent
@@ -337,12 +357,17 @@ func TestLevel1FencingNetns(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("%v: f3 fenced %v after its corosync died: %+v", time.Since(t0).Round(time.Millisecond), time.Since(tFail).Round(time.Millisecond), events)
-	if s, err := chassisPower(ctx, nodes[0], bmcAddr(2), "admin", password(2)); err != nil || s != "Chassis Power is off" {
-		t.Errorf("f3's BMC says %q, %v; want power off", s, err)
+	t.Logf("%v: f3 fenced %v after %s: %+v", time.Since(t0).Round(time.Millisecond), time.Since(tFail).Round(time.Millisecond), failure, events)
+	// off: powered off; reboot: off, then on again.
+	wantPower, wantLog := "Chassis Power is off", []string{"on", "off"}
+	if action == "reboot" {
+		wantPower, wantLog = "Chassis Power is on", []string{"on", "off", "on"}
 	}
-	if got := bmcs[2].powerLog(); !slices.Equal(got, []string{"on", "off"}) {
-		t.Errorf("f3's power supply recorded %v, want [on off]", got)
+	if s, err := chassisPower(ctx, nodes[0], bmcAddr(2), "admin", password(2)); err != nil || s != wantPower {
+		t.Errorf("f3's BMC says %q, %v; want %q", s, err, wantPower)
+	}
+	if got := bmcs[2].powerLog(); !slices.Equal(got, wantLog) {
+		t.Errorf("f3's power supply recorded %v, want %v", got, wantLog)
 	}
 	eventually(ctx, t, 5*time.Second, "f3's processes gone", func() error {
 		if err := syscall.Kill(victim.PID(), 0); !errors.Is(err, syscall.ESRCH) {
