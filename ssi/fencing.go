@@ -18,9 +18,9 @@ import (
 // and, optionally, a shared disk. It is used only with profile.pacemaker and
 // profile.fencing on; profile.fencing off is the loudly logged test switch.
 type Fencing struct {
-	// Action is what fencing does to a node: reboot (the default) or off
-	// (the node stays down until someone powers it on). It becomes each
-	// BMC device's pcmk_reboot_action.
+	// Action is what fencing does to a node: reboot (the default, also
+	// "") or off (the node stays down until someone powers it on); off
+	// becomes each device's pcmk_reboot_action.
 	Action string `yaml:"action"`
 	// BMCs are the members' BMCs, one per node name.
 	BMCs []BMC `yaml:"bmcs"`
@@ -158,7 +158,7 @@ func (c *Cluster) validateFencing(bad func(field, format string, a ...any)) []st
 		bad("fencing", "profile.fencing is on but neither fencing.bmcs nor fencing.sbd says how to fence a node: "+
 			"give each node's BMC or an sbd device (or switch profile.fencing off, for a test cluster only)")
 	}
-	if f.Action != "reboot" && f.Action != "off" {
+	if f.Action != "" && f.Action != "reboot" && f.Action != "off" { // "": reboot
 		bad("fencing.action", "%q: reboot or off", f.Action)
 	}
 	nodes := map[string]int{}

@@ -114,11 +114,18 @@ func planFencing(b *ssi.Bundle, f cibFence) []action {
 			acts = append(acts, action{what: fmt.Sprintf("add fencing device %s (%s) for %s", d.ID, d.Agent, fencedName(d)),
 				args: []string{"cibadmin", "--create", "--scope", "resources", "--xml-text", deviceXML(d)}})
 		case have.agent != d.Agent || !maps.Equal(have.params, d.Params):
-			acts = append(acts,
-				action{what: fmt.Sprintf("replace fencing device %s (its agent or parameters changed): delete", d.ID),
-					args: []string{"cibadmin", "--delete", "--scope", "resources", "--xml-text", fmt.Sprintf(`<primitive id="%s"/>`, d.ID)}},
-				action{what: fmt.Sprintf("replace fencing device %s: create", d.ID),
-					args: []string{"cibadmin", "--create", "--scope", "resources", "--xml-text", deviceXML(d)}})
+			// The CIB's schema refuses a constraint naming a resource
+			// that does not exist: the device's constraints go first and
+			// come back after it.
+			acts = append(acts, deleteDevice(d.ID, f, "replace fencing device "+d.ID+" (its agent or parameters changed)")...)
+			acts = append(acts, action{what: fmt.Sprintf("replace fencing device %s: create", d.ID),
+				args: []string{"cibadmin", "--create", "--scope", "resources", "--xml-text", deviceXML(d)}})
+			if d.Node != "" {
+				want[avoidID(d)] = true
+				acts = append(acts, action{what: fmt.Sprintf("keep fencing device %s off %s", d.ID, d.Node),
+					args: []string{"cibadmin", "--create", "--scope", "constraints", "--xml-text", avoidXML(d)}})
+			}
+			continue
 		}
 		if d.Node == "" {
 			continue
@@ -138,17 +145,9 @@ func planFencing(b *ssi.Bundle, f cibFence) []action {
 		}
 	}
 	for _, id := range slices.Sorted(maps.Keys(f.devices)) {
-		if want[id] {
-			continue
+		if !want[id] {
+			acts = append(acts, deleteDevice(id, f, "remove fencing device "+id+" (its node left, or fencing is off)")...)
 		}
-		for _, cid := range slices.Sorted(maps.Keys(f.constraints)) {
-			if f.constraints[cid].rsc == id {
-				acts = append(acts, action{what: fmt.Sprintf("remove constraint %s of fencing device %s", cid, id),
-					args: []string{"cibadmin", "--delete", "--scope", "constraints", "--xml-text", fmt.Sprintf(`<rsc_location id="%s"/>`, cid)}})
-			}
-		}
-		acts = append(acts, action{what: "remove fencing device " + id + " (its node left, or fencing is off)",
-			args: []string{"cibadmin", "--delete", "--scope", "resources", "--xml-text", fmt.Sprintf(`<primitive id="%s"/>`, id)}})
 	}
 	wd := ""
 	if b.Fencing {
@@ -163,6 +162,21 @@ func planFencing(b *ssi.Bundle, f cibFence) []action {
 			args: []string{"crm_attribute", "--type", "crm_config", "--name", "stonith-watchdog-timeout", "--delete"}})
 	}
 	return acts
+}
+
+// deleteDevice deletes device id from the CIB: the location constraints
+// naming it first (the CIB's schema refuses a constraint naming a resource
+// that does not exist), then its primitive.
+func deleteDevice(id string, f cibFence, what string) []action {
+	var acts []action
+	for _, cid := range slices.Sorted(maps.Keys(f.constraints)) {
+		if f.constraints[cid].rsc == id {
+			acts = append(acts, action{what: fmt.Sprintf("%s: delete constraint %s", what, cid),
+				args: []string{"cibadmin", "--delete", "--scope", "constraints", "--xml-text", fmt.Sprintf(`<rsc_location id="%s"/>`, cid)}})
+		}
+	}
+	return append(acts, action{what: what + ": delete",
+		args: []string{"cibadmin", "--delete", "--scope", "resources", "--xml-text", fmt.Sprintf(`<primitive id="%s"/>`, id)}})
 }
 
 // fencedName says which nodes a device fences.

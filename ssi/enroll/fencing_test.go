@@ -336,7 +336,52 @@ func testFencing(t *testing.T, action, failure string, fail func(ctx context.Con
 	if fc, err := parseCIBFence(cib); err != nil || len(fc.devices) != 3 || len(fc.constraints) != 3 {
 		t.Errorf("CIB fencing: %+v, %v; want 3 devices and 3 constraints", fc, err)
 	}
+	// Settled: a Reconcile round of the reconciling member changes nothing
+	// (the CIB reads back as what ESIR wrote).
+	rec := &recorder{r: nodes[0].Node}
+	settled := *nodes[0].enr
+	settled.Run = rec
+	if err := settled.Reconcile(ctx, c.bundle(t, "f1")); err != nil {
+		t.Fatalf("reconcile on f1, settled: %v", err)
+	}
+	if !slices.Contains(rec.ran, "cibadmin --query") {
+		t.Errorf("f1 did not reconcile (not the reconciler?): it ran %q", rec.ran)
+	}
+	for _, l := range rec.ran {
+		if f := strings.Fields(l); f[0] == "crm_attribute" || f[0] == "crm_resource" || f[0] == "crm_node" || f[0] == "cibadmin" && f[1] != "--query" {
+			t.Errorf("settled cluster: Reconcile ran %s", l)
+		}
+	}
 	t.Logf("%v: devices in place", time.Since(t0).Round(time.Millisecond))
+
+	// f3's BMC changes in the definition: its device is replaced (its
+	// constraint goes first and comes back), and it is the one that fences
+	// f3 below.
+	c.mu.Lock()
+	c.def.Fencing.BMCs[2].Options["power_timeout"] = "25"
+	c.mu.Unlock()
+	eventually(ctx, t, 30*time.Second, "fence-f3 replaced", func() error {
+		cib, err := nodes[0].Run(ctx, "cibadmin", "--query")
+		if err != nil {
+			return err
+		}
+		fc, err := parseCIBFence(cib)
+		if err != nil {
+			return err
+		}
+		if d := fc.devices["fence-f3"]; d.params["power_timeout"] != "25" || len(fc.constraints) != 3 {
+			return fmt.Errorf("fence-f3 %v, constraints %v; want power_timeout 25 and 3 constraints", d, fc.constraints)
+		}
+		on, err := deviceNodes(ctx, nodes[0])
+		if err != nil {
+			return err
+		}
+		if where := on["fence-f3"]; where == "" || where == "f3" {
+			return fmt.Errorf("fence-f3 runs on %q", where)
+		}
+		return nil
+	})
+	t.Logf("%v: fence-f3 replaced", time.Since(t0).Round(time.Millisecond))
 
 	// f3 fails. The survivors keep quorum and fence it through its BMC.
 	victim := nodes[2]
@@ -462,8 +507,10 @@ func TestPlanFencing(t *testing.T) {
 		{name: "new cluster", fencing: true, devices: devices, cib: cib(),
 			want: slices.Concat(create(devices[0]), create(devices[1]), create(devices[2]))},
 		{name: "BMC changed", fencing: true, devices: []ssi.FenceDevice{devices[0], changed, devices[2]}, cib: cib(devices...),
-			want: []string{`cibadmin --delete --scope resources --xml-text <primitive id="fence-p2"/>`,
-				"cibadmin --create --scope resources --xml-text " + deviceXML(changed)}},
+			want: []string{`cibadmin --delete --scope constraints --xml-text <rsc_location id="fence-p2-avoids-p2"/>`,
+				`cibadmin --delete --scope resources --xml-text <primitive id="fence-p2"/>`,
+				"cibadmin --create --scope resources --xml-text " + deviceXML(changed),
+				"cibadmin --create --scope constraints --xml-text " + avoidXML(changed)}},
 		{name: "node left", fencing: true, devices: devices[:2], cib: cib(devices...),
 			want: []string{`cibadmin --delete --scope constraints --xml-text <rsc_location id="fence-p3-avoids-p3"/>`,
 				`cibadmin --delete --scope resources --xml-text <primitive id="fence-p3"/>`}},
