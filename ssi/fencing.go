@@ -106,6 +106,10 @@ const sbdDeviceID = "stonith-sbd"
 // stays out of the CIB.
 func fencePasswordPath(node string) string { return "/etc/pacemaker/esir-fence-" + node + ".password" }
 
+// FencePasswordPattern matches every BMC password file (filepath.Match):
+// the node side removes those its bundle no longer has.
+const FencePasswordPattern = "/etc/pacemaker/esir-fence-*.password"
+
 // hostRE matches a DNS name.
 var hostRE = regexp.MustCompile(`^([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$`)
 

@@ -2,8 +2,11 @@ package enroll
 
 import (
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -241,4 +244,25 @@ func avoidXML(d ssi.FenceDevice) string {
 		panic(err)
 	}
 	return string(data)
+}
+
+// removeStaleFencePasswords removes the BMC password files (under the
+// node's root) that b no longer gives the node: those of nodes that left,
+// or all of them once fencing is off or the node is no longer core.
+func (n *Node) removeStaleFencePasswords(b *ssi.Bundle) error {
+	files, err := filepath.Glob(filepath.Join(n.Root, ssi.FencePasswordPattern))
+	if err != nil {
+		return fmt.Errorf("BMC password files: %w", err)
+	}
+	var errs []error
+	for _, f := range files {
+		rel := "/" + strings.TrimPrefix(strings.TrimPrefix(f, n.Root), "/")
+		if slices.ContainsFunc(b.Files, func(bf ssi.File) bool { return bf.Path == rel }) {
+			continue
+		}
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove stale BMC password %s: %w", rel, err))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -569,3 +569,36 @@ func TestStonithDeviceCount(t *testing.T) {
 		t.Errorf("a cloned device and another: %d devices, %v; want 2", s.StonithDevices, err)
 	}
 }
+
+// TestInstallRemovesStalePasswords: Install keeps the BMC password files its
+// bundle gives and removes the others.
+func TestInstallRemovesStalePasswords(t *testing.T) {
+	root := t.TempDir()
+	n := &Node{Root: root, Run: Local{}}
+	pw := func(node string) ssi.File {
+		return ssi.File{Path: "/etc/pacemaker/esir-fence-" + node + ".password", Mode: 0o600, Data: []byte("pw-" + node)}
+	}
+	b := bundle("p1", 1, ssi.Core, "corosync", "pacemaker")
+	b.Files = []ssi.File{pw("p1"), pw("p2"), pw("p3"), {Path: "/etc/pacemaker/authkey", Mode: 0o400, Data: []byte("k")}}
+	if err := n.Install(b); err != nil {
+		t.Fatal(err)
+	}
+	b.Files = slices.Delete(b.Files, 2, 3) // p3 left
+	if err := n.Install(b); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := filepath.Glob(filepath.Join(root, "etc/pacemaker/*"))
+	for i := range got {
+		got[i] = strings.TrimPrefix(got[i], root)
+	}
+	if want := []string{"/etc/pacemaker/authkey", "/etc/pacemaker/esir-fence-p1.password", "/etc/pacemaker/esir-fence-p2.password"}; !slices.Equal(got, want) {
+		t.Errorf("after p3 left: %v, want %v", got, want)
+	}
+	b.Files = b.Files[2:] // fencing off
+	if err := n.Install(b); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := filepath.Glob(filepath.Join(root, "etc/pacemaker/esir-fence-*")); len(got) != 0 {
+		t.Errorf("fencing off: %v remain", got)
+	}
+}
