@@ -150,7 +150,8 @@ func (f *Fencing) setDefaults() {
 	}
 }
 
-// validate checks the fencing section; bad collects errors naming the field.
+// validateFencing checks the fencing section and returns its warnings; bad
+// collects errors naming the field.
 func (c *Cluster) validateFencing(bad func(field, format string, a ...any)) []string {
 	f := &c.Fencing
 	var warn []string

@@ -309,7 +309,8 @@ func bounceWarnings(i int, v VIP, dirs, rs []string) []string {
 // as well as on the definition, beside the ones Validate gives: a VIP whose
 // directors default to the core members while its real servers are named:
 // once two core members joined and one of them is a named real server, it
-// warns as bounceWarnings says.
+// warns as bounceWarnings says; and, with fencing on, each member pacemaker
+// cannot fence (no BMC, no sbd) by name.
 func (c *Cluster) AllocationWarnings(s *State) []string {
 	var warn []string
 	for i, v := range c.VIPs {
