@@ -14,7 +14,7 @@ common=(ca-certificates git tar zstd xz-utils cpio e2fsprogs attr libcap2-bin ip
   extlinux syslinux-common mtools dosfstools fdisk)
 testonly=(udhcpc isc-dhcp-client dnsmasq tftp-hpa tftpd-hpa curl aria2 transmission-cli udpcast
   kea-admin squashfs-tools debootstrap chromium python3 gnuplot-nox corosync pacemaker pacemaker-cli-utils chrony keepalived ipvsadm clustershell openssh-server
-  nfs-kernel-server nfs-common)
+  nfs-kernel-server nfs-common fence-agents ipmitool openipmi)
 case "$what" in
   test) pkgs=("${common[@]}" "${testonly[@]}") ;;
   lab) pkgs=("${common[@]}") ;;

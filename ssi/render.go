@@ -46,6 +46,13 @@ type Bundle struct {
 	// SSHKeyMark) the node keeps in root's authorized_keys beside the
 	// administrator's; "" without clustershell.
 	SSHAuthorizedKey string `json:"ssh_authorized_key,omitempty"`
+	// FenceDevices are pacemaker's fencing devices, on core nodes of a
+	// cluster running pacemaker with fencing on (nil elsewhere): the
+	// reconciling core node keeps the CIB in line with them.
+	FenceDevices []FenceDevice `json:"fence_devices,omitempty"`
+	// StonithWatchdogTimeout is pacemaker's stonith-watchdog-timeout for
+	// watchdog-only sbd ("" otherwise), on the same core nodes.
+	StonithWatchdogTimeout string `json:"stonith_watchdog_timeout,omitempty"`
 }
 
 // Render builds node name's bundle from the definition, the allocation and the
@@ -78,6 +85,7 @@ func Render(c *Cluster, s *State, keys *Keys, name string) (*Bundle, error) {
 			b.Services = append(b.Services, "pacemaker_remote")
 		}
 	}
+	b.addFencing(c, s, m)
 	if p.Chrony {
 		b.add("/etc/chrony/chrony.conf", 0o644, chronyConf(c, s, m))
 		b.Services = append(b.Services, "chrony")

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -74,6 +75,7 @@ type Cluster struct {
 	VIPs     []VIP   `yaml:"vips"`
 	NFS      NFS     `yaml:"nfs"`
 	Time     Time    `yaml:"time"`
+	Fencing  Fencing `yaml:"fencing"` // how pacemaker fences a node (profile.fencing)
 }
 
 // Load reads and validates a cluster definition file. Warnings are returned
@@ -83,16 +85,25 @@ func Load(path string) (*Cluster, []string, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("cluster definition: %w", err)
 	}
-	c, warn, err := Parse(data)
+	c, warn, err := parse(data, filepath.Dir(path))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cluster definition %s: %w", path, err)
+	}
+	if w := inlinePasswordWarning(c, path); w != "" {
+		warn = append(warn, w)
 	}
 	return c, warn, nil
 }
 
 // Parse decodes a cluster definition (YAML; unknown fields are refused) and
-// validates it.
+// validates it. Relative password files are read from the current
+// directory.
 func Parse(data []byte) (*Cluster, []string, error) {
+	return parse(data, ".")
+}
+
+// parse is Parse reading relative password files from dir.
+func parse(data []byte, dir string) (*Cluster, []string, error) {
 	var c Cluster
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
@@ -100,6 +111,9 @@ func Parse(data []byte) (*Cluster, []string, error) {
 		return nil, nil, fmt.Errorf("decode: %w", err)
 	}
 	c.setDefaults()
+	if err := c.Fencing.loadPasswordFiles(dir); err != nil {
+		return nil, nil, err
+	}
 	warn, err := c.Validate()
 	if err != nil {
 		return nil, nil, err
@@ -126,6 +140,7 @@ func (c *Cluster) setDefaults() {
 	if c.NFS.Export == "" {
 		c.NFS.Export = "/home"
 	}
+	c.Fencing.setDefaults()
 }
 
 // nameRE matches cluster, node and VIP names (they become host names and
@@ -236,6 +251,7 @@ func (c *Cluster) Validate() ([]string, error) {
 			bad("time.allow", "need the network the core nodes serve, like 198.18.0.0/24")
 		}
 	}
+	warn = append(warn, c.validateFencing(bad)...)
 	return warn, errors.Join(errs...)
 }
 
@@ -293,7 +309,8 @@ func bounceWarnings(i int, v VIP, dirs, rs []string) []string {
 // as well as on the definition, beside the ones Validate gives: a VIP whose
 // directors default to the core members while its real servers are named:
 // once two core members joined and one of them is a named real server, it
-// warns as bounceWarnings says.
+// warns as bounceWarnings says; and, with fencing on, each member pacemaker
+// cannot fence (no BMC, no sbd) by name.
 func (c *Cluster) AllocationWarnings(s *State) []string {
 	var warn []string
 	for i, v := range c.VIPs {
@@ -306,5 +323,5 @@ func (c *Cluster) AllocationWarnings(s *State) []string {
 		}
 		warn = append(warn, bounceWarnings(i, v, dirs, v.RealServers)...)
 	}
-	return warn
+	return append(warn, c.fencingWarnings(s)...)
 }

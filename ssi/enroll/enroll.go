@@ -407,6 +407,9 @@ func (n *Node) Install(b *ssi.Bundle) error {
 			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
 		}
 	}
+	if err := n.removeStaleFencePasswords(b); err != nil {
+		return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: err}
+	}
 	if len(b.FstabLines) > 0 {
 		if err := n.addFstab(b.FstabLines); err != nil {
 			return &CheckError{Node: b.Member.Name, Check: CheckInstall, Err: fmt.Errorf("fstab: %w", err)}

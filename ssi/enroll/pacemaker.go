@@ -72,6 +72,7 @@ func (n *Node) crmMon(ctx context.Context) (crmStatus, error) {
 // parseCrmMon reads crm_mon's XML.
 func parseCrmMon(out []byte) (crmStatus, error) {
 	type resource struct {
+		ID    string `xml:"id,attr"`
 		Agent string `xml:"resource_agent,attr"`
 	}
 	var doc struct {
@@ -94,8 +95,10 @@ func parseCrmMon(out []byte) (crmStatus, error) {
 		return crmStatus{}, failed(CheckPacemaker, "crm_mon: %s", strings.Join(doc.Errors, "; "))
 	}
 	s := crmStatus{Nodes: doc.Nodes, StonithEnabled: doc.Options.Stonith != "false", Failures: doc.Failures}
+	devices := map[string]bool{} // a cloned device shows once per instance ("id:0", "id:1", ...)
 	for _, r := range slices.Concat(doc.Resources, doc.Grouped, doc.Cloned) {
-		if strings.HasPrefix(r.Agent, "stonith:") {
+		if id, _, _ := strings.Cut(r.ID, ":"); strings.HasPrefix(r.Agent, "stonith:") && !devices[id] {
+			devices[id] = true
 			s.StonithDevices++
 		}
 	}
@@ -148,7 +151,11 @@ const (
 //     up (crm_resource --cleanup) so pacemaker connects again;
 //   - with b.Fencing off, stonith-enabled=false (logged as a warning naming
 //     the cluster); with it on, an earlier false is removed (pacemaker's
-//     default, true), and fencing devices are left to the administrator.
+//     default, true);
+//   - with b.Fencing on, the fencing devices of b.FenceDevices are in the
+//     CIB, each BMC device kept off the node it fences, and the devices ESIR
+//     made for nodes that left are deleted (planFencing); devices an
+//     administrator added are left alone.
 //
 // Only one core node acts at a time: the lowest-id core member that corosync
 // lists as joined in a quorate partition and pacemaker shows online; on the
@@ -243,6 +250,7 @@ func plan(b *ssi.Bundle, cs Membership, ps crmStatus, cib cibState, now time.Tim
 		acts = append(acts, action{what: "enable STONITH (fencing is on in the cluster definition)",
 			args: []string{"crm_attribute", "--type", "crm_config", "--name", "stonith-enabled", "--delete"}})
 	}
+	acts = append(acts, planFencing(b, cib.fence)...)
 	members := map[string]bool{}
 	for _, m := range b.Members {
 		members[m.Name] = true
@@ -362,6 +370,7 @@ type cibState struct {
 	stonith string               // stonith-enabled as set, "" when unset
 	remotes map[string]cibRemote // ocf:pacemaker:remote primitives by id
 	nodes   []crmNode            // nodes section and node_state entries (Online unset)
+	fence   cibFence             // ESIR's fencing devices and their constraints
 }
 
 type cibRemote struct{ server string }
@@ -411,6 +420,10 @@ func parseCIB(out []byte) (cibState, error) {
 		return cibState{}, fmt.Errorf("CIB XML: %w", err)
 	}
 	c := cibState{remotes: map[string]cibRemote{}}
+	var err error
+	if c.fence, err = parseCIBFence(out); err != nil {
+		return cibState{}, err
+	}
 	for _, o := range doc.Options {
 		if o.Name == "stonith-enabled" {
 			c.stonith = o.Value

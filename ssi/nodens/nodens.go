@@ -136,6 +136,10 @@ func (n *Node) Run(ctx context.Context, name string, args ...string) ([]byte, er
 	return out.Bytes(), nil
 }
 
+// PID returns the host pid of the node's PID-namespace init: every process
+// of the node dies with it (Kill).
+func (n *Node) PID() int { return n.pid }
+
 // Kill ends the node's PID namespace: every process in it dies at once, as
 // when the machine loses power.
 func (n *Node) Kill() {
