@@ -312,7 +312,10 @@ dhcp_dns: 198.18.0.1
 	}
 
 	// The agents' namespaces: n1 starts without an address (DHCP), n2 static.
-	n1, err := lab.AddHost(ctx, "n1", netip.MustParsePrefix("198.18.0.11/24"), netlab.Link{})
+	// n1's link is shaped so that its download spans several of the agent's
+	// one-second report ticks: unshaped, the whole install could be over
+	// between two polls and its progress never show while it was active.
+	n1, err := lab.AddHost(ctx, "n1", netip.MustParsePrefix("198.18.0.11/24"), netlab.Link{RateMbit: 40})
 	if err != nil {
 		t.Fatal(err)
 	}
