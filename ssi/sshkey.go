@@ -81,7 +81,9 @@ func loadSSHKey(path string) (priv []byte, public string, err error) {
 // towards the members alone, ssh accepts the first host key a member shows
 // and keeps it in root's known_hosts (StrictHostKeyChecking accept-new); a
 // key that changes later (a reinstalled member) is refused as usual, until
-// the administrator removes the old one (ssh-keygen -R NAME). Towards the
+// the administrator removes the old one (ssh-keygen -R ADDRESS: with the
+// names mapped, known_hosts keeps each member's key under its address,
+// whether clush named it or gave its address). Towards the
 // members, ssh offers root's agent's keys and the cluster key, not root's
 // default key files (naming one IdentityFile drops those, and naming them
 // too would make ssh warn on every clush line where they do not exist).
@@ -104,7 +106,7 @@ func (b *Bundle) addSSH(c *Cluster, s *State, m Member, keys *Keys) error {
 		"# Member names need no DNS: each is its address.\n%s"+
 		"# root logs in to the cluster's members (clush) with the cluster key. Member host\n"+
 		"# keys are made at their first boot: the first one each shows is accepted and\n"+
-		"# kept in known_hosts; a changed one is refused (ssh-keygen -R NAME after a reinstall).\n"+
+		"# kept in known_hosts; a changed one is refused (ssh-keygen -R ADDRESS after a reinstall).\n"+
 		"Match localuser root originalhost %s\n"+
 		"\tIdentityFile %s\n\tStrictHostKeyChecking accept-new\n",
 		c.Name, s.Version, names.String(), strings.Join(hosts, ","), SSHKeyPath))
