@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -138,7 +139,7 @@ func (st *State) Clush(ctx context.Context, s *cluster.Snapshot, timeout time.Du
 		err = ctx.Err()
 	}
 	chk.Took = time.Since(start)
-	chk.Stderr = strings.TrimSpace(stderr.String())
+	chk.Stderr = clushStderr(stderr.String())
 	chk.Answers = ParseClush(stdout.String())
 	var names []string
 	for _, m := range members {
@@ -176,6 +177,22 @@ func ParseClush(out string) map[string]string {
 		}
 	}
 	return answers
+}
+
+// clushProgress is clush's progress indicator ("clush: 2/3", redrawn with
+// carriage returns or spaces), which it writes to stderr among the nodes'
+// messages.
+var clushProgress = regexp.MustCompile(`clush: \d+/\d+\s*`)
+
+// clushStderr is clush's error output without its progress indicator.
+func clushStderr(s string) string {
+	var lines []string
+	for l := range strings.Lines(clushProgress.ReplaceAllString(s, "")) {
+		if l = strings.TrimSpace(l); l != "" {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "\n")
 }
 
 // clushMissing lists the nodes (in order) without an answer that is their

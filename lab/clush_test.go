@@ -30,6 +30,18 @@ func TestParseClush(t *testing.T) {
 	}
 }
 
+func TestClushStderr(t *testing.T) {
+	// As the lab run printed it (progress redrawn among ssh's warnings).
+	in := "clush: 0/3           node03: Warning: Permanently added '198.18.0.101' (ED25519) to the list of known hosts.\n" +
+		"node01: Warning: Permanently added '198.18.0.100' (ED25519) to the list of known hosts.\n" +
+		"clush: 0/3clush: 1/3clush: 2/3           clush: 3/3\n"
+	want := "node03: Warning: Permanently added '198.18.0.101' (ED25519) to the list of known hosts.\n" +
+		"node01: Warning: Permanently added '198.18.0.100' (ED25519) to the list of known hosts."
+	if got := clushStderr(in); got != want {
+		t.Errorf("clushStderr = %q, want %q", got, want)
+	}
+}
+
 // TestAdminKeyReachesServerConfig: lab up's administrator key is in the
 // server's authorized_keys_file, which the server reads back as the key
 // the private half signs with.
