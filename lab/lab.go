@@ -21,6 +21,8 @@
 //	cluster.yaml    the SSI cluster definition (images with the stack)
 //	tftp/           copies of Debian's iPXE boot files
 //	admin-token     the admin API token (0600)
+//	admin-ssh-key   the lab administrator's SSH key (0600; .pub: root's
+//	                authorized_keys on every node, via the server)
 //	vms/            serial logs and UEFI variable stores
 //	disks/          the nodes' disk files
 package lab
@@ -421,6 +423,9 @@ func Up(ctx context.Context, opts Options) (st *State, err error) {
 	if err := st.copyIPXE(); err != nil {
 		return nil, err
 	}
+	if err := st.writeAdminKey(); err != nil {
+		return nil, err
+	}
 	if err := st.writeServerConfig(); err != nil {
 		return nil, err
 	}
@@ -565,6 +570,8 @@ func (st *State) writeServerConfig() error {
 		"tftp_dir":         st.tftpDir(),
 		"hostname_pattern": "node%02d",
 		"scheduler_tick":   "1s",
+		// The lab administrator's key for root on every node (AdminKey).
+		"authorized_keys_file": st.adminPubKey(),
 	}
 	if st.ClusterDef != "" {
 		cfg["cluster_definition"] = st.ClusterDef
@@ -576,7 +583,8 @@ func (st *State) writeServerConfig() error {
 	b.WriteString("# Written by esir lab up.\n")
 	for _, k := range []string{"listen", "public_url", "data_dir", "image_store", "admin_token_file", "swarm_listen",
 		"boot_dir", "boot_kernel", "boot_initrd", "boot_cmdline", "dhcp_interface", "dhcp_mode", "dhcp_server_ip",
-		"dhcp_range", "tftp_listen", "tftp_dir", "hostname_pattern", "scheduler_tick", "swarm_upload_rate", "cluster_definition"} {
+		"dhcp_range", "tftp_listen", "tftp_dir", "hostname_pattern", "scheduler_tick", "swarm_upload_rate", "cluster_definition",
+		"authorized_keys_file"} {
 		if cfg[k] == "" {
 			continue
 		}
@@ -837,7 +845,8 @@ func Down(ctx context.Context, dir, name string) error {
 	if err := netlab.Available(); err == nil {
 		errs = append(errs, netlab.Purge(ctx, name))
 	}
-	for _, p := range []string{"disks", "vms", "server", "tftp", "server.yaml", "server.log", "forwarder.log", "admin-token", clusterFile, stateFile} {
+	for _, p := range []string{"disks", "vms", "server", "tftp", "server.yaml", "server.log", "forwarder.log", "admin-token",
+		adminKeyFile, adminPubKeyFile, clusterFile, stateFile} {
 		if err := os.RemoveAll(filepath.Join(dir, p)); err != nil {
 			errs = append(errs, fmt.Errorf("lab: %w", err))
 		}

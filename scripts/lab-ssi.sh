@@ -13,6 +13,10 @@
 #      port 80), waits until all three are enrolled in a quorate cluster, and
 #      asks the VIP from 12 client addresses which node answers: it fails
 #      unless more than one node answers and every connection is answered;
+#      then it logs in to node01 as root with the lab's administrator key
+#      and runs `clush -s labssi -g all hostname` there, which must answer
+#      from every node through the cluster SSH key ESIR installed (and the
+#      nodes' host keys, made at first boot, must all differ);
 #   4. prints `esir cluster show` and asks the VIP once more (`esir lab vip`);
 #   5. takes the lab down, unless ESIR_LAB_KEEP=1.
 # Environment: ESIR_LAB_DIR (default /var/lib/esir-lab-ssi), ESIR_LAB_TIMEOUT

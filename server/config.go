@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/crypto/ssh"
 	"gopkg.in/yaml.v3"
 )
 
@@ -35,6 +36,9 @@ type Config struct {
 	Discovery       bool          `yaml:"discovery"`
 	SchedulerTick   time.Duration `yaml:"scheduler_tick"`
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// AuthorizedKeysFile is an authorized_keys file whose keys every node
+	// ESIR installs gets in root's authorized_keys (empty: none).
+	AuthorizedKeysFile string `yaml:"authorized_keys_file"`
 	// SwarmListen is the seeder's BitTorrent address; empty disables seeding
 	// (the web seed and tracker still work).
 	SwarmListen string `yaml:"swarm_listen"`
@@ -65,6 +69,33 @@ type Config struct {
 	// ClusterLeaveTimeout is how long a leaving member may take to confirm
 	// that its stack stopped before it is removed anyway.
 	ClusterLeaveTimeout time.Duration `yaml:"cluster_leave_timeout"`
+}
+
+// AuthorizedKeys reads AuthorizedKeysFile (none when it is empty): one
+// public key a line, blank lines and # comments skipped; a line that is not
+// a public key is refused with its line number.
+func (c *Config) AuthorizedKeys() ([]string, error) {
+	if c.AuthorizedKeysFile == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(c.AuthorizedKeysFile)
+	if err != nil {
+		return nil, fmt.Errorf("authorized_keys_file: %w", err)
+	}
+	var keys []string
+	n := 0
+	for l := range strings.Lines(string(b)) {
+		n++
+		l = strings.TrimSpace(l)
+		if l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		if _, _, _, _, err := ssh.ParseAuthorizedKey([]byte(l)); err != nil {
+			return nil, fmt.Errorf("authorized_keys_file %s line %d: %w", c.AuthorizedKeysFile, n, err)
+		}
+		keys = append(keys, l)
+	}
+	return keys, nil
 }
 
 // DefaultConfig returns the defaults.
@@ -121,6 +152,7 @@ func (c *Config) Fields() []Field {
 		{"discovery", "register unknown MACs in inventory mode (false: ignore them)", &c.Discovery},
 		{"scheduler_tick", "how often the rollout scheduler reconciles", &c.SchedulerTick},
 		{"shutdown_timeout", "how long graceful shutdown waits for requests", &c.ShutdownTimeout},
+		{"authorized_keys_file", "authorized_keys file whose keys go into root's authorized_keys on every installed node", &c.AuthorizedKeysFile},
 		{"swarm_listen", "BitTorrent seeder address (empty: no seeding)", &c.SwarmListen},
 		{"swarm_upload_rate", "cap on the seeder's upload in bytes per second (empty: unlimited)", &c.SwarmUploadRate},
 		{"boot_dir", "directory with the netboot kernel and initramfs, served at /pxe/files/", &c.BootDir},

@@ -91,7 +91,12 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 	imgs := images{st: s.images, published: s.publish}
 	s.sched = rollout.New(s.db, imgs, log, nil)
 	s.sched.Interval = cfg.SchedulerTick
+	authorized, err := cfg.AuthorizedKeys()
+	if err != nil {
+		return nil, err
+	}
 	s.api, err = api.New(s.db, s.sched, signer, imgs, api.Config{
+		AuthorizedKeys:  authorized,
 		PublicURL:       cfg.PublicURL,
 		BootTokenTTL:    cfg.BootTokenTTL,
 		EnrollTokenTTL:  cfg.EnrollTokenTTL,

@@ -466,3 +466,23 @@ func must[T any](v T, err error) T {
 	}
 	return v
 }
+
+// TestConfigAuthorizedKeys reads authorized_keys_file: keys kept, blank
+// lines and comments skipped, a bad line refused with its number.
+func TestConfigAuthorizedKeys(t *testing.T) {
+	if keys, err := (&Config{}).AuthorizedKeys(); err != nil || keys != nil {
+		t.Fatalf("no file: %v, %v", keys, err)
+	}
+	file := filepath.Join(t.TempDir(), "authorized_keys")
+	key := "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@lab"
+	os.WriteFile(file, []byte("# the lab's administrator\n\n"+key+"\n"), 0o600)
+	c := &Config{AuthorizedKeysFile: file}
+	keys, err := c.AuthorizedKeys()
+	if err != nil || len(keys) != 1 || keys[0] != key {
+		t.Fatalf("AuthorizedKeys = %q, %v", keys, err)
+	}
+	os.WriteFile(file, []byte(key+"\nnot a key\n"), 0o600)
+	if _, err := c.AuthorizedKeys(); err == nil || !strings.Contains(err.Error(), "line 2") {
+		t.Fatalf("bad line: %v", err)
+	}
+}

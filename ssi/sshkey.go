@@ -73,12 +73,17 @@ func loadSSHKey(path string) (priv []byte, public string, err error) {
 // addSSH gives member m the cluster's SSH public key for root's
 // authorized_keys and, on a core node, the private key and the ssh client
 // configuration clush uses: root logs in to the members, by name or
-// address, with the key. Their host keys are made at each member's first
-// boot (the installer removes the image's), so ESIR has none to hand out:
+// address, with the key. Member names are mapped to their addresses (Host
+// NAME, HostName ADDR): a cluster need not have DNS for them (the lab has
+// none, and the installer's /etc/hosts names only the node itself). Their
+// host keys are made at each member's first boot (the installer removes
+// the image's), so ESIR has none to hand out:
 // towards the members alone, ssh accepts the first host key a member shows
 // and keeps it in root's known_hosts (StrictHostKeyChecking accept-new); a
 // key that changes later (a reinstalled member) is refused as usual, until
-// the administrator removes the old one (ssh-keygen -R NAME). Towards the
+// the administrator removes the old one (ssh-keygen -R ADDRESS: with the
+// names mapped, known_hosts keeps each member's key under its address,
+// whether clush named it or gave its address). Towards the
 // members, ssh offers root's agent's keys and the cluster key, not root's
 // default key files (naming one IdentityFile drops those, and naming them
 // too would make ssh warn on every clush line where they do not exist).
@@ -92,15 +97,18 @@ func (b *Bundle) addSSH(c *Cluster, s *State, m Member, keys *Keys) error {
 	}
 	b.add(SSHKeyPath, 0o600, keys.SSH)
 	var hosts []string
+	var names strings.Builder
 	for _, o := range slices.SortedFunc(slices.Values(s.Members), func(a, b Member) int { return a.ID - b.ID }) {
 		hosts = append(hosts, o.Name, o.Addr.String())
+		fmt.Fprintf(&names, "Host %s\n\tHostName %s\n", o.Name, o.Addr)
 	}
 	b.add(SSHConfigPath, 0o644, fmt.Appendf(nil, "# Written by ESIR for cluster %s, nodelist version %d. Do not edit.\n"+
+		"# Member names need no DNS: each is its address.\n%s"+
 		"# root logs in to the cluster's members (clush) with the cluster key. Member host\n"+
 		"# keys are made at their first boot: the first one each shows is accepted and\n"+
-		"# kept in known_hosts; a changed one is refused (ssh-keygen -R NAME after a reinstall).\n"+
+		"# kept in known_hosts; a changed one is refused (ssh-keygen -R ADDRESS after a reinstall).\n"+
 		"Match localuser root originalhost %s\n"+
 		"\tIdentityFile %s\n\tStrictHostKeyChecking accept-new\n",
-		c.Name, s.Version, strings.Join(hosts, ","), SSHKeyPath))
+		c.Name, s.Version, names.String(), strings.Join(hosts, ","), SSHKeyPath))
 	return nil
 }

@@ -109,6 +109,9 @@ func TestRenderSSH(t *testing.T) {
 		if j < 0 || !strings.Contains(string(b.Files[j].Data), "Match localuser root originalhost n1,198.18.0.1,n2,198.18.0.2,n3,198.18.0.3,r1,198.18.0.4,r2,198.18.0.5\n") {
 			t.Errorf("core %s: no ssh configuration naming every member", m.Name)
 		}
+		if j >= 0 && !strings.Contains(string(b.Files[j].Data), "Host n2\n\tHostName 198.18.0.2\nHost n3\n") {
+			t.Errorf("core %s: ssh configuration does not map member names to addresses:\n%s", m.Name, b.Files[j].Data)
+		}
 	}
 	c.Profile.ClusterShell = false
 	b, err := Render(c, s, keys, "n1")

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -41,7 +42,7 @@ other over BitTorrent, install it, reboot into it and enroll.`,
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", def, "lab state directory (env ESIR_LAB_DIR)")
 	cmd.AddCommand(newLabUpCmd(app, &dir), newLabStatusCmd(app, &dir), newLabConsoleCmd(app, &dir),
-		newLabDownCmd(app, &dir), newLabForwardCmd(app), newLabVIPCmd(app, &dir))
+		newLabDownCmd(app, &dir), newLabForwardCmd(app), newLabVIPCmd(app, &dir), newLabClushCmd(app, &dir))
 	return cmd
 }
 
@@ -150,7 +151,61 @@ func labCluster(cmd *cobra.Command, app *cli.App, st *lab.State, wait time.Durat
 		return err
 	}
 	fmt.Fprintf(app.Stdout, "cluster %s ready after %.1fs: %s\n", st.Cluster, time.Since(start).Seconds(), lab.SnapshotLine(s))
-	return labVIP(cmd, app, st, 2)
+	if err := labVIP(cmd, app, st, 2); err != nil {
+		return err
+	}
+	return labClush(cmd, app, st, s)
+}
+
+// labClush runs clush on the first core node (lab.State.Clush) and prints
+// every node's answer and host key.
+func labClush(cmd *cobra.Command, app *cli.App, st *lab.State, s *cluster.Snapshot) error {
+	chk, err := st.Clush(cmd.Context(), s, 3*time.Minute)
+	if chk != nil && chk.Answers != nil {
+		fmt.Fprintf(app.Stdout, "clush on %s (logged in as root with the lab's administrator key): %s\n", chk.From, chk.Command)
+		tw := tabwriter.NewWriter(app.Stdout, 0, 0, 2, ' ', 0)
+		for _, n := range slices.Sorted(maps.Keys(chk.Answers)) {
+			fmt.Fprintf(tw, "  %s:\t%s\thost key %s\n", n, chk.Answers[n], chk.HostKeys[n])
+		}
+		tw.Flush()
+		for l := range strings.Lines(chk.Stderr) {
+			fmt.Fprintf(app.Stdout, "  stderr: %s", strings.TrimRight(l, "\n")+"\n")
+		}
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(app.Stdout, "clush from %s answered from all %d nodes in %.1fs (cluster key; %d distinct host keys made at first boot)\n",
+		chk.From, len(chk.Answers), chk.Took.Seconds(), len(chk.HostKeys))
+	return nil
+}
+
+func newLabClushCmd(app *cli.App, dir *string) *cobra.Command {
+	return &cobra.Command{
+		Use:   "clush",
+		Short: "Run clush on the SSI cluster's first core node and check that every node answers",
+		Long: `clush logs in to the lab cluster's first core node as root with the lab's
+administrator key (admin-ssh-key in the lab directory) and runs
+"clush -s CLUSTER -g all hostname" there: clush reaches every member over SSH
+with the cluster key ESIR installed. It fails, naming the nodes, unless every
+node answers with its own host name, or when two nodes share a host key.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := lab.Load(*dir)
+			if err != nil {
+				return err
+			}
+			c, err := st.Client()
+			if err != nil {
+				return err
+			}
+			s, err := c.Cluster(cmd.Context())
+			if err != nil {
+				return fmt.Errorf("cluster %s: %w", st.Cluster, err)
+			}
+			return labClush(cmd, app, st, s)
+		},
+	}
 }
 
 // labVIP probes the VIP and prints which node answered each client.
@@ -224,6 +279,8 @@ func printLab(w io.Writer, st *lab.State) {
 	if st.Cluster != "" {
 		fmt.Fprintf(w, "  SSI cluster %s (%s), VIP %s:80: esir cluster show --server %s --token $(cat %s); esir lab vip\n",
 			st.Cluster, st.ClusterDef, st.VIP, st.ConsoleURL, st.TokenFile)
+		fmt.Fprintf(w, "  SSH as root: ip netns exec %s ssh -i %s root@ADDRESS (esir cluster members lists them); esir lab clush\n",
+			st.Switch, st.AdminKey())
 	}
 }
 

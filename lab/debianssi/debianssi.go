@@ -1,7 +1,8 @@
 // Package debianssi is the recipe of the lab's debian-ssi image: Debian 12
 // (bookworm) debootstrapped with what a booting system needs (systemd, udev,
 // kmod, iproute2, systemd-networkd, Debian's kernel) and the SSI node stack
-// (corosync, pacemaker, chrony, keepalived, ipvsadm, clustershell), plus a tiny
+// (corosync, pacemaker, chrony, keepalived, ipvsadm, clustershell, and
+// openssh-server for clush, enabled at boot), plus a tiny
 // HTTP service on port 80 that answers with the node's host name, so the
 // cluster VIP's connection load leveling can be watched from outside.
 //
@@ -69,6 +70,9 @@ var Packages = []string{
 	"linux-image-amd64", "busybox-static",
 	// The SSI node stack.
 	"corosync", "pacemaker", "pacemaker-cli-utils", "chrony", "keepalived", "ipvsadm", "clustershell",
+	// sshd, which clush logs in to with the cluster key; its host keys are
+	// made at first boot by ESIR's installer unit (the image's are removed).
+	"openssh-server",
 }
 
 // stackServices start unconfigured when enabled: the node service starts them.
@@ -291,7 +295,7 @@ RestartSec=2
 WantedBy=multi-user.target
 `, HelloPort, HelloPort), 0o644},
 		// /cgi-bin/status: what the lab looks at when the VIP misbehaves
-		// (read-only; a lab image has no SSH key to log in with).
+		// (read-only; works before the cluster's SSH key is installed).
 		"usr/lib/esir-hello/status": {`#!/bin/sh
 # Written by ESIR's debian-ssi recipe: the node's view of its stack, read-only.
 printf 'Content-Type: text/plain\r\n\r\n'
