@@ -192,41 +192,13 @@ func fencedName(d ssi.FenceDevice) string {
 
 // deviceXML is fencing device d as a stonith primitive.
 func deviceXML(d ssi.FenceDevice) string {
-	type nvpair struct {
-		ID    string `xml:"id,attr"`
-		Name  string `xml:"name,attr"`
-		Value string `xml:"value,attr"`
-	}
-	type op struct {
-		ID       string `xml:"id,attr"`
-		Name     string `xml:"name,attr"`
-		Interval string `xml:"interval,attr"`
-	}
-	type attrs struct {
-		ID     string   `xml:"id,attr"`
-		Nvpair []nvpair `xml:"nvpair"`
-	}
-	type primitive struct {
-		XMLName     xml.Name `xml:"primitive"`
-		ID          string   `xml:"id,attr"`
-		Class       string   `xml:"class,attr"`
-		Type        string   `xml:"type,attr"`
-		Description string   `xml:"description,attr"`
-		Attrs       attrs    `xml:"instance_attributes"`
-		Ops         []op     `xml:"operations>op"`
-	}
-	ia := d.ID + "-instance_attributes"
-	p := primitive{ID: d.ID, Class: "stonith", Type: d.Agent, Attrs: attrs{ID: ia},
-		Description: fenceMark + "fences " + fencedName(d),
-		Ops:         []op{{ID: d.ID + "-monitor-interval-" + fenceMonitor, Name: "monitor", Interval: fenceMonitor}}}
+	p := cibPrimitive{ID: d.ID, Class: "stonith", Type: d.Agent, Description: fenceMark + "fences " + fencedName(d)}
+	p.Attrs.ID = d.ID + "-instance_attributes"
 	for _, k := range slices.Sorted(maps.Keys(d.Params)) {
-		p.Attrs.Nvpair = append(p.Attrs.Nvpair, nvpair{ID: ia + "-" + k, Name: k, Value: d.Params[k]})
+		p.set(k, d.Params[k])
 	}
-	data, err := xml.Marshal(p)
-	if err != nil {
-		panic(err) // fixed types: cannot fail
-	}
-	return string(data)
+	p.monitor(fenceMonitor, "")
+	return p.xml()
 }
 
 // avoidXML is the location constraint that keeps device d off the node it

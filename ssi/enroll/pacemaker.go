@@ -324,45 +324,63 @@ func validID(name string) bool {
 	return name != "" && name[0] >= 'a' && name[0] <= 'z'
 }
 
-// remoteXML is the connection resource of remote member m.
-func remoteXML(m ssi.Member) string {
-	type nvpair struct {
-		ID    string `xml:"id,attr"`
-		Name  string `xml:"name,attr"`
-		Value string `xml:"value,attr"`
-	}
-	type op struct {
-		ID       string `xml:"id,attr"`
-		Name     string `xml:"name,attr"`
-		Interval string `xml:"interval,attr"`
-		Timeout  string `xml:"timeout,attr"`
-	}
-	type attrs struct {
-		ID     string   `xml:"id,attr"`
-		Nvpair []nvpair `xml:"nvpair"`
-	}
-	type primitive struct {
-		XMLName  xml.Name `xml:"primitive"`
-		ID       string   `xml:"id,attr"`
-		Class    string   `xml:"class,attr"`
-		Provider string   `xml:"provider,attr"`
-		Type     string   `xml:"type,attr"`
-		Attrs    attrs    `xml:"instance_attributes"`
-		Ops      []op     `xml:"operations>op"`
-	}
-	ia := m.Name + "-instance_attributes"
-	p := primitive{ID: m.Name, Class: "ocf", Provider: "pacemaker", Type: "remote",
-		Attrs: attrs{ID: ia, Nvpair: []nvpair{
-			{ID: ia + "-server", Name: "server", Value: m.Addr.String()},
-			{ID: ia + "-reconnect_interval", Name: "reconnect_interval", Value: remoteReconnect},
-		}},
-		Ops: []op{{ID: m.Name + "-monitor-interval-" + remoteMonitor, Name: "monitor", Interval: remoteMonitor, Timeout: "15s"}},
-	}
+// cibPrimitive is a CIB primitive resource as ESIR writes it: instance
+// attributes and a monitor operation.
+type cibPrimitive struct {
+	XMLName     xml.Name `xml:"primitive"`
+	ID          string   `xml:"id,attr"`
+	Class       string   `xml:"class,attr"`
+	Provider    string   `xml:"provider,attr,omitempty"`
+	Type        string   `xml:"type,attr"`
+	Description string   `xml:"description,attr,omitempty"`
+	Attrs       struct {
+		ID     string      `xml:"id,attr"`
+		Nvpair []cibNvpair `xml:"nvpair"`
+	} `xml:"instance_attributes"`
+	Ops []cibOp `xml:"operations>op"`
+}
+
+type cibNvpair struct {
+	ID    string `xml:"id,attr"`
+	Name  string `xml:"name,attr"`
+	Value string `xml:"value,attr"`
+}
+
+type cibOp struct {
+	ID       string `xml:"id,attr"`
+	Name     string `xml:"name,attr"`
+	Interval string `xml:"interval,attr"`
+	Timeout  string `xml:"timeout,attr,omitempty"`
+}
+
+// set adds the instance attribute name=value, its id derived from the
+// attributes' id.
+func (p *cibPrimitive) set(name, value string) {
+	p.Attrs.Nvpair = append(p.Attrs.Nvpair, cibNvpair{ID: p.Attrs.ID + "-" + name, Name: name, Value: value})
+}
+
+// monitor adds the monitor operation every interval (timeout: "" for
+// pacemaker's default).
+func (p *cibPrimitive) monitor(interval, timeout string) {
+	p.Ops = append(p.Ops, cibOp{ID: p.ID + "-monitor-interval-" + interval, Name: "monitor", Interval: interval, Timeout: timeout})
+}
+
+func (p *cibPrimitive) xml() string {
 	data, err := xml.Marshal(p)
 	if err != nil {
 		panic(err) // fixed types: cannot fail
 	}
 	return string(data)
+}
+
+// remoteXML is the connection resource of remote member m.
+func remoteXML(m ssi.Member) string {
+	p := cibPrimitive{ID: m.Name, Class: "ocf", Provider: "pacemaker", Type: "remote"}
+	p.Attrs.ID = m.Name + "-instance_attributes"
+	p.set("server", m.Addr.String())
+	p.set("reconnect_interval", remoteReconnect)
+	p.monitor(remoteMonitor, "15s")
+	return p.xml()
 }
 
 // cibState is what Reconcile reads from the CIB.
