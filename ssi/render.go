@@ -37,7 +37,8 @@ type Bundle struct {
 	Fencing      bool         `json:"fencing"`
 	Files        []File       `json:"files"`
 	FstabLines   []string     `json:"fstab_lines"`
-	HomeMount    string       `json:"home_mount"` // where the NFS home is mounted on this node ("" on its server, or without NFS home)
+	HomeMount    string       `json:"home_mount"`  // where the NFS home is mounted on this node ("" on its server, or without NFS home)
+	HomeExport   string       `json:"home_export"` // the directory this node exports as the NFS home ("" unless it is the home's server)
 	LoopbackVIPs []netip.Addr `json:"loopback_vips"`
 	DirectorVIPs []netip.Addr `json:"director_vips"` // VIPs this node may hold as a VRRP director
 	Services     []string     `json:"services"`
@@ -104,6 +105,7 @@ func Render(c *Cluster, s *State, keys *Keys, name string) (*Bundle, error) {
 			b.add("/etc/exports.d/esir-home.exports", 0o644,
 				fmt.Appendf(nil, "%s %s(rw,sync,no_subtree_check,root_squash)\n", c.NFS.Export, c.NFS.Clients.Masked()))
 			b.Services = append(b.Services, "nfs-server")
+			b.HomeExport = c.NFS.Export
 		default:
 			b.FstabLines = append(b.FstabLines,
 				fmt.Sprintf("%s:%s %s nfs4 defaults,_netdev 0 0", srv.Addr, c.NFS.Export, c.NFS.Export))

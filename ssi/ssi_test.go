@@ -321,6 +321,9 @@ func dump(b *Bundle) string {
 	if b.HomeMount != "" {
 		fmt.Fprintf(&w, "home %s\n", b.HomeMount)
 	}
+	if b.HomeExport != "" {
+		fmt.Fprintf(&w, "export %s\n", b.HomeExport)
+	}
 	for _, a := range b.DirectorVIPs {
 		fmt.Fprintf(&w, "director %s\n", a)
 	}

@@ -21,6 +21,7 @@ type memberView struct {
 	TimeOffsetMS float64     `json:"time_offset_ms"`
 	TimeSynced   bool        `json:"time_synced"`
 	HomeMounted  bool        `json:"home_mounted"`
+	HomeExported bool        `json:"home_exported"`
 	VIPs         []string    `json:"vips"`
 	IPVS         []ipvsEntry `json:"ipvs"`
 }
@@ -47,6 +48,7 @@ type memberRow struct {
 	Time   string `json:"time"`
 	VIPs   string `json:"vip"`
 	Online string `json:"onl"`
+	Home   string `json:"home"`
 }
 
 // clusterSum is the cluster page's summary line.
@@ -68,6 +70,23 @@ type clusterPage struct {
 	Members  []memberRow
 	Warnings []string
 	Profile  string
+}
+
+// homeState is a member's NFS home as its view reports it: on the home's
+// server "exported" or "NOT exported", elsewhere "mounted" or "NOT mounted";
+// "—" without an NFS home.
+func homeState(nfsHome, server bool, v memberView) string {
+	switch {
+	case !nfsHome:
+		return "—"
+	case server && v.HomeExported:
+		return "exported"
+	case server:
+		return "NOT exported"
+	case v.HomeMounted:
+		return "mounted"
+	}
+	return "NOT mounted"
 }
 
 func (c *Console) clusterNow() (clusterPage, bool) {
@@ -124,6 +143,7 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 			}
 			r.VIPs = strings.Join(v.VIPs, " ")
 			r.Online = fmt.Sprint(len(v.Online))
+			r.Home = homeState(pr.NFSHome, m.Name == snap.NFSServer, v)
 			if m.State != cluster.Unreachable && len(v.VIPs) > 0 {
 				s.IPVS = append(s.IPVS, v.IPVS...)
 			}

@@ -100,7 +100,9 @@ type Snapshot struct {
 	Name     string      `json:"name"`
 	Profile  ssi.Profile `json:"profile"`
 	CoreSize int         `json:"core_size"`
-	Version  int         `json:"version"`
+	// NFSServer is the member that exports the NFS home ("" without one).
+	NFSServer string `json:"nfs_server,omitempty"`
+	Version   int    `json:"version"`
 	// Warnings are the definition's (ssi.Cluster.Validate) and those the
 	// allocation adds (ssi.Cluster.AllocationWarnings).
 	Warnings []string `json:"warnings,omitempty"`
@@ -550,6 +552,9 @@ func (s *Service) Snapshot() Snapshot {
 	defer s.mu.Unlock()
 	snap := Snapshot{Name: s.def.Name, Profile: s.def.Profile, CoreSize: s.def.CoreSize, Version: s.alloc.Version,
 		Warnings: s.definitionWarnings(), Retired: slices.Clone(s.alloc.Retired), Members: []Member{}, VIPHolders: map[string][]string{}}
+	if s.def.Profile.NFSHome {
+		snap.NFSServer = s.def.NFS.Server
+	}
 	var best *Member
 	for _, m := range s.members {
 		c := *m

@@ -17,7 +17,7 @@ const (
 	CheckNodeID     = "node-id"    // corosync runs under the node's allocated id
 	CheckPacemaker  = "pacemaker"  // crm_mon shows the node online
 	CheckTime       = "time"       // chrony is synchronised (to a core member, on other nodes)
-	CheckHome       = "home"       // the NFS home is mounted
+	CheckHome       = "home"       // the NFS home is mounted (on its server: served and exported)
 	CheckVIP        = "vip"        // the real-server VIPs are on lo
 	CheckReload     = "reload"     // a running engine reloaded its changed configuration (corosync nodelist, keepalived, chrony, NFS exports)
 )

@@ -190,7 +190,7 @@ func TestMembershipJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, key := range []string{"node_id", "joined", "nodelist", "quorate", "expected", "total", "online", "role",
-		"time_source", "time_offset_ms", "time_synced", "home_mounted", "vips", "fencing_enabled", "fencing_devices"} {
+		"time_source", "time_offset_ms", "time_synced", "home_mounted", "home_exported", "vips", "fencing_enabled", "fencing_devices"} {
 		if !strings.Contains(string(data), `"`+key+`":`) {
 			t.Errorf("JSON lacks %q: %s", key, data)
 		}
@@ -409,5 +409,44 @@ vips:
 	}
 	if !slices.Contains(run.ran, "sysctl -w net.ipv4.conf.lo.arp_announce=2") {
 		t.Fatalf("arp_announce on lo not set; ran %q", run.ran)
+	}
+}
+
+// TestHomeExported checks the NFS home server's check against scripted
+// engines: it passes only while nfsd has threads, rpc.mountd runs and
+// exportfs -s lists the home; otherwise its error names the home check and
+// what is missing.
+func TestHomeExported(t *testing.T) {
+	const list = "/srv/other  198.18.0.0/24(sync,wdelay,hide,no_subtree_check,sec=sys,rw,secure,root_squash,no_all_squash)\n" +
+		"/home  198.18.0.0/24(sync,wdelay,hide,no_subtree_check,sec=sys,rw,secure,root_squash,no_all_squash)\n"
+	for _, tc := range []struct {
+		name            string
+		threads, mountd func() ([]byte, error)
+		exports         func() ([]byte, error)
+		want            string // "" passes
+	}{
+		{"served", answer("8\n"), answer("412\n"), answer(list), ""},
+		{"no nfsd threads", answer("0\n"), answer("412\n"), answer(list), "NFS server is not running"},
+		{"no nfsd filesystem", fail("cat: /proc/fs/nfsd/threads: No such file or directory"), answer("412\n"), answer(list), "NFS server is not running"},
+		{"no rpc.mountd", answer("8\n"), fail(""), answer(list), "NFS server is not running"},
+		{"not exported", answer("8\n"), answer("412\n"), answer("/srv/other  198.18.0.0/24(rw)\n/home/user  *(ro)\n"), "/home is not exported"},
+		{"exportfs fails", answer("8\n"), answer("412\n"), fail("exportfs: could not open /var/lib/nfs/etab"), "exportfs -s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &script{table: map[string]func() ([]byte, error){
+				"cat " + nfsdThreads: tc.threads, "pidof rpc.mountd": tc.mountd, "exportfs -s": tc.exports}}
+			n := &Node{Root: t.TempDir(), Run: s, Init: Direct}
+			err := n.HomeExported(context.Background(), "/home")
+			if tc.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			var ce *CheckError
+			if !errors.As(err, &ce) || ce.Check != CheckHome || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want check home saying %q", err, tc.want)
+			}
+		})
 	}
 }

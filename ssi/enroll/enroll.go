@@ -84,7 +84,8 @@ type Node struct {
 // as joined in a quorate partition with every core member (core nodes);
 // pacemaker shows it online (crm_mon; on a remote node through
 // pacemaker-remoted, once a core node reconciled its connection resource);
-// chrony is synchronised (TimeSynced); the NFS home is mounted. It returns the
+// chrony is synchronised (TimeSynced); the NFS home is mounted (on its server:
+// exported, HomeExported). It returns the
 // node's view, or a *CheckError naming the node and the first check that did
 // not pass within the node's timeout; a failed membership check says, when
 // corosync tells, whether the missing members' packets fail authentication
@@ -162,6 +163,12 @@ func (n *Node) enroll(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 			return m, named(err, name)
 		}
 		m.HomeMounted = true
+	}
+	if b.HomeExport != "" {
+		if err := n.HomeExported(ctx, b.HomeExport); err != nil {
+			return m, named(err, name)
+		}
+		m.HomeExported = true
 	}
 	if len(b.DirectorVIPs) > 0 {
 		if as, err := n.addrs(ctx); err == nil {

@@ -31,8 +31,11 @@ type Membership struct {
 	TimeOffsetMS float64 `json:"time_offset_ms"` // system clock minus NTP time, ms
 	TimeSynced   bool    `json:"time_synced"`
 
-	HomeMounted bool     `json:"home_mounted"` // the NFS home is mounted (only meaningful with an NFS home, off its server)
-	VIPs        []string `json:"vips"`         // VIPs this node holds as a VRRP director
+	HomeMounted bool `json:"home_mounted"` // the NFS home is mounted (only meaningful with an NFS home, off its server)
+	// HomeExported says the NFS home's server serves it: nfsd runs with
+	// rpc.mountd and the home is in its export table (on that server only).
+	HomeExported bool     `json:"home_exported"`
+	VIPs         []string `json:"vips"` // VIPs this node holds as a VRRP director
 	// IPVS is the director's IPVS table while it holds a VIP: the real
 	// servers with their weight and connection counts.
 	IPVS []IPVSEntry `json:"ipvs,omitempty"`
@@ -82,6 +85,11 @@ func (n *Node) View(ctx context.Context, b *ssi.Bundle) (Membership, error) {
 			err = failed(CheckHome, "%s is not mounted", b.HomeMount)
 		}
 		m.HomeMounted = ok
+		errs = append(errs, err)
+	}
+	if b.HomeExport != "" {
+		err := n.HomeExported(ctx, b.HomeExport)
+		m.HomeExported = err == nil
 		errs = append(errs, err)
 	}
 	if len(b.DirectorVIPs) > 0 || len(b.LoopbackVIPs) > 0 {
@@ -171,6 +179,35 @@ func (n *Node) HomeMounted(ctx context.Context, dir string) (bool, error) {
 		return false, failed(CheckHome, "mountinfo: %w: %s", err, bytes.TrimSpace(out))
 	}
 	return nfsMounted(out, dir), nil
+}
+
+// HomeExported checks that the node serves dir as the NFS home: the kernel
+// NFS server has threads, rpc.mountd runs (it answers the kernel's export
+// upcalls) and dir is in the export table (exportfs -s). It returns a
+// *CheckError (check home) saying which is missing.
+func (n *Node) HomeExported(ctx context.Context, dir string) error {
+	if !n.nfsUp(ctx) {
+		return failed(CheckHome, "the NFS server is not running (no nfsd threads in %s, or no rpc.mountd)", nfsdThreads)
+	}
+	out, err := n.Run.Run(ctx, "exportfs", "-s")
+	if err != nil {
+		return failed(CheckHome, "exportfs -s: %w: %s", err, bytes.TrimSpace(out))
+	}
+	if !exported(out, dir) {
+		return failed(CheckHome, "%s is not exported (exportfs -s lists %q)", dir, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// exported reads exportfs -s lines ("/home  198.18.0.0/24(sync,...)") and
+// reports whether dir is exported.
+func exported(list []byte, dir string) bool {
+	for l := range strings.Lines(string(list)) {
+		if f := strings.Fields(l); len(f) > 0 && f[0] == dir {
+			return true
+		}
+	}
+	return false
 }
 
 // nfsMounted reads mountinfo lines ("36 35 98:0 / /home rw,noatime

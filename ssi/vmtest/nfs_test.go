@@ -66,6 +66,9 @@ func startHome(ctx context.Context, t *testing.T, srv *node, export string) {
 	} else if !strings.Contains(string(out), export) || !strings.Contains(string(out), "root_squash") {
 		t.Fatalf("%s: exportfs -v lists %q, want %s with root_squash", srv.name, out, export)
 	}
+	if err := srv.enr.HomeExported(ctx, export); err != nil {
+		t.Fatalf("%s: the home server's check after Start: %v", srv.name, err)
+	}
 }
 
 // checkHome enrolls the clients (enroll.Node.Enroll: their fstab line is the
@@ -154,6 +157,9 @@ func checkHome(ctx context.Context, t *testing.T, logf func(string, ...any), srv
 	if out, err := srv.enr.Run.Run(ctx, "pidof", "rpc.mountd"); err == nil {
 		t.Errorf("%s: rpc.mountd still runs after Leave (pid %s)", srv.name, out)
 	}
+	if err := srv.enr.HomeExported(ctx, export); err == nil || !strings.Contains(err.Error(), "check home") {
+		t.Errorf("%s: the home server's check after Leave: %v, want check home failed", srv.name, err)
+	}
 	if err := srv.enr.Start(ctx, srv.bundle); err != nil {
 		t.Fatal(err)
 	}
@@ -168,6 +174,9 @@ func checkHome(ctx context.Context, t *testing.T, logf func(string, ...any), srv
 	// puts them back.
 	if out := run(srv, "exportfs", "-v"); !strings.Contains(out, export) {
 		t.Errorf("%s: exportfs -v lists %q after Start again, want %s", srv.name, out, export)
+	}
+	if err := srv.enr.HomeExported(ctx, export); err != nil {
+		t.Errorf("%s: the home server's check after Start again: %v", srv.name, err)
 	}
 	logf("nfs: %s's NFS server stopped (Leave) and started again (Start): %d threads", srv.name, threads)
 }

@@ -102,7 +102,7 @@
     tr.innerHTML = '<td class="num">' + m.id + "</td><td>" + esc(m.n) + '</td><td class="mono">' + esc(m.addr) + "</td><td>" + esc(m.role) +
       '</td><td><span class="badge st-' + esc(m.s) + '" data-f="s">' + esc(m.s) + '</span></td><td data-f="ver">' + esc(m.ver) +
       '</td><td class="small" data-f="time">' + esc(m.time) + '</td><td class="mono" data-f="vip">' + esc(m.vip) + '</td><td class="num" data-f="onl">' +
-      esc(m.onl) + '</td><td class="small" data-f="rep">' + esc(m.rep) + '</td><td class="reason" data-f="chk">' + esc(m.chk) + "</td>";
+      esc(m.onl) + '</td><td data-f="home">' + esc(m.home) + '</td><td class="small" data-f="rep">' + esc(m.rep) + '</td><td class="reason" data-f="chk">' + esc(m.chk) + "</td>";
     tb.appendChild(tr);
   }
   handlers.csum = (s) => {
