@@ -149,6 +149,34 @@ func startNode(ctx context.Context, t *testing.T, h *netlab.Host) *node {
 	return &node{Node: n, enr: &Node{Root: n.Root, Run: n, Init: Direct, Timeout: 30 * time.Second}}
 }
 
+// newLab opens network lab name for a test and closes it when the test ends.
+func newLab(ctx context.Context, t *testing.T, name string) *netlab.Lab {
+	t.Helper()
+	lab, err := netlab.New(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lab.Close() })
+	return lab
+}
+
+// memberAddr is the address of the test cluster's i-th member (from 0).
+func memberAddr(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)}) }
+
+// joinNode allocates member name at memberAddr(i) in st and starts its node
+// in lab.
+func joinNode(ctx context.Context, t *testing.T, lab *netlab.Lab, st *ssi.State, coreSize, i int, name string) *node {
+	t.Helper()
+	if _, _, err := st.Join(name, memberAddr(i), coreSize); err != nil {
+		t.Fatal(err)
+	}
+	h, err := lab.AddHost(ctx, name, netip.PrefixFrom(memberAddr(i), 24), netlab.Link{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startNode(ctx, t, h)
+}
+
 // keepLogs copies the nodes' corosync logs to $ESIR_ARTIFACTS and the test log
 // when the test failed.
 func keepLogs(t *testing.T, nodes []*node) {
@@ -219,23 +247,11 @@ func TestLevel1CoreNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := ssi.NewState()
-	lab, err := netlab.New(ctx, "ssil1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lab.Close() })
+	lab := newLab(ctx, t, "ssil1")
 	var nodes []*node
 	t.Cleanup(func() { keepLogs(t, nodes) })
 	for i, name := range []string{"n1", "n2", "n3"} {
-		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
-		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
-			t.Fatal(err)
-		}
-		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		nodes = append(nodes, startNode(ctx, t, h))
+		nodes = append(nodes, joinNode(ctx, t, lab, st, c.CoreSize, i, name))
 	}
 
 	t0 := time.Now()
@@ -403,22 +419,10 @@ func TestLevel1VRRPNetns(t *testing.T) {
 	}
 	vip := c.VIPs[0].Address.Addr()
 	st := ssi.NewState()
-	lab, err := netlab.New(ctx, "ssivr")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lab.Close() })
+	lab := newLab(ctx, t, "ssivr")
 	var nodes []*node
 	for i, name := range []string{"d1", "d2", "d3"} {
-		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
-		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
-			t.Fatal(err)
-		}
-		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		nodes = append(nodes, startNode(ctx, t, h))
+		nodes = append(nodes, joinNode(ctx, t, lab, st, c.CoreSize, i, name))
 	}
 	for _, n := range nodes {
 		b, err := ssi.Render(c, st, &ssi.Keys{}, n.Host.Name)
@@ -573,23 +577,11 @@ func TestLevel1ReloadNetns(t *testing.T) {
 	}
 	vip := c.VIPs[0].Address.Addr()
 	st := ssi.NewState()
-	lab, err := netlab.New(ctx, "ssirl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lab.Close() })
+	lab := newLab(ctx, t, "ssirl")
 	var nodes []*node
 	var recs []*recorder
 	for i, name := range []string{"d1", "d2", "d3"} {
-		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
-		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
-			t.Fatal(err)
-		}
-		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := startNode(ctx, t, h)
+		n := joinNode(ctx, t, lab, st, c.CoreSize, i, name)
 		n.enr.SharedClock = true
 		rec := &recorder{r: n.Node}
 		n.enr.Run = rec
@@ -864,24 +856,12 @@ func TestLevel1PacemakerRemoteNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := &cluster{def: def, keys: keys, st: ssi.NewState(), nodes: map[string]*node{}}
-	lab, err := netlab.New(ctx, "ssipm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lab.Close() })
+	lab := newLab(ctx, t, "ssipm")
 	var nodes []*node
 	t.Cleanup(func() { keepLogs(t, nodes[:3]); keepPacemakerLogs(t, nodes) })
 	names := []string{"p1", "p2", "p3", "r1"}
 	for i, name := range names {
-		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
-		if _, _, err := c.st.Join(name, a, def.CoreSize); err != nil {
-			t.Fatal(err)
-		}
-		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := startNode(ctx, t, h)
+		n := joinNode(ctx, t, lab, c.st, def.CoreSize, i, name)
 		n.Env = []string{"PATH=" + remotedDir + ":" + os.Getenv("PATH")}
 		n.enr.Timeout = 60 * time.Second
 		n.enr.SharedClock = true

@@ -211,7 +211,6 @@ func testFencing(t *testing.T, action, failure string, fail func(ctx context.Con
 	defer cancel()
 
 	names := []string{"f1", "f2", "f3"}
-	addr := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)}) }
 	bmcAddr := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 18, 0, byte(101 + i)}) }
 	password := func(i int) string { return fmt.Sprintf("pw-%s-7Qx", names[i]) }
 	// The definition, with the BMC passwords in files the server keeps
@@ -242,11 +241,7 @@ func testFencing(t *testing.T, action, failure string, fail func(ctx context.Con
 		t.Fatal(err)
 	}
 	c := &cluster{def: def, keys: keys, st: ssi.NewState(), nodes: map[string]*node{}}
-	lab, err := netlab.New(ctx, "ssifn")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lab.Close() })
+	lab := newLab(ctx, t, "ssifn")
 	var nodes []*node
 	var bmcs []*bmcSim
 	t.Cleanup(func() {
@@ -259,14 +254,7 @@ func testFencing(t *testing.T, action, failure string, fail func(ctx context.Con
 		}
 	})
 	for i, name := range names {
-		if _, _, err := c.st.Join(name, addr(i), def.CoreSize); err != nil {
-			t.Fatal(err)
-		}
-		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(addr(i), 24), netlab.Link{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := startNode(ctx, t, h)
+		n := joinNode(ctx, t, lab, c.st, def.CoreSize, i, name)
 		n.enr.Timeout = 60 * time.Second
 		nodes = append(nodes, n)
 		c.nodes[name] = n

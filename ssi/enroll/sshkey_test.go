@@ -153,22 +153,10 @@ func TestLevel1ClushNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := ssi.NewState()
-	lab, err := netlab.New(ctx, "ssish")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lab.Close() })
+	lab := newLab(ctx, t, "ssish")
 	var nodes []*node
 	for i, name := range []string{"c1", "r1"} {
-		a := netip.AddrFrom4([4]byte{198, 18, 0, byte(i + 1)})
-		if _, _, err := st.Join(name, a, c.CoreSize); err != nil {
-			t.Fatal(err)
-		}
-		h, err := lab.AddHost(ctx, name, netip.PrefixFrom(a, 24), netlab.Link{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		nodes = append(nodes, startNode(ctx, t, h))
+		nodes = append(nodes, joinNode(ctx, t, lab, st, c.CoreSize, i, name))
 	}
 	core, remote := nodes[0], nodes[1]
 	// The administrator's key on the remote node stays beside ESIR's.
