@@ -247,11 +247,32 @@ func newBrowser(t *testing.T, ctx context.Context) context.Context {
 	if _, err := os.Stat(chromium); err != nil {
 		t.Skipf("no %s: install Debian's chromium (scripts/setup.sh)", chromium)
 	}
+	// Chromium's helper processes may still write its profile for a moment
+	// after the browser exits: t.TempDir's removal would fail the test, so
+	// remove it here, retrying, after the browser stops (cleanups run last
+	// in, first out).
+	profile, err := os.MkdirTemp("", "esir-chromium-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for i := 0; ; i++ {
+			err := os.RemoveAll(profile)
+			if err == nil {
+				return
+			}
+			if i == 20 {
+				t.Logf("chromium's profile stays behind: %v", err)
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
 	opts := []chromedp.ExecAllocatorOption{
 		chromedp.ExecPath(chromium), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU, chromedp.NoFirstRun,
 		chromedp.Flag("disable-quic", true), chromedp.Flag("disable-background-networking", true),
 		chromedp.Flag("disable-component-update", true), chromedp.Flag("disable-sync", true),
-		chromedp.UserDataDir(t.TempDir()), chromedp.WindowSize(1440, 1000),
+		chromedp.UserDataDir(profile), chromedp.WindowSize(1440, 1000),
 	}
 	actx, cancel := chromedp.NewExecAllocator(ctx, opts...)
 	t.Cleanup(cancel)
