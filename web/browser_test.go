@@ -1,6 +1,7 @@
 package web_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -68,7 +69,8 @@ type server struct {
 	url, dataDir, token, password string
 }
 
-func startServer(t *testing.T, ctx context.Context) *server {
+// startServer starts `esir server` on loopback; args are extra flags.
+func startServer(t *testing.T, ctx context.Context, args ...string) *server {
 	t.Helper()
 	// ESIR_BIN names a prebuilt esir binary; otherwise the test builds one.
 	bin := os.Getenv("ESIR_BIN")
@@ -96,8 +98,8 @@ func startServer(t *testing.T, ctx context.Context) *server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "server", "--listen", addr, "--data-dir", s.dataDir, "--image-store", buildImage(t),
-		"--swarm-listen", "", "--admin-token-file", tokFile, "--scheduler-tick", "200ms", "--public-url", s.url)
+	cmd := exec.Command(bin, append([]string{"server", "--listen", addr, "--data-dir", s.dataDir, "--image-store", buildImage(t),
+		"--swarm-listen", "", "--admin-token-file", tokFile, "--scheduler-tick", "200ms", "--public-url", s.url}, args...)...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -153,18 +155,39 @@ func startServer(t *testing.T, ctx context.Context) *server {
 
 // bootToken asks the admin API for a node's boot token.
 func (s *server) bootToken(t *testing.T, mac string) string {
-	req, _ := http.NewRequest(http.MethodPost, s.url+"/api/v1/nodes/"+mac+"/boot-token", nil)
+	t.Helper()
+	var out struct{ Token string }
+	if err := json.Unmarshal(s.admin(t, http.MethodPost, "/api/v1/nodes/"+mac+"/boot-token", nil, http.StatusOK), &out); err != nil || out.Token == "" {
+		t.Fatalf("boot token for %s: %v", mac, err)
+	}
+	return out.Token
+}
+
+// admin sends an admin API request with a JSON body (nil: none) and
+// returns the answer's body, failing unless the status is want.
+func (s *server) admin(t *testing.T, method, path string, body any, want int) []byte {
+	t.Helper()
+	var in io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		in = bytes.NewReader(b)
+	}
+	req, _ := http.NewRequest(method, s.url+path, in)
 	req.Header.Set("Authorization", "Bearer "+s.token)
+	req.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var out struct{ Token string }
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || out.Token == "" {
-		t.Fatalf("boot token for %s: %v (status %d)", mac, err, resp.StatusCode)
+	out, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != want {
+		t.Fatalf("%s %s: status %d, want %d: %s", method, path, resp.StatusCode, want, out)
 	}
-	return out.Token
+	return out
 }
 
 // agent simulates one node's agent through the real protocol: it registers,
@@ -247,11 +270,32 @@ func newBrowser(t *testing.T, ctx context.Context) context.Context {
 	if _, err := os.Stat(chromium); err != nil {
 		t.Skipf("no %s: install Debian's chromium (scripts/setup.sh)", chromium)
 	}
+	// Chromium's helper processes may still write its profile for a moment
+	// after the browser exits: t.TempDir's removal would fail the test, so
+	// remove it here, retrying, after the browser stops (cleanups run last
+	// in, first out).
+	profile, err := os.MkdirTemp("", "esir-chromium-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for i := 0; ; i++ {
+			err := os.RemoveAll(profile)
+			if err == nil {
+				return
+			}
+			if i == 20 {
+				t.Logf("chromium's profile stays behind: %v", err)
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
 	opts := []chromedp.ExecAllocatorOption{
 		chromedp.ExecPath(chromium), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU, chromedp.NoFirstRun,
 		chromedp.Flag("disable-quic", true), chromedp.Flag("disable-background-networking", true),
 		chromedp.Flag("disable-component-update", true), chromedp.Flag("disable-sync", true),
-		chromedp.UserDataDir(t.TempDir()), chromedp.WindowSize(1440, 1000),
+		chromedp.UserDataDir(profile), chromedp.WindowSize(1440, 1000),
 	}
 	actx, cancel := chromedp.NewExecAllocator(ctx, opts...)
 	t.Cleanup(cancel)
@@ -636,17 +680,7 @@ func TestNodeListPages(t *testing.T) {
 	srv := startServer(t, ctx)
 	for i := 1; i <= 7; i++ {
 		body := fmt.Sprintf(`{"mac":"52:54:00:00:01:%02x","hostname":"n%d","labels":{"rack":"r%d"}}`, i, 8-i, i%2)
-		req, _ := http.NewRequest(http.MethodPost, srv.url+"/api/v1/nodes", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+srv.token)
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusCreated {
-			t.Fatalf("add node %d: %d", i, resp.StatusCode)
-		}
+		srv.admin(t, http.MethodPost, "/api/v1/nodes", json.RawMessage(body), http.StatusCreated)
 	}
 	c, _ := session(t, srv, url.Values{"user": {"admin"}, "password": {srv.password}})
 	rowRE := regexp.MustCompile(`data-k="52:54:00:00:01:0(\d)"`)

@@ -118,6 +118,14 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 	default:
 		s.Quorum = fmt.Sprintf("NOT quorate (%d joined, view of %s)", len(snap.Joined), snap.ViewFrom)
 	}
+	// The IPVS tables shown are those of the members the snapshot counts
+	// as holding a VIP: not a leaving or unreachable member's last view.
+	holders := map[string]bool{}
+	for _, h := range snap.VIPHolders {
+		for _, name := range h {
+			holders[name] = true
+		}
+	}
 	counts := map[cluster.State]int{}
 	for _, m := range snap.Members {
 		counts[m.State]++
@@ -144,7 +152,7 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 			r.VIPs = strings.Join(v.VIPs, " ")
 			r.Online = fmt.Sprint(len(v.Online))
 			r.Home = homeState(pr.NFSHome, m.Name == snap.NFSServer, v)
-			if m.State != cluster.Unreachable && len(v.VIPs) > 0 {
+			if holders[m.Name] {
 				s.IPVS = append(s.IPVS, v.IPVS...)
 			}
 		}

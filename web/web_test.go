@@ -86,7 +86,7 @@ func TestTemplatesParse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"login", "error", "dashboard", "nodes", "node", "images", "image", "rollouts", "rollout_new", "rollout", "swarm", "users"} {
+	for _, name := range []string{"login", "error", "dashboard", "nodes", "node", "images", "image", "rollouts", "rollout_new", "rollout", "swarm", "users", "cluster"} {
 		if pages[name] == nil {
 			t.Errorf("no template %s", name)
 		}
