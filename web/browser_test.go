@@ -321,8 +321,30 @@ func shot(t *testing.T, ctx context.Context, name string) {
 }
 
 // waitJS polls a JavaScript expression until it is true.
+// waitJS polls expr every 100 ms until it is true, for at most d. A poll
+// that lost its JavaScript context (the page was still switching documents
+// after a navigation: "Cannot find context with specified id", "Execution
+// context was destroyed") starts again in the new one.
 func waitJS(expr string, d time.Duration) chromedp.Action {
-	return chromedp.Poll(expr, nil, chromedp.WithPollingInterval(100*time.Millisecond), chromedp.WithPollingTimeout(d))
+	return chromedp.ActionFunc(func(ctx context.Context) error {
+		deadline := time.Now().Add(d)
+		for {
+			left := time.Until(deadline)
+			if left <= 0 {
+				return fmt.Errorf("%s: not true within %v", expr, d)
+			}
+			err := chromedp.Poll(expr, nil, chromedp.WithPollingInterval(100*time.Millisecond), chromedp.WithPollingTimeout(left)).Do(ctx)
+			if err == nil || !(strings.Contains(err.Error(), "Cannot find context with specified id") ||
+				strings.Contains(err.Error(), "Execution context was destroyed")) {
+				return err
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	})
 }
 
 func TestBrowserRollout(t *testing.T) {
