@@ -1,7 +1,6 @@
 package web
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"slices"
@@ -10,30 +9,6 @@ import (
 	"github.com/esir-project/esir/server/cluster"
 	"github.com/labstack/echo/v4"
 )
-
-// memberView is the part of a member's membership view (ssi/enroll's
-// Membership, as the node sent it) the cluster page shows.
-type memberView struct {
-	Quorate      bool        `json:"quorate"`
-	Joined       []int       `json:"joined"`
-	Online       []string    `json:"online"`
-	TimeSource   string      `json:"time_source"`
-	TimeOffsetMS float64     `json:"time_offset_ms"`
-	TimeSynced   bool        `json:"time_synced"`
-	HomeMounted  bool        `json:"home_mounted"`
-	HomeExported bool        `json:"home_exported"`
-	VIPs         []string    `json:"vips"`
-	IPVS         []ipvsEntry `json:"ipvs"`
-}
-
-// ipvsEntry is one real server of a director's IPVS table.
-type ipvsEntry struct {
-	Service  string `json:"service"` // VIP:port/proto
-	Real     string `json:"real"`
-	Weight   int    `json:"weight"`
-	Active   int    `json:"active"`
-	Inactive int    `json:"inactive"`
-}
 
 // memberRow is one member on the cluster page (short keys: sent live).
 type memberRow struct {
@@ -53,15 +28,15 @@ type memberRow struct {
 
 // clusterSum is the cluster page's summary line.
 type clusterSum struct {
-	Name    string      `json:"name"`
-	Version int         `json:"v"`
-	Quorum  string      `json:"q"`
-	QOK     bool        `json:"qok"`
-	Members int         `json:"m"`
-	Counts  string      `json:"c"`
-	Holders string      `json:"h"`
-	Split   bool        `json:"split"`
-	IPVS    []ipvsEntry `json:"ipvs"`
+	Name    string              `json:"name"`
+	Version int                 `json:"v"`
+	Quorum  string              `json:"q"`
+	QOK     bool                `json:"qok"`
+	Members int                 `json:"m"`
+	Counts  string              `json:"c"`
+	Holders string              `json:"h"`
+	Split   bool                `json:"split"`
+	IPVS    []cluster.IPVSEntry `json:"ipvs"`
 }
 
 type clusterPage struct {
@@ -70,23 +45,6 @@ type clusterPage struct {
 	Members  []memberRow
 	Warnings []string
 	Profile  string
-}
-
-// homeState is a member's NFS home as its view reports it: on the home's
-// server "exported" or "NOT exported", elsewhere "mounted" or "NOT mounted";
-// "—" without an NFS home.
-func homeState(nfsHome, server bool, v memberView) string {
-	switch {
-	case !nfsHome:
-		return "—"
-	case server && v.HomeExported:
-		return "exported"
-	case server:
-		return "NOT exported"
-	case v.HomeMounted:
-		return "mounted"
-	}
-	return "NOT mounted"
 }
 
 func (c *Console) clusterNow() (clusterPage, bool) {
@@ -120,12 +78,7 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 	}
 	// The IPVS tables shown are those of the members the snapshot counts
 	// as holding a VIP: not a leaving or unreachable member's last view.
-	holders := map[string]bool{}
-	for _, h := range snap.VIPHolders {
-		for _, name := range h {
-			holders[name] = true
-		}
-	}
+	holders := snap.Holders()
 	counts := map[cluster.State]int{}
 	for _, m := range snap.Members {
 		counts[m.State]++
@@ -139,19 +92,11 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 		if !m.Reported.IsZero() {
 			r.Rep = ago(now, m.Reported)
 		}
-		var v memberView
-		if len(m.View) > 0 && json.Unmarshal(m.View, &v) == nil {
-			switch {
-			case v.TimeSource == "" && !v.TimeSynced:
-				r.Time = "—"
-			case v.TimeSynced:
-				r.Time = fmt.Sprintf("%s %+.3f ms", v.TimeSource, v.TimeOffsetMS)
-			default:
-				r.Time = "NOT synced (" + v.TimeSource + ")"
-			}
+		if v, ok := cluster.MemberView(m); ok {
+			r.Time = v.TimeText()
 			r.VIPs = strings.Join(v.VIPs, " ")
 			r.Online = fmt.Sprint(len(v.Online))
-			r.Home = homeState(pr.NFSHome, m.Name == snap.NFSServer, v)
+			r.Home = v.HomeText(pr.NFSHome, m.Name == snap.NFSServer)
 			if holders[m.Name] {
 				s.IPVS = append(s.IPVS, v.IPVS...)
 			}

@@ -92,21 +92,3 @@ func TestTemplatesParse(t *testing.T) {
 		}
 	}
 }
-
-func TestHomeState(t *testing.T) {
-	for _, tc := range []struct {
-		nfs, server bool
-		v           memberView
-		want        string
-	}{
-		{false, false, memberView{HomeMounted: true}, "—"},
-		{true, true, memberView{HomeExported: true}, "exported"},
-		{true, true, memberView{}, "NOT exported"},
-		{true, false, memberView{HomeMounted: true}, "mounted"},
-		{true, false, memberView{}, "NOT mounted"},
-	} {
-		if got := homeState(tc.nfs, tc.server, tc.v); got != tc.want {
-			t.Errorf("homeState(%v, %v, %+v) = %q, want %q", tc.nfs, tc.server, tc.v, got, tc.want)
-		}
-	}
-}

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -95,6 +96,7 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 				}
 				fmt.Fprintf(app.Stdout, "vip %s held by %s%s\n", vip, strings.Join(h, ", "), note)
 			}
+			writeIPVS(app.Stdout, s)
 			for _, w := range s.Warnings {
 				fmt.Fprintln(app.Stdout, "warning:", w)
 			}
@@ -118,7 +120,7 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 				return json.NewEncoder(app.Stdout).Encode(s.Members)
 			}
 			tw := tabwriter.NewWriter(app.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tADDRESS\tROLE\tSTATE\tVERSION\tREPORTED\tCHECK")
+			fmt.Fprintln(tw, "ID\tNAME\tADDRESS\tROLE\tSTATE\tVERSION\tTIME\tHOME\tREPORTED\tCHECK")
 			for _, m := range s.Members {
 				rep := "-"
 				if !m.Reported.IsZero() {
@@ -128,7 +130,11 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 				if m.Check != "" {
 					chk = m.Check + ": " + m.Error
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", m.ID, m.Name, m.Addr, m.Role, m.State, m.Version, rep, chk)
+				tm, home := "-", "-"
+				if v, ok := cluster.MemberView(m); ok {
+					tm, home = v.TimeText(), v.HomeText(s.Profile.NFSHome, m.Name == s.NFSServer)
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", m.ID, m.Name, m.Addr, m.Role, m.State, m.Version, tm, home, rep, chk)
 			}
 			return tw.Flush()
 		},
@@ -197,4 +203,26 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 	render.MarkFlagRequired("out")
 	cmd.AddCommand(check, show, members, leave, render)
 	return cmd
+}
+
+// writeIPVS prints the IPVS tables of the directors that hold a VIP, one
+// real server a line, with its weight and connection counts.
+func writeIPVS(w io.Writer, s *cluster.Snapshot) {
+	holders := s.Holders()
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	header := false
+	for _, m := range s.Members {
+		v, ok := cluster.MemberView(m)
+		if !ok || !holders[m.Name] {
+			continue
+		}
+		for _, e := range v.IPVS {
+			if !header {
+				fmt.Fprintln(tw, "IPVS ON\tSERVICE\tREAL SERVER\tWEIGHT\tACTIVE\tINACTIVE")
+				header = true
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\n", m.Name, e.Service, e.Real, e.Weight, e.Active, e.Inactive)
+		}
+	}
+	tw.Flush()
 }

@@ -24,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -82,17 +83,73 @@ type Member struct {
 	LeaveBy  time.Time `json:"leave_by,omitzero"`
 }
 
-// View is the part of a node's membership view the server reads; the rest
-// is kept as the node sent it.
+// View is the part of a node's membership view (ssi/enroll's Membership, as
+// the node sent it) the server reads and shows; the rest is kept as the node
+// sent it.
 type View struct {
-	NodeID   int      `json:"node_id"`
-	Joined   []int    `json:"joined"`
-	Nodelist []int    `json:"nodelist"`
-	Quorate  bool     `json:"quorate"`
-	Expected int      `json:"expected"`
-	Total    int      `json:"total"`
-	Online   []string `json:"online"`
-	VIPs     []string `json:"vips"`
+	NodeID       int         `json:"node_id"`
+	Joined       []int       `json:"joined"`
+	Nodelist     []int       `json:"nodelist"`
+	Quorate      bool        `json:"quorate"`
+	Expected     int         `json:"expected"`
+	Total        int         `json:"total"`
+	Online       []string    `json:"online"`
+	VIPs         []string    `json:"vips"`
+	TimeSource   string      `json:"time_source"`
+	TimeOffsetMS float64     `json:"time_offset_ms"`
+	TimeSynced   bool        `json:"time_synced"`
+	HomeMounted  bool        `json:"home_mounted"`
+	HomeExported bool        `json:"home_exported"`
+	IPVS         []IPVSEntry `json:"ipvs"`
+}
+
+// IPVSEntry is one real server of a director's IPVS table, as the director
+// reports it.
+type IPVSEntry struct {
+	Service  string `json:"service"` // "TCP 198.18.0.100:80 wlc"
+	Real     string `json:"real"`    // "198.18.0.3:80"
+	Weight   int    `json:"weight"`
+	Active   int    `json:"active"`   // active connections
+	Inactive int    `json:"inactive"` // inactive connections
+}
+
+// MemberView returns m's last view; ok is false when m sent none (or one
+// that does not parse).
+func MemberView(m Member) (v View, ok bool) {
+	if len(m.View) == 0 || json.Unmarshal(m.View, &v) != nil {
+		return View{}, false
+	}
+	return v, true
+}
+
+// TimeText is the view's time synchronisation in a few words: "SOURCE
+// +0.250 ms" when synchronised, "NOT synced (SOURCE)", or "—" when the
+// node runs no time service.
+func (v View) TimeText() string {
+	switch {
+	case v.TimeSource == "" && !v.TimeSynced:
+		return "—"
+	case v.TimeSynced:
+		return strings.TrimSpace(fmt.Sprintf("%s %+.3f ms", v.TimeSource, v.TimeOffsetMS))
+	}
+	return "NOT synced (" + v.TimeSource + ")"
+}
+
+// HomeText is the NFS home as the view reports it: on the home's server
+// (server) "exported" or "NOT exported", elsewhere "mounted" or "NOT
+// mounted"; "—" without an NFS home (nfsHome false).
+func (v View) HomeText(nfsHome, server bool) string {
+	switch {
+	case !nfsHome:
+		return "—"
+	case server && v.HomeExported:
+		return "exported"
+	case server:
+		return "NOT exported"
+	case v.HomeMounted:
+		return "mounted"
+	}
+	return "NOT mounted"
 }
 
 // Snapshot is the cluster as the server sees it now.
@@ -118,6 +175,18 @@ type Snapshot struct {
 	// than one is a split brain).
 	VIPHolders map[string][]string `json:"vip_holders,omitempty"`
 	Retired    []int               `json:"retired,omitempty"`
+}
+
+// Holders returns the names of the members that hold a VIP (VIPHolders):
+// their views' IPVS tables are the live ones.
+func (s *Snapshot) Holders() map[string]bool {
+	hs := map[string]bool{}
+	for _, names := range s.VIPHolders {
+		for _, n := range names {
+			hs[n] = true
+		}
+	}
+	return hs
 }
 
 // Options tune a Service.

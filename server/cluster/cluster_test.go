@@ -308,3 +308,24 @@ vips:
 		})
 	}
 }
+
+func TestViewTexts(t *testing.T) {
+	for _, tc := range []struct {
+		nfs, server bool
+		v           View
+		home, time  string
+	}{
+		{false, false, View{HomeMounted: true}, "—", "—"},
+		{true, true, View{HomeExported: true, TimeSource: "local", TimeSynced: true}, "exported", "local +0.000 ms"},
+		{true, true, View{TimeSource: "198.18.0.1"}, "NOT exported", "NOT synced (198.18.0.1)"},
+		{true, false, View{HomeMounted: true, TimeSource: "198.18.0.1", TimeOffsetMS: -0.04, TimeSynced: true}, "mounted", "198.18.0.1 -0.040 ms"},
+		{true, false, View{TimeSynced: true, TimeOffsetMS: 1.5}, "NOT mounted", "+1.500 ms"},
+	} {
+		if got := tc.v.HomeText(tc.nfs, tc.server); got != tc.home {
+			t.Errorf("%+v.HomeText(%v, %v) = %q, want %q", tc.v, tc.nfs, tc.server, got, tc.home)
+		}
+		if got := tc.v.TimeText(); got != tc.time {
+			t.Errorf("%+v.TimeText() = %q, want %q", tc.v, got, tc.time)
+		}
+	}
+}
