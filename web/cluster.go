@@ -94,10 +94,12 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 		}
 		if v, ok := cluster.MemberView(m); ok {
 			r.Time = v.TimeText()
-			r.VIPs = strings.Join(v.VIPs, " ")
 			r.Online = fmt.Sprint(len(v.Online))
 			r.Home = v.HomeText(pr.NFSHome, m.Name == snap.NFSServer)
+			// A leaving or unreachable member's last view may still
+			// list a VIP: the VIPs and tables shown are the holders'.
 			if holders[m.Name] {
+				r.VIPs = strings.Join(v.VIPs, " ")
 				s.IPVS = append(s.IPVS, v.IPVS...)
 			}
 		}

@@ -323,8 +323,8 @@ func TestClusterPage(t *testing.T) {
 		s := live.until(t, "the VIP on node002 alone", func(s liveState) bool {
 			return s.sum.Holders == vip+" on node002" && !s.sum.Split && s.members["m-node001"].State == "leaving"
 		})
-		if r := s.members["m-node001"]; r.Check != "esir cluster leave" {
-			t.Errorf("leaving node001's row says %q, want why it leaves", r.Check)
+		if r := s.members["m-node001"]; r.Check != "esir cluster leave" || r.VIPs != "" {
+			t.Errorf("leaving node001's row says %q and VIPs held %q, want why it leaves and no VIP", r.Check, r.VIPs)
 		}
 		if q := s.sum.Quorum; q != "quorate (2 joined, view of node002)" {
 			t.Errorf("quorum %q after node001 left, want node002's view", q)

@@ -218,9 +218,8 @@ type Service struct {
 	// those the allocation adds as nodes join).
 	warned map[string]bool
 	// changed is closed and replaced when the allocation or an action
-	// changes (node services wait on it); reported also on every report
-	// (live pages wait on it).
-	changed, reported chan struct{}
+	// changes (node services wait on it).
+	changed chan struct{}
 }
 
 // Files under the service's directory.
@@ -254,7 +253,7 @@ func Open(defPath, dir string, opts Options) (*Service, error) {
 		return nil, fmt.Errorf("cluster %s: state directory: %w", def.Name, err)
 	}
 	s := &Service{def: def, defPath: defPath, warnings: warn, dir: dir, opts: opts, members: map[string]*Member{}, macs: map[string]string{},
-		warned: map[string]bool{}, changed: make(chan struct{}), reported: make(chan struct{})}
+		warned: map[string]bool{}, changed: make(chan struct{})}
 	if s.alloc, err = ssi.LoadState(filepath.Join(dir, allocFile)); err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", def.Name, err)
 	}
@@ -343,17 +342,10 @@ func (s *Service) save() error {
 	return nil
 }
 
-// broadcast wakes every Wait and live page; callers hold mu.
+// broadcast wakes every Wait; callers hold mu.
 func (s *Service) broadcast() {
 	close(s.changed)
 	s.changed = make(chan struct{})
-	s.wakeReported()
-}
-
-// wakeReported wakes the live pages; callers hold mu.
-func (s *Service) wakeReported() {
-	close(s.reported)
-	s.reported = make(chan struct{})
 }
 
 func (s *Service) byMAC(mac string) *Member {
@@ -515,7 +507,6 @@ func (s *Service) Report(mac string, r Report) (m Member, first bool, err error)
 			return *p, false, err
 		}
 	}
-	s.wakeReported()
 	return *p, first, nil
 }
 
@@ -607,14 +598,6 @@ func (s *Service) state(m *Member) State {
 	return m.State
 }
 
-// Changed returns a channel closed at the next change or report (for live
-// pages).
-func (s *Service) Changed() <-chan struct{} {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.reported
-}
-
 // Snapshot returns the cluster now.
 func (s *Service) Snapshot() Snapshot {
 	s.mu.Lock()
@@ -629,11 +612,8 @@ func (s *Service) Snapshot() Snapshot {
 		c := *m
 		c.State = s.state(m)
 		snap.Members = append(snap.Members, c)
-		var v View
-		if len(m.View) == 0 || json.Unmarshal(m.View, &v) != nil {
-			continue
-		}
-		if c.State == Unreachable || c.State == Leaving {
+		v, ok := MemberView(c)
+		if !ok || c.State == Unreachable || c.State == Leaving {
 			continue
 		}
 		for _, vip := range v.VIPs {
@@ -648,8 +628,7 @@ func (s *Service) Snapshot() Snapshot {
 		slices.Sort(h)
 	}
 	if best != nil {
-		var v View
-		_ = json.Unmarshal(best.View, &v)
+		v, _ := MemberView(*best)
 		snap.Quorate, snap.Joined, snap.Online, snap.ViewFrom = v.Quorate, v.Joined, v.Online, best.Name
 	}
 	return snap
