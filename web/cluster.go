@@ -37,14 +37,16 @@ type clusterSum struct {
 	Holders string              `json:"h"`
 	Split   bool                `json:"split"`
 	IPVS    []cluster.IPVSEntry `json:"ipvs"`
+	// Warnings are the definition's and the allocation's (live: an even
+	// core size shows as members join).
+	Warnings []string `json:"w"`
 }
 
 type clusterPage struct {
-	None     bool
-	Sum      clusterSum
-	Members  []memberRow
-	Warnings []string
-	Profile  string
+	None    bool
+	Sum     clusterSum
+	Members []memberRow
+	Profile string
 }
 
 func (c *Console) clusterNow() (clusterPage, bool) {
@@ -54,7 +56,7 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 	}
 	snap := cl.Snapshot()
 	now := c.opts.Now()
-	p := clusterPage{Warnings: snap.Warnings}
+	p := clusterPage{}
 	var parts []string
 	pr := snap.Profile
 	for _, x := range []struct {
@@ -67,7 +69,7 @@ func (c *Console) clusterNow() (clusterPage, bool) {
 		}
 	}
 	p.Profile = strings.Join(parts, ", ")
-	s := clusterSum{Name: snap.Name, Version: snap.Version, Members: len(snap.Members)}
+	s := clusterSum{Name: snap.Name, Version: snap.Version, Members: len(snap.Members), Warnings: snap.Warnings}
 	switch {
 	case snap.ViewFrom == "":
 		s.Quorum = "unknown: no core member reports"

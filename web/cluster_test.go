@@ -297,6 +297,9 @@ func TestClusterPage(t *testing.T) {
 		if first.sum.Holders != vip+" on node001" || !first.sum.QOK || len(first.sum.IPVS) != 2 {
 			t.Errorf("first summary %+v", first.sum)
 		}
+		if w := first.sum.Warnings; len(w) != 2 || !slices.ContainsFunc(w, func(x string) bool { return strings.HasPrefix(x, "core_size: 2 is even") }) {
+			t.Errorf("live warnings %q, want the even core size and STONITH disabled", w)
+		}
 
 		// node003 stops serving the home.
 		n3.report(t, ctx, ver, remoteView(), "home", "the NFS server is not running")
@@ -396,6 +399,7 @@ type liveSum struct {
 		Real   string `json:"real"`
 		Active int    `json:"active"`
 	} `json:"ipvs"`
+	Warnings []string `json:"w"`
 }
 
 // liveState is the cluster topic as the messages so far set it.

@@ -108,6 +108,7 @@
   handlers.csum = (s) => {
     const set = (id, t, bad) => { const el = $(id); if (!el) return; el.textContent = t; if (bad !== undefined) el.className = bad ? "bad" : ""; };
     set("#c-q", s.q, !s.qok); set("#c-m", s.m); set("#c-c", s.c); set("#c-v", s.v); set("#c-h", s.h, s.split);
+    const w = $("#c-w"); if (w) w.innerHTML = (s.w || []).map((x) => '<p class="reason">warning: ' + esc(x) + "</p>").join("");
     const tb = $("#ipvs tbody"); if (!tb) return;
     const rows = s.ipvs || [];
     tb.innerHTML = rows.length ? rows.map((r) => '<tr><td class="mono">' + esc(r.service) + '</td><td class="mono">' + esc(r.real) + '</td><td class="num">' +
