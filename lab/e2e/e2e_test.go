@@ -1,6 +1,8 @@
-// Package e2e is ESIR's end-to-end test: a two-node virtual cluster (lab)
+// Package e2e is ESIR's end-to-end tests: a two-node virtual cluster (lab)
 // deploys the sample image through real firmware, PXE, BitTorrent between
-// the machines, real disks and reboots, and both nodes enroll.
+// the machines, real disks and reboots, and both nodes enroll; and the SSI
+// lab scenario, where three machines installed with Debian 12 and the SSI
+// stack form one quorate cluster behind a VIP.
 package e2e
 
 import (
