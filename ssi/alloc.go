@@ -38,6 +38,9 @@ type State struct {
 	NextID  int      `json:"next_id"`
 	Members []Member `json:"members"`
 	Retired []int    `json:"retired,omitempty"`
+	// Definition is the digest (Cluster.Digest) of the definition the
+	// current version was handed out with.
+	Definition string `json:"definition,omitempty"`
 }
 
 // NewState returns an empty allocation.

@@ -11,6 +11,9 @@ package ssi
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -76,6 +79,23 @@ type Cluster struct {
 	NFS      NFS     `yaml:"nfs"`
 	Time     Time    `yaml:"time"`
 	Fencing  Fencing `yaml:"fencing"` // how pacemaker fences a node (profile.fencing)
+}
+
+// Digest identifies what the definition says, passwords included (not its
+// comments or layout): two definitions with one digest render the same
+// bundles. The server bumps the nodelist version when it changes, so that
+// every member applies the new definition.
+func (c *Cluster) Digest() string {
+	h := sha256.New()
+	data, err := json.Marshal(c) // passwords show as "<secret>": added below
+	if err != nil {
+		panic(err) // plain types: cannot fail
+	}
+	h.Write(data)
+	for _, b := range c.Fencing.BMCs {
+		fmt.Fprintf(h, "\x00%s\x00%s", b.Node, string(b.Password))
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // Load reads and validates a cluster definition file. Warnings are returned

@@ -291,6 +291,21 @@ func Open(defPath, dir string, opts Options) (*Service, error) {
 			s.macs[m.MAC] = m.Name
 		}
 	}
+	// A definition changed while the server was down reaches the members
+	// as a new nodelist version: each applies it (touching only the
+	// engines whose files change). Members allocated under a definition
+	// of unknown digest (state from before digests) apply it again too.
+	if d := def.Digest(); s.alloc.Definition != d {
+		if s.alloc.Definition != "" || len(s.alloc.Members) > 0 {
+			s.alloc.Version++
+			opts.Log.Info("cluster: the definition changed: members apply it as a new nodelist version", "cluster", def.Name,
+				"file", defPath, "version", s.alloc.Version)
+		}
+		s.alloc.Definition = d
+		if err := s.save(); err != nil {
+			return nil, err
+		}
+	}
 	s.logWarnings()
 	return s, nil
 }

@@ -329,3 +329,46 @@ func TestViewTexts(t *testing.T) {
 		}
 	}
 }
+
+// TestDefinitionChangeBumpsVersion restarts the service over the same state:
+// the same definition (comments and layout aside) keeps the nodelist
+// version; a changed one, or a changed BMC password file, bumps it once, so
+// that every member applies it.
+func TestDefinitionChangeBumpsVersion(t *testing.T) {
+	c := &clock{t: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
+	dir := t.TempDir()
+	p := filepath.Join(dir, "cluster.yaml")
+	s := open(t, dir, c)
+	for i := 1; i <= 3; i++ {
+		_, err := s.Join("n"+string(rune('0'+i)), mac(i), addr(i))
+		must(t, err)
+	}
+	v := s.Snapshot().Version
+	reopen := func(step string, want int) {
+		t.Helper()
+		s := open(t, dir, c)
+		if got := s.Snapshot().Version; got != want {
+			t.Fatalf("%s: nodelist version %d, want %d", step, got, want)
+		}
+	}
+	reopen("restart, same definition", v)
+	must(t, os.WriteFile(p, []byte("# the lab's cluster\n"+def+"\n\n"), 0o644))
+	reopen("a comment and blank lines added", v)
+	must(t, os.WriteFile(p, []byte(strings.Replace(def, "vrid: 51", "vrid: 52", 1)), 0o644))
+	reopen("VRID changed", v+1)
+	reopen("restart again", v+1)
+
+	fenced := strings.Replace(def, "profile: {corosync: true, pacemaker: true,", "profile: {corosync: true, pacemaker: true, fencing: true,", 1) +
+		"fencing:\n  bmcs:\n" +
+		"    - {node: n1, address: 198.18.1.1, username: admin, password_file: bmc-n1}\n" +
+		"    - {node: n2, address: 198.18.1.2, username: admin, password_file: bmc-n2}\n" +
+		"    - {node: n3, address: 198.18.1.3, username: admin, password_file: bmc-n3}\n"
+	for i := 1; i <= 3; i++ {
+		must(t, os.WriteFile(filepath.Join(dir, fmt.Sprintf("bmc-n%d", i)), []byte("pw-one\n"), 0o600))
+	}
+	must(t, os.WriteFile(p, []byte(fenced), 0o644))
+	reopen("fencing on", v+2)
+	must(t, os.WriteFile(filepath.Join(dir, "bmc-n2"), []byte("pw-two\n"), 0o600))
+	reopen("n2's BMC password changed", v+3)
+	reopen("restart after the password change", v+3)
+}
