@@ -139,6 +139,30 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 			return tw.Flush()
 		},
 	}
+	reload := &cobra.Command{
+		Use:   "reload",
+		Short: "Make the server read its cluster definition (and password files) again; members apply a changed one",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := r.client()
+			if err != nil {
+				return err
+			}
+			res, err := c.ReloadCluster(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if r.output == "json" {
+				return json.NewEncoder(app.Stdout).Encode(res)
+			}
+			if res.Changed {
+				fmt.Fprintf(app.Stdout, "definition changed: members apply it as nodelist version %d\n", res.Version)
+			} else {
+				fmt.Fprintf(app.Stdout, "definition unchanged (nodelist version %d)\n", res.Version)
+			}
+			return nil
+		},
+	}
 	leave := &cobra.Command{
 		Use:   "leave NODE",
 		Short: "Take a node out of the cluster: its stack stops, the others drop it and purge it from pacemaker",
@@ -201,7 +225,7 @@ func newClusterCmd(app *cli.App) *cobra.Command {
 	}
 	render.Flags().StringVar(&out, "out", "", "root directory to write the files under")
 	render.MarkFlagRequired("out")
-	cmd.AddCommand(check, show, members, leave, render)
+	cmd.AddCommand(check, show, members, reload, leave, render)
 	return cmd
 }
 

@@ -1,10 +1,14 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 
 	"github.com/esir-project/esir/cmd/internal/cli"
 	"github.com/esir-project/esir/server"
@@ -27,7 +31,11 @@ DHCP and TFTP when configured).
 
 Every setting is a key of the YAML config file, a flag and an environment
 variable ESIR_<KEY>; flags beat the environment, which beats the file. On the
-first start the server creates an admin token and prints it once.`,
+first start the server creates an admin token and prints it once.
+
+SIGHUP (or "esir cluster reload") makes the server read its cluster definition
+and password files again: a changed definition reaches every member as a new
+nodelist version; one that does not load is refused and the running one stays.`,
 		Example: `  esir server --config /etc/esir/server.yaml
   esir server --listen :8080 --data-dir /var/lib/esir/server --image-store /var/lib/esir
   ESIR_DHCP_INTERFACE=eth1 esir server --dhcp-server-ip 198.18.0.1 --print-config`,
@@ -65,6 +73,10 @@ first start the server creates an admin token and prints it once.`,
 			if err != nil {
 				return err
 			}
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			go reloadOnHangup(cmd.Context(), hup, srv, app.Log)
 			return srv.Run(cmd.Context())
 		},
 	}
@@ -159,3 +171,27 @@ func (r *remote) client() (*client.Client, error) {
 }
 
 func (r *remote) json() bool { return r.output == "json" }
+
+// reloadOnHangup reloads the server's cluster definition at every SIGHUP
+// until ctx ends.
+func reloadOnHangup(ctx context.Context, hup <-chan os.Signal, srv *server.Server, log *slog.Logger) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+		}
+		c := srv.API().Cluster()
+		if c == nil {
+			log.Warn("SIGHUP: this server keeps no SSI cluster: nothing to reload")
+			continue
+		}
+		v, changed, err := c.Reload()
+		switch {
+		case err != nil:
+			log.Error("SIGHUP: cluster definition not reloaded", "err", err)
+		case !changed:
+			log.Info("SIGHUP: cluster definition unchanged", "cluster", c.Name(), "version", v)
+		}
+	}
+}

@@ -210,6 +210,7 @@ func (a *API) Mount(e *echo.Echo) {
 	ag.POST("/ssi/status", a.ssiStatus)
 	g.GET("/cluster", a.getCluster)
 	g.POST("/cluster/members/:name/leave", a.leaveCluster)
+	g.POST("/cluster/reload", a.reloadCluster)
 }
 
 // badRequest is a 400 naming the field.

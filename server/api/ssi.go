@@ -190,6 +190,24 @@ func (a *API) getCluster(c echo.Context) error {
 }
 
 // leaveCluster starts a member's leave.
+// ReloadResult is what a cluster definition reload did.
+type ReloadResult struct {
+	Changed bool `json:"changed"` // the definition changed: members apply it
+	Version int  `json:"version"` // the nodelist version now
+}
+
+// reloadCluster reads the definition file again (cluster.Service.Reload).
+func (a *API) reloadCluster(c echo.Context) error {
+	if err := a.needCluster(); err != nil {
+		return err
+	}
+	v, changed, err := a.cluster.Reload()
+	if err != nil {
+		return echo.NewHTTPError(http.StatusUnprocessableEntity, err.Error())
+	}
+	return c.JSON(http.StatusOK, ReloadResult{Changed: changed, Version: v})
+}
+
 func (a *API) leaveCluster(c echo.Context) error {
 	if err := a.needCluster(); err != nil {
 		return err

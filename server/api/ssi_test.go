@@ -169,6 +169,25 @@ func TestSSIProtocol(t *testing.T) {
 		t.Fatalf("node001 after the leave: %+v %v", a, err)
 	}
 
+	// A reload of the edited definition hands the members a new version;
+	// one that does not load is refused (422) naming the cluster.
+	if r := decode[api.ReloadResult](t, e.admin_("POST", "/api/v1/cluster/reload", nil, 200)); r.Changed || r.Version != ver+1 {
+		t.Fatalf("reload of the same definition: %+v", r)
+	}
+	if err := os.WriteFile(def, []byte(strings.Replace(clusterDef, "time: {allow: 198.18.0.0/24}", "time: {allow: 198.18.0.0/16}", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := decode[api.ReloadResult](t, e.admin_("POST", "/api/v1/cluster/reload", nil, 200)); !r.Changed || r.Version != ver+2 {
+		t.Fatalf("reload of a changed definition: %+v, want changed at version %d", r, ver+2)
+	}
+	if a, err := svc[0].SSI(ctx, ver+1, time.Second); err != nil || a.Version != ver+2 {
+		t.Fatalf("node001 after the reload: %+v %v", a, err)
+	}
+	if err := os.WriteFile(def, []byte("name: lab\ncore_size: [\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wantMsg(t, e.admin_("POST", "/api/v1/cluster/reload", nil, 422), "cluster lab")
+
 	// esir node rm of a member starts its leave.
 	e.admin_("DELETE", "/api/v1/nodes/"+nodes[3].MAC, nil, 204)
 	if a, err := svc[3].SSI(ctx, -1, 0); err != nil || a.Action != agentapi.SSILeave {

@@ -334,6 +334,12 @@ func (c *Client) Cluster(ctx context.Context) (*cluster.Snapshot, error) {
 	return &out, c.Do(ctx, http.MethodGet, "/cluster", nil, &out)
 }
 
+// ReloadCluster makes the server read its cluster definition again.
+func (c *Client) ReloadCluster(ctx context.Context) (*api.ReloadResult, error) {
+	var out api.ReloadResult
+	return &out, c.Do(ctx, http.MethodPost, "/cluster/reload", nil, &out)
+}
+
 // LeaveCluster starts a member's leave.
 func (c *Client) LeaveCluster(ctx context.Context, name string) (*cluster.Member, error) {
 	var out cluster.Member

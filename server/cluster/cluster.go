@@ -335,7 +335,47 @@ func (s *Service) logWarnings() {
 }
 
 // Name returns the cluster's name.
-func (s *Service) Name() string { return s.def.Name }
+func (s *Service) Name() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.def.Name
+}
+
+// Reload reads the definition file (and its password files) again, as at
+// Open: a changed definition replaces the running one and bumps the
+// nodelist version, so every member applies it. A definition that does not
+// load or renames the cluster (corosync cannot rename a running cluster)
+// is refused with the running one kept. It returns the nodelist version
+// and whether the definition changed.
+func (s *Service) Reload() (version int, changed bool, err error) {
+	def, warn, err := ssi.Load(s.defPath)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		return s.alloc.Version, false, fmt.Errorf("cluster %s: reload: %w (the running definition stays)", s.def.Name, err)
+	}
+	if def.Name != s.def.Name {
+		return s.alloc.Version, false, fmt.Errorf("cluster %s: reload: %s names the cluster %s: a running cluster keeps its name (the running definition stays)",
+			s.def.Name, s.defPath, def.Name)
+	}
+	d := def.Digest()
+	if d == s.alloc.Definition {
+		return s.alloc.Version, false, nil
+	}
+	oldDef, oldWarn, oldDigest := s.def, s.warnings, s.alloc.Definition
+	s.def, s.warnings, s.alloc.Definition = def, warn, d
+	s.alloc.Version++
+	if err := s.save(); err != nil {
+		s.def, s.warnings, s.alloc.Definition = oldDef, oldWarn, oldDigest
+		s.alloc.Version--
+		return s.alloc.Version, false, fmt.Errorf("cluster %s: reload: %w (the running definition stays)", s.def.Name, err)
+	}
+	s.opts.Log.Info("cluster: definition reloaded: members apply it as a new nodelist version", "cluster", s.def.Name,
+		"file", s.defPath, "version", s.alloc.Version)
+	s.logWarnings()
+	s.broadcast()
+	return s.alloc.Version, true, nil
+}
 
 // save writes the allocation and the members atomically; callers hold mu.
 func (s *Service) save() error {

@@ -372,3 +372,63 @@ func TestDefinitionChangeBumpsVersion(t *testing.T) {
 	reopen("n2's BMC password changed", v+3)
 	reopen("restart after the password change", v+3)
 }
+
+// TestReload reads the definition again while the service runs: an
+// unchanged file changes nothing; a changed one bumps the nodelist version
+// once and wakes a node service waiting on the old one, and its bundle
+// carries the change; a file that does not load, or renames the cluster, is
+// refused and the running definition stays.
+func TestReload(t *testing.T) {
+	c := &clock{t: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
+	dir := t.TempDir()
+	p := filepath.Join(dir, "cluster.yaml")
+	s := open(t, dir, c)
+	for i := 1; i <= 3; i++ {
+		_, err := s.Join("n"+string(rune('0'+i)), mac(i), addr(i))
+		must(t, err)
+	}
+	v := s.Snapshot().Version
+	if got, changed, err := s.Reload(); err != nil || changed || got != v {
+		t.Fatalf("reload of the same file = %d, %v, %v; want %d, unchanged", got, changed, err, v)
+	}
+
+	woke := make(chan time.Duration, 1)
+	go func() {
+		start := time.Now()
+		s.Wait(context.Background(), mac(1), v, 10*time.Second)
+		woke <- time.Since(start)
+	}()
+	time.Sleep(50 * time.Millisecond)
+	must(t, os.WriteFile(p, []byte(strings.Replace(def, "vrid: 51", "vrid: 52", 1)), 0o644))
+	if got, changed, err := s.Reload(); err != nil || !changed || got != v+1 {
+		t.Fatalf("reload of a changed file = %d, %v, %v; want %d, changed", got, changed, err, v+1)
+	}
+	if d := <-woke; d > 5*time.Second {
+		t.Errorf("a node service waiting on version %d woke after %v", v, d)
+	}
+	b, _, err := s.Assignment(mac(1))
+	must(t, err)
+	if b.Version != v+1 || !slices.ContainsFunc(b.Files, func(f ssi.File) bool { return bytes.Contains(f.Data, []byte("virtual_router_id 52")) }) {
+		t.Errorf("n1's bundle after the reload: version %d, want %d with VRID 52", b.Version, v+1)
+	}
+
+	for _, bad := range []struct{ name, yaml, want string }{
+		{"broken", "name: lab\ncore_size: [\n", "the running definition stays"},
+		{"renamed", strings.Replace(def, "name: lab", "name: other", 1), "keeps its name"},
+	} {
+		must(t, os.WriteFile(p, []byte(bad.yaml), 0o644))
+		got, changed, err := s.Reload()
+		if err == nil || changed || got != v+1 || !strings.Contains(err.Error(), bad.want) || !strings.Contains(err.Error(), "cluster lab") {
+			t.Errorf("%s definition: reload = %d, %v, %v; want refused (%q) at version %d", bad.name, got, changed, err, bad.want, v+1)
+		}
+		if s.Name() != "lab" || s.Snapshot().Version != v+1 {
+			t.Errorf("%s definition: the running cluster is now %s version %d", bad.name, s.Name(), s.Snapshot().Version)
+		}
+	}
+	// The last good definition is what a restart finds unchanged: once
+	// the file is put back, no new version.
+	must(t, os.WriteFile(p, []byte(strings.Replace(def, "vrid: 51", "vrid: 52", 1)), 0o644))
+	if got := open(t, dir, c).Snapshot().Version; got != v+1 {
+		t.Errorf("restart after the reload: version %d, want %d", got, v+1)
+	}
+}
