@@ -38,8 +38,9 @@ type State struct {
 	NextID  int      `json:"next_id"`
 	Members []Member `json:"members"`
 	Retired []int    `json:"retired,omitempty"`
-	// Definition is the digest (Cluster.Digest) of the definition the
-	// current version was handed out with.
+	// Cluster and Definition are the name and the digest (Cluster.Digest)
+	// of the definition the current version was handed out with.
+	Cluster    string `json:"cluster,omitempty"`
 	Definition string `json:"definition,omitempty"`
 }
 

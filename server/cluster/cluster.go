@@ -257,6 +257,10 @@ func Open(defPath, dir string, opts Options) (*Service, error) {
 	if s.alloc, err = ssi.LoadState(filepath.Join(dir, allocFile)); err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", def.Name, err)
 	}
+	if s.alloc.Cluster != "" && s.alloc.Cluster != def.Name {
+		return nil, fmt.Errorf("cluster %s: %s holds cluster %s's members and secrets: a cluster keeps its name (rename it back, or give the new cluster a state directory of its own)",
+			def.Name, dir, s.alloc.Cluster)
+	}
 	if s.keys, err = ssi.LoadKeys(filepath.Join(dir, secretsDir)); err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", def.Name, err)
 	}
@@ -295,13 +299,13 @@ func Open(defPath, dir string, opts Options) (*Service, error) {
 	// as a new nodelist version: each applies it (touching only the
 	// engines whose files change). Members allocated under a definition
 	// of unknown digest (state from before digests) apply it again too.
-	if d := def.Digest(); s.alloc.Definition != d {
-		if s.alloc.Definition != "" || len(s.alloc.Members) > 0 {
+	if d := def.Digest(); s.alloc.Definition != d || s.alloc.Cluster != def.Name {
+		if s.alloc.Definition != d && (s.alloc.Definition != "" || len(s.alloc.Members) > 0) {
 			s.alloc.Version++
 			opts.Log.Info("cluster: the definition changed: members apply it as a new nodelist version", "cluster", def.Name,
 				"file", defPath, "version", s.alloc.Version)
 		}
-		s.alloc.Definition = d
+		s.alloc.Cluster, s.alloc.Definition = def.Name, d
 		if err := s.save(); err != nil {
 			return nil, err
 		}

@@ -371,6 +371,16 @@ func TestDefinitionChangeBumpsVersion(t *testing.T) {
 	must(t, os.WriteFile(filepath.Join(dir, "bmc-n2"), []byte("pw-two\n"), 0o600))
 	reopen("n2's BMC password changed", v+3)
 	reopen("restart after the password change", v+3)
+
+	// Another cluster's definition over this state is refused, naming
+	// the directory and the cluster it holds.
+	must(t, os.WriteFile(p, []byte(strings.Replace(fenced, "name: lab", "name: other", 1)), 0o644))
+	_, err := Open(p, filepath.Join(dir, "state"), Options{Now: c.now})
+	if err == nil || !strings.Contains(err.Error(), "holds cluster lab's members") || !strings.Contains(err.Error(), filepath.Join(dir, "state")) {
+		t.Fatalf("a renamed definition over the state of cluster lab: %v", err)
+	}
+	must(t, os.WriteFile(p, []byte(fenced), 0o644))
+	reopen("renamed back", v+3)
 }
 
 // TestReload reads the definition again while the service runs: an
