@@ -330,20 +330,27 @@ func TestViewTexts(t *testing.T) {
 	}
 }
 
-// TestDefinitionChangeBumpsVersion restarts the service over the same state:
-// the same definition (comments and layout aside) keeps the nodelist
-// version; a changed one, or a changed BMC password file, bumps it once, so
-// that every member applies it.
-func TestDefinitionChangeBumpsVersion(t *testing.T) {
+// threeMembers opens a service in a new directory with members n1-n3
+// joined, and returns its clock, directory, service and nodelist version.
+func threeMembers(t *testing.T) (*clock, string, *Service, int) {
+	t.Helper()
 	c := &clock{t: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
 	dir := t.TempDir()
-	p := filepath.Join(dir, "cluster.yaml")
 	s := open(t, dir, c)
 	for i := 1; i <= 3; i++ {
 		_, err := s.Join("n"+string(rune('0'+i)), mac(i), addr(i))
 		must(t, err)
 	}
-	v := s.Snapshot().Version
+	return c, dir, s, s.Snapshot().Version
+}
+
+// TestDefinitionChangeBumpsVersion restarts the service over the same state:
+// the same definition (comments and layout aside) keeps the nodelist
+// version; a changed one, or a changed BMC password file, bumps it once, so
+// that every member applies it.
+func TestDefinitionChangeBumpsVersion(t *testing.T) {
+	c, dir, _, v := threeMembers(t)
+	p := filepath.Join(dir, "cluster.yaml")
 	reopen := func(step string, want int) {
 		t.Helper()
 		s := open(t, dir, c)
@@ -389,15 +396,8 @@ func TestDefinitionChangeBumpsVersion(t *testing.T) {
 // carries the change; a file that does not load, or renames the cluster, is
 // refused and the running definition stays.
 func TestReload(t *testing.T) {
-	c := &clock{t: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
-	dir := t.TempDir()
+	c, dir, s, v := threeMembers(t)
 	p := filepath.Join(dir, "cluster.yaml")
-	s := open(t, dir, c)
-	for i := 1; i <= 3; i++ {
-		_, err := s.Join("n"+string(rune('0'+i)), mac(i), addr(i))
-		must(t, err)
-	}
-	v := s.Snapshot().Version
 	if got, changed, err := s.Reload(); err != nil || changed || got != v {
 		t.Fatalf("reload of the same file = %d, %v, %v; want %d, unchanged", got, changed, err, v)
 	}
