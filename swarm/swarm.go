@@ -120,7 +120,8 @@ type NodeConfig struct {
 	// with one peer (DefaultMaxRequests when 0). The library would keep up
 	// to the peer's advertised queue (250 or more); on a LAN a few chunks per
 	// peer fill the pipe, and a long queue only makes the library steal
-	// requests between peers and cancel chunks already on the wire.
+	// requests between peers and cancel chunks already on the wire. Below
+	// this bound each peer's depth follows the rate it delivers (depth.go).
 	MaxRequests int
 	// MaxUnverified bounds bytes received but not yet hashed (64 MiB when 0).
 	MaxUnverified int64
@@ -158,6 +159,7 @@ type Node struct {
 	torrents map[metainfo.Hash]*torrent.Torrent
 	received map[string]int64 // useful bytes received by remote IP
 	closed   map[string]int   // connections closed by remote IP
+	depths   depths           // request depth per peer connection
 }
 
 // NewNode starts a node listening on cfg.Listen.
@@ -212,9 +214,19 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	tc.ExtendedHandshakeClientVersion = "esir 0.1"
 	tc.DefaultStorage = noStorage{} // every image gets its own storage; nothing else is written
 	maxReq := cfg.MaxRequests
-	tc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
-		if m.Reqq <= 0 || m.Reqq > maxReq {
-			m.Reqq = maxReq // the library takes it as the peer's limit
+	startReq := min(maxReq, startingDepth)
+	tc.Callbacks.ReadExtendedHandshake = func(pc *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
+		// The library takes Reqq as the peer's limit. An ESIR peer answers
+		// requests as they come, so its depth can follow its rate; a
+		// standard client may answer in bursts (Transmission every few
+		// hundred milliseconds) and keeps the fixed bound.
+		limit := maxReq
+		if _, ok := m.M[pp.ExtensionName(havewire.ExtensionName)]; ok {
+			limit = startReq
+			n.depths.track(pc)
+		}
+		if m.Reqq <= 0 || m.Reqq > limit {
+			m.Reqq = limit
 		}
 	}
 	tc.Callbacks.PeerConnAdded = append(tc.Callbacks.PeerConnAdded, func(pc *torrent.PeerConn) {
@@ -229,12 +241,19 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		n.mu.Lock()
 		n.received[ip] += int64(len(ev.Message.Piece))
 		n.mu.Unlock()
+		// The library holds its lock here, as wherever it reads the limit.
+		if pc, ok := ev.Peer.TryAsPeerConn(); ok {
+			if d := n.depths.add(pc, len(ev.Message.Piece), time.Now(), maxReq); d > 0 {
+				pc.PeerMaxRequests = d
+			}
+		}
 	})
 	tc.Callbacks.PeerConnClosed = func(pc *torrent.PeerConn) {
 		ip := remoteIP(pc.RemoteAddr)
 		n.mu.Lock()
 		n.closed[ip]++
 		n.mu.Unlock()
+		n.depths.remove(pc)
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
