@@ -36,6 +36,10 @@ type FetchConfig struct {
 	// WebSeedAfter falls back to the server's HTTP web seed when no byte
 	// arrived for this long (10 s when zero; negative: never).
 	WebSeedAfter time.Duration
+	// RequestStall re-plans chunk requests on every connection when no
+	// piece data arrived for this long while peers are connected (2 s when
+	// zero; negative: never). See Download.replan.
+	RequestStall time.Duration
 	// Progress, when set, receives a report every Every (1 s when zero) and
 	// on every notable event.
 	Progress func(Progress)
@@ -118,6 +122,9 @@ func (n *Node) Fetch(ctx context.Context, cfg FetchConfig) (*Download, error) {
 	if cfg.WebSeedAfter == 0 {
 		cfg.WebSeedAfter = 10 * time.Second
 	}
+	if cfg.RequestStall == 0 {
+		cfg.RequestStall = 2 * time.Second
+	}
 	base := strings.TrimSuffix(cfg.Server, "/")
 	var img Image
 	if err := getJSON(ctx, cfg.HTTP, base+"/swarm/images/"+url.PathEscape(cfg.Image), &img); err != nil {
@@ -168,7 +175,18 @@ func (n *Node) Fetch(ctx context.Context, cfg FetchConfig) (*Download, error) {
 func (d *Download) run(ctx context.Context) {
 	tick := time.NewTicker(d.cfg.Every)
 	defer tick.Stop()
+	// The stall watch looks several times per RequestStall, whatever the
+	// report period.
+	var replanC <-chan time.Time
+	if d.cfg.RequestStall > 0 {
+		replan := time.NewTicker(max(d.cfg.RequestStall/4, 10*time.Millisecond))
+		defer replan.Stop()
+		replanC = replan.C
+	}
 	var (
+		useful       int64 // piece bytes received, for the stall watch
+		usefulAt     = time.Now()
+		stalled      bool
 		lastBytes    int64
 		lastAt       = time.Now()
 		lastProgress = time.Now()
@@ -200,6 +218,25 @@ func (d *Download) run(ctx context.Context) {
 			d.n.log.Info("swarm: image complete and verified", "image", d.img.Ref(), "took", d.took.Round(time.Millisecond),
 				"from", d.n.ReceivedBy())
 			d.report("complete and verified", "")
+		case now := <-replanC:
+			if finished || d.st.Err() != nil {
+				continue
+			}
+			ts := d.t.Stats()
+			if b := ts.BytesReadUsefulData.Int64(); b != useful {
+				useful, usefulAt, stalled = b, now, false
+				continue
+			}
+			if now.Sub(usefulAt) < d.cfg.RequestStall || ts.ActivePeers == 0 {
+				continue
+			}
+			if !stalled {
+				d.n.log.Info("swarm: no piece data from connected peers; re-planning requests", "image", d.img.Ref(),
+					"idle", now.Sub(usefulAt).Round(100*time.Millisecond), "peers", ts.ActivePeers)
+			}
+			stalled, usefulAt = true, now // again after another RequestStall
+			d.replan()
+			continue
 		case <-tick.C:
 		}
 		if err := d.st.Err(); err != nil && !finished {
@@ -244,6 +281,24 @@ func (d *Download) run(ctx context.Context) {
 		lastBytes, lastAt = b, now
 		d.reportRate(strings.Join(events, "; "), "", rate)
 	}
+}
+
+// replan makes the BitTorrent library plan its chunk requests afresh on
+// every connection. The library plans them only when a peer says something
+// (HAVE, BITFIELD, UNCHOKE, a chunk arriving) and has no periodic refresh.
+// After a REJECT (BEP 6) it deliberately adds no request to that connection,
+// waiting for the peer to unchoke again; but a peer acknowledges each of our
+// CANCELs with a REJECT too, and the library cancels requests whenever it
+// moves them to a faster peer. If the last REJECT leaves the connection to
+// the only peer that has our missing pieces idle, and that peer has nothing
+// new to announce (a seeder that announced every piece), those pieces are
+// never requested and the download stalls with its connections open.
+// Disallowing and allowing data download is the library's public way to
+// re-plan every connection; it cancels outstanding requests, which after
+// RequestStall without data are stuck anyway.
+func (d *Download) replan() {
+	d.t.DisallowDataDownload()
+	d.t.AllowDataDownload()
 }
 
 func (d *Download) setPhase(p string) {

@@ -56,6 +56,16 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// aria2Ports is the range aria2c may listen on: aria2c takes the first port
+// of it that it can bind. It lies below the kernel's ephemeral ports
+// (32768-60999 by default) and away from ESIR's own default peer port
+// (6881, inside aria2c's default 6881-6999). A single port that freePort
+// found free on 127.0.0.1 could be taken by another socket's ephemeral port
+// before aria2c bound it; aria2c then listened on IPv6 only, ESIR's node
+// could not dial it, and they met only after aria2c's next announce,
+// sometimes after the node had finished (no HAVE for aria2c to count).
+const aria2Ports = "16881-16999"
+
 // TestInteropAria2 has aria2c download an image through ESIR's tracker from
 // ESIR's seeder while an ESIR node (adaptive HAVE) fetches it too.
 func TestInteropAria2(t *testing.T) {
@@ -71,7 +81,7 @@ func TestInteropAria2(t *testing.T) {
 	out := t.TempDir()
 	cmd := exec.CommandContext(ctx, "aria2c", "--dir", out, "--seed-time=0", "--enable-dht=false", "--enable-dht6=false",
 		"--bt-enable-lpd=false", "--enable-peer-exchange=false", "--file-allocation=none", "--summary-interval=0",
-		"--console-log-level=notice", "--listen-port="+strconv.Itoa(freePort(t)), "--bt-require-crypto=false", tf)
+		"--console-log-level=notice", "--listen-port="+aria2Ports, "--bt-require-crypto=false", tf)
 	ariaOut, err := os.Create(filepath.Join(t.TempDir(), "aria2c.log"))
 	if err != nil {
 		t.Fatal(err)

@@ -249,6 +249,13 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		}
 	})
 	tc.Callbacks.PeerConnClosed = func(pc *torrent.PeerConn) {
+		if pc.Torrent() == nil {
+			// The library calls this for connections that failed their
+			// handshake too, such as a standard client's obfuscated first
+			// attempt that this node's plaintext policy refuses (the
+			// client retries in plaintext). Nothing was lost.
+			return
+		}
 		ip := remoteIP(pc.RemoteAddr)
 		n.mu.Lock()
 		n.closed[ip]++

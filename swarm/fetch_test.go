@@ -1,0 +1,142 @@
+package swarm
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/esir-project/esir/swarm/tracker"
+)
+
+// rejectingSeeder is a minimal standard BitTorrent seeder (fast extension,
+// no LTEP) on loopback: it announces every piece, unchokes, rejects the
+// first request it gets and serves every later one, and says nothing else.
+// That leaves the downloader's library in the state that stalled
+// TestInteropAria2 in CI: its only connection to the peer that has the
+// missing pieces is idle after a REJECT (there the REJECT acknowledged a
+// CANCEL), and no HAVE, UNCHOKE or chunk will come to wake it.
+type rejectingSeeder struct {
+	ln       net.Listener
+	ih       [20]byte
+	data     []byte
+	first    atomic.Bool // the first request was rejected
+	rejected atomic.Int32
+	served   atomic.Int32
+}
+
+func startRejectingSeeder(t *testing.T, addr string, ih [20]byte, data []byte) *rejectingSeeder {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &rejectingSeeder{ln: ln, ih: ih, data: data}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go s.serve(c)
+		}
+	}()
+	return s
+}
+
+func (s *rejectingSeeder) serve(c net.Conn) {
+	defer c.Close()
+	hs := make([]byte, 68)
+	if _, err := io.ReadFull(c, hs); err != nil || !bytes.Equal(hs[28:48], s.ih[:]) {
+		return
+	}
+	out := append([]byte{19}, "BitTorrent protocol"...)
+	out = append(out, 0, 0, 0, 0, 0, 0, 0, 0x04) // fast extension (BEP 6)
+	out = append(out, s.ih[:]...)
+	out = append(out, "-XX0000-rejectingpee"...)
+	out = append(out, 0, 0, 0, 1, 14) // HAVE ALL
+	out = append(out, 0, 0, 0, 1, 1)  // UNCHOKE
+	if _, err := c.Write(out); err != nil {
+		return
+	}
+	var hdr [4]byte
+	for {
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return
+		}
+		msg := make([]byte, binary.BigEndian.Uint32(hdr[:]))
+		if _, err := io.ReadFull(c, msg); err != nil {
+			return
+		}
+		if len(msg) != 13 || msg[0] != 6 { // only REQUESTs matter
+			continue
+		}
+		req := msg[1:]
+		if s.first.CompareAndSwap(false, true) {
+			s.rejected.Add(1)
+			if _, err := c.Write(append([]byte{0, 0, 0, 13, 16}, req...)); err != nil { // REJECT
+				return
+			}
+			continue
+		}
+		index, begin, length := binary.BigEndian.Uint32(req), binary.BigEndian.Uint32(req[4:]), binary.BigEndian.Uint32(req[8:])
+		const pieceLen = 64 << 10
+		off := int(index)*pieceLen + int(begin)
+		if off+int(length) > len(s.data) {
+			return
+		}
+		m := binary.BigEndian.AppendUint32(nil, 9+length)
+		m = append(m, 7)
+		m = append(m, req[:8]...)
+		m = append(m, s.data[off:off+int(length)]...)
+		if _, err := c.Write(m); err != nil {
+			return
+		}
+		s.served.Add(1)
+	}
+}
+
+// TestFetchReplansAfterReject checks that a download whose only useful
+// connection went idle after a REJECT re-plans its requests (RequestStall)
+// instead of waiting for an event that never comes.
+func TestFetchReplansAfterReject(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	img := testImage(t, 256<<10, 64<<10)
+	s, url := limitedServer(t, 0, img)
+	// The server neither seeds nor offers its web seed: the rejecting peer
+	// is the only source.
+	if err := s.StopSeeding("test:1"); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(img.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ih [20]byte
+	hex.Decode(ih[:], []byte(img.InfoHash))
+	peer := startRejectingSeeder(t, "127.0.0.81:0", ih, data)
+	addr := netip.MustParseAddrPort(peer.ln.Addr().String())
+	if _, err := s.Tracker().Announce(tracker.Announce{InfoHash: ih, Addr: addr}); err != nil {
+		t.Fatal(err)
+	}
+	n := nodeAt(t, "127.0.0.80")
+	start := time.Now()
+	r, err := fetchOn(t, ctx, n, url, "test:1", &events{}, -1).Wait(ctx)
+	if err != nil {
+		t.Fatalf("%v (requests rejected %d, served %d)", err, peer.rejected.Load(), peer.served.Load())
+	}
+	sameFile(t, img.Path, r.Path)
+	if peer.rejected.Load() != 1 {
+		t.Errorf("the peer rejected %d requests, want 1: the test lost its point", peer.rejected.Load())
+	}
+	t.Logf("complete after %v, %d chunks served", time.Since(start).Round(time.Millisecond), peer.served.Load())
+}
