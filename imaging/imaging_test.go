@@ -642,7 +642,7 @@ func TestStoreLifecycle(t *testing.T) {
 	if len(m.Kernels) != 1 || m.Kernels[0] != wantK {
 		t.Errorf("kernels %+v, want [%+v]", m.Kernels, wantK)
 	}
-	if m.PieceLength != 64<<10 || len(m.InfoHash) != 40 || m.Mode != ModeFile || m.Arch != "amd64" {
+	if m.PieceLength != 32<<10 || len(m.InfoHash) != 40 || m.Mode != ModeFile || m.Arch != "amd64" {
 		t.Errorf("manifest %+v", m)
 	}
 	list, err := s.List()
@@ -953,8 +953,9 @@ func TestExtractInclude(t *testing.T) {
 
 func TestPieceLength(t *testing.T) {
 	for _, tc := range []struct{ size, want int64 }{
-		{0, 64 << 10},
-		{12 << 20, 64 << 10},
+		{0, 32 << 10},
+		{12 << 20, 32 << 10},
+		{64 << 20, 32 << 10},
 		{100 << 20, 64 << 10},
 		{596 << 20, 512 << 10},
 		{2 << 30, 1 << 20},

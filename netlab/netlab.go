@@ -52,6 +52,7 @@ type Lab struct {
 type Link struct {
 	RateMbit float64       // 0: unshaped
 	Delay    time.Duration // one-way delay on each side; needs netem in the kernel
+	MTU      int           // 0: the kernel's default (1500); both ends of the cable
 }
 
 // Host is a network namespace with eth0 on the lab's bridge.
@@ -200,6 +201,18 @@ func (l *Lab) AddHost(ctx context.Context, name string, addr netip.Prefix, link 
 		if err := ip(ctx, s...); err != nil {
 			_ = ip(context.Background(), "netns", "del", h.NS)
 			return nil, fmt.Errorf("netlab: host %s: %w", name, err)
+		}
+	}
+	if link.MTU != 0 {
+		if link.MTU < 576 || link.MTU > 65535 {
+			_ = ip(context.Background(), "netns", "del", h.NS)
+			return nil, fmt.Errorf("netlab: host %s: MTU %d: want 576-65535", name, link.MTU)
+		}
+		for _, side := range [][2]string{{h.NS, "eth0"}, {l.Switch, peer}} {
+			if err := ip(ctx, "-n", side[0], "link", "set", "dev", side[1], "mtu", strconv.Itoa(link.MTU)); err != nil {
+				_ = ip(context.Background(), "netns", "del", h.NS)
+				return nil, fmt.Errorf("netlab: host %s: %w", name, err)
+			}
 		}
 	}
 	if link.RateMbit > 0 || link.Delay > 0 {

@@ -60,6 +60,25 @@ func TestNamespacesPingShapeAndCleanUp(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), "tbf") || !strings.Contains(string(out), "rate 50Mbit") {
 		t.Fatalf("b's link is not shaped: %s %v", out, err)
 	}
+	// Jumbo frames on both ends of a cable: a 8000-byte ping crosses the
+	// bridge unfragmented between two 9000-byte links.
+	j1, err := l.AddHost(ctx, "j1", netip.MustParsePrefix("198.18.7.11/24"), Link{MTU: 9000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j2, err := l.AddHost(ctx, "j2", netip.MustParsePrefix("198.18.7.12/24"), Link{MTU: 9000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := j1.Run(ctx, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", j2.IP().String()); err != nil {
+		t.Fatalf("a jumbo frame did not cross the lab: %s %v", out, err)
+	}
+	if _, err := a.Run(ctx, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", b.IP().String()); err == nil {
+		t.Fatal("a 8000-byte unfragmented ping crossed 1500-byte links")
+	}
+	if _, err := l.AddHost(ctx, "j3", netip.MustParsePrefix("198.18.7.13/24"), Link{MTU: 100}); err == nil || !strings.Contains(err.Error(), "MTU 100") {
+		t.Fatalf("MTU 100 was not refused by name: %v", err)
+	}
 	if _, err := l.AddHost(ctx, "c", netip.MustParsePrefix("10.1.1.1/24"), Link{}); err == nil {
 		t.Fatal("a private address outside 198.18.0.0/15 was accepted")
 	}
