@@ -107,6 +107,7 @@ func main() {
 		agtFlags  = flag.String("agent-flags", "", "extra flags for esir-agent fetch, space-separated")
 		pieceFlag = flag.Int64("piece", 0, "piece size in KiB (0: what esir image build chooses)")
 		plotFrom  = flag.String("plot-from", "", "only redraw --png from a --json file of an earlier run")
+		httpMaxN  = flag.Int("http-max-n", 0, "run HTTP unicast only up to this N (0: every N); it takes N x F/B")
 		timeline  = flag.Bool("timeline", false, "print each ESIR run's per-second download and server upload rates")
 	)
 	flag.Parse()
@@ -173,6 +174,13 @@ func main() {
 		for _, m := range strings.Split(*methods, ",") {
 			if ctx.Err() != nil {
 				break
+			}
+			if m == "http" && *httpMaxN > 0 && n > *httpMaxN {
+				// Unicast from one link is N x F/B by construction; past
+				// --http-max-n the run would take longer than it tells.
+				rows = append(rows, method{Name: m, N: n,
+					Err: fmt.Sprintf("not run (--http-max-n %d): would take at least N x F/B = %.0f s", *httpMaxN, float64(n)*bound)})
+				continue
 			}
 			r := run(ctx, cfg, m, n, img, archive)
 			rows = append(rows, r)
