@@ -2,6 +2,8 @@ package swarm
 
 import (
 	"context"
+	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -47,13 +49,21 @@ func saveTorrent(t *testing.T, url, ref string) (string, *metainfo.Info) {
 	return path, &info
 }
 
+// freePort returns a TCP port free on every address, from 20000-29999:
+// below the kernel's ephemeral ports (32768-60999 by default), so no
+// outgoing connection takes it between this check and the client's bind.
 func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 200 {
+		port := 20000 + rand.IntN(10000)
+		l, err := net.Listen("tcp", fmt.Sprintf(":%d", port))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		return port
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("no free TCP port in 20000-29999")
+	return 0
 }
 
 // aria2Ports is the range aria2c may listen on: aria2c takes the first port

@@ -754,6 +754,11 @@ func printTable(n int, rows []method, bound float64, size int64) {
 		if r.HostCPU > 0 {
 			cpu = fmt.Sprintf("%.0f", r.HostCPU)
 		}
+		if r.LastSec == 0 && r.Err != "" {
+			// Not run, or failed before any node finished: no figures.
+			fmt.Printf("%-18s %8s %8s %8s %9s %9s %9s %8s %8s %6s %9s  %s\n", r.Name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", note)
+			continue
+		}
 		fmt.Printf("%-18s %8.1f %8.1f %8.2f %9s %9s %9s %8s %8s %6s %9.1f  %s\n", r.Name, r.LastSec, r.MedianSec, r.LastSec/bound,
 			srv, have, peak, d50, d99, cpu, r.OwnCPUSec, note)
 	}
