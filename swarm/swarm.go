@@ -123,6 +123,11 @@ type NodeConfig struct {
 	// requests between peers and cancel chunks already on the wire. Below
 	// this bound each peer's depth follows the rate it delivers (depth.go).
 	MaxRequests int
+	// StealHold bounds how long a chunk request the library moves between
+	// two ESIR peers' connections waits for the first one's answer, so a
+	// chunk already on its way is not sent twice (havewire.DefaultStealHold
+	// when 0; negative: requests move at once).
+	StealHold time.Duration
 	// MaxUnverified bounds bytes received but not yet hashed (64 MiB when 0).
 	MaxUnverified int64
 	// UploadRate caps piece upload in bytes per second (0: unlimited).
@@ -183,7 +188,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		received: map[string]int64{}, closed: map[string]int{}}
 	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces,
 		PieceLength: n.pieceLength, Seed: cfg.Seed,
-		UploadRate: cfg.UploadRate})
+		UploadRate: cfg.UploadRate, StealHold: cfg.StealHold})
 
 	tc := torrent.NewDefaultClientConfig()
 	tc.Seed = true

@@ -32,6 +32,7 @@ import (
 	"github.com/esir-project/esir/imaging"
 	"github.com/esir-project/esir/netlab"
 	"github.com/esir-project/esir/swarm"
+	"github.com/esir-project/esir/swarm/havewire"
 )
 
 type method struct {
@@ -568,10 +569,14 @@ func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, s
 	}
 	link := rateMbit * 1e6 / 8
 	var up, useful, tx, wasted int64
+	var steals havewire.StealCounters
 	lib := map[string]int64{}
 	for _, r := range logs {
 		up += r.Uploaded
 		wasted += r.Wasted
+		steals.Held += r.Have.Steals.Held
+		steals.Saved += r.Have.Steals.Saved
+		steals.Released += r.Have.Steals.Released
 		for k, v := range r.Library {
 			lib[k] += v
 		}
@@ -590,6 +595,8 @@ func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, s
 		up, useful, float64(useful)/float64(max(up, 1)), tx, float64(useful)/float64(max(tx, 1)))
 	fmt.Printf("nodes: %d piece bytes received and not needed; library: %d cancels written, %d cancels received for chunks already sent, %d rejects written\n",
 		wasted, lib["messages written of type Cancel"], lib["unexpected cancels received"], lib["messages written of type Reject"])
+	fmt.Printf("nodes: requests moved between connections and held for the first one's answer: %d, of which the chunk came there %d, sent on %d\n",
+		steals.Held, steals.Saved, steals.Released)
 	fmt.Printf("timeline %s N=%d (piece %d KiB): second, pieces completed, swarm download / (N+1) links, server upload / link, node uploads / link (min median max)\n",
 		mode, len(lb.nodes), pieceLen>>10)
 	for s, c := range perSec {

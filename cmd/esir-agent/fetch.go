@@ -20,7 +20,7 @@ import (
 func newFetchCmd(app *cli.App) *cobra.Command {
 	var (
 		server, image, out, listen, mode, rack, progressMode, resultFile, cpuProfile string
-		seedFor, webSeedAfter                                                        time.Duration
+		seedFor, webSeedAfter, stealHold                                             time.Duration
 		maxConns, maxRequests                                                        int
 	)
 	cmd := &cobra.Command{
@@ -57,7 +57,8 @@ written to --result (atomically) as soon as the image is verified.`,
 				}
 				defer pprof.StopCPUProfile()
 			}
-			n, err := swarm.NewNode(swarm.NodeConfig{Listen: listen, Mode: m, MaxConns: maxConns, MaxRequests: maxRequests, Log: app.Log})
+			n, err := swarm.NewNode(swarm.NodeConfig{Listen: listen, Mode: m, MaxConns: maxConns, MaxRequests: maxRequests,
+				StealHold: stealHold, Log: app.Log})
 			if err != nil {
 				return err
 			}
@@ -129,6 +130,7 @@ written to --result (atomically) as soon as the image is verified.`,
 	f.DurationVar(&webSeedAfter, "webseed-after", 10*time.Second, "fall back to the web seed after this long without data (negative: never)")
 	f.IntVar(&maxConns, "max-conns", 0, "peer connections (0: default)")
 	f.IntVar(&maxRequests, "max-requests", 0, "chunk requests outstanding per peer (0: default 32)")
+	f.DurationVar(&stealHold, "steal-hold", 0, "hold a request moved between ESIR peers this long for the first peer's answer (0: default 1s; negative: never)")
 	f.StringVar(&progressMode, "progress", "bar", "progress output: bar, json or none")
 	f.StringVar(&resultFile, "result", "", "write the result JSON here once verified (and again at exit)")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole fetch (and seeding) to this file")

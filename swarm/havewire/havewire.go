@@ -104,6 +104,10 @@ type Config struct {
 	// lost, and a lost wake-up left a peer without data until it gave up
 	// on the connection.
 	UploadRate int64
+	// StealHold bounds how long a chunk request the library moved from one
+	// ESIR peer's connection to another's is held back while the first may
+	// still deliver it (DefaultStealHold when 0; negative: never held).
+	StealHold time.Duration
 }
 
 // Counters are HAVE counts as seen on the wire.
@@ -166,6 +170,9 @@ type Snapshot struct {
 	Window time.Duration `json:"window_ns"`
 	// Peers lists open connections and the most recently closed ones.
 	Peers []PeerCounters `json:"peers"`
+	// Steals counts chunk requests held back while another connection
+	// could still deliver the chunk (steal.go).
+	Steals StealCounters `json:"steals"`
 }
 
 // maxGone bounds the closed connections a Snapshot still lists.
@@ -197,6 +204,7 @@ type Wire struct {
 	seed      *seeder            // nil unless initial seeding
 	pieces    pieceLog
 	limit     *rate.Limiter // nil: upload unlimited
+	steals    steals
 }
 
 type pieceKey struct {
@@ -213,7 +221,7 @@ func New(cfg Config) *Wire {
 		cfg.MinHold = cfg.MaxHold / 10
 	}
 	w := &Wire{cfg: cfg, start: time.Now(), completed: map[pieceKey]struct{}{}, conns: map[*Conn]struct{}{},
-		pieces: newPieceLog()}
+		pieces: newPieceLog(), steals: newSteals()}
 	if cfg.Seed != nil && cfg.Pieces != nil {
 		w.seed = newSeeder(*cfg.Seed)
 	}
@@ -326,6 +334,7 @@ func (w *Wire) Snapshot() Snapshot {
 	for _, v := range s.PerSecond {
 		s.PeakPerSecond = max(s.PeakPerSecond, v)
 	}
+	s.Steals = w.StealCounters()
 	s.HoldP50, s.HoldP99 = quantile(hold[:], 0.50), quantile(hold[:], 0.99)
 	s.EmitP50, s.EmitP99 = 100*quantile(lag[:], 0.50), 100*quantile(lag[:], 0.99)
 	return s
@@ -389,6 +398,10 @@ func (d *Dialer) DialerNetwork() string { return "tcp" }
 const (
 	msgHave     = 4
 	msgBitfield = 5
+	msgRequest  = 6
+	msgPiece    = 7
+	msgCancel   = 8
+	msgReject   = 16
 	msgHaveAll  = 14
 	msgHaveNone = 15
 	msgExtended = 20
@@ -450,6 +463,7 @@ type Conn struct {
 	openSent    bool          // the library sent its opening BITFIELD / HAVE ALL / HAVE NONE / first HAVE
 	early       bitset        // pieces announced at completion, before the library's HAVE
 	pending     []uint32      // completed pieces to announce at the next message boundary
+	injectQ     []byte        // whole frames to write at the next message boundary (steal.go)
 	remoteSeeds bool          // the remote is an ESIR initial seeder: it needs every HAVE
 	seed        seedState     // initial seeding (when the Wire seeds)
 	done        chan struct{} // closed by Close: stops waiting on the upload cap
@@ -517,6 +531,9 @@ func (c *Conn) inbound(ev event) {
 	}
 	ih, remote := c.infoHash, c.remote
 	c.mu.Unlock()
+	if ev.kind == evMessage && (ev.id == msgPiece || ev.id == msgReject) {
+		c.inboundAnswer(ev, ev.id == msgPiece)
+	}
 	if len(fresh) > 0 {
 		via := "have"
 		if ev.id == msgBitfield {
@@ -559,6 +576,10 @@ func (c *Conn) Write(p []byte) (int, error) {
 		case ev == nil:
 		case c.w.seed != nil && c.seedRewriteOK(&seg, *ev):
 		case ev.kind == evPayload:
+		case ev.kind == evMessage && ev.id == msgRequest:
+			seg = c.outboundRequest(seg, *ev)
+		case ev.kind == evMessage && ev.id == msgCancel:
+			seg = c.outboundCancel(seg, *ev)
 		case !c.outbound(*ev):
 			seg = nil
 		}
@@ -573,6 +594,10 @@ func (c *Conn) Write(p []byte) (int, error) {
 		}
 		if s.boundary {
 			if err := c.flushEarly(); err != nil {
+				c.wErr = err
+				return 0, err
+			}
+			if err := c.flushInjected(); err != nil {
 				c.wErr = err
 				return 0, err
 			}
@@ -753,7 +778,7 @@ func (c *Conn) Close() error {
 	c.held = nil
 	c.wErr = errors.Join(c.wErr, net.ErrClosed)
 	c.wmu.Unlock()
-	c.closeOnce.Do(func() { close(c.done); c.w.unregister(c) })
+	c.closeOnce.Do(func() { close(c.done); c.w.unregister(c); c.w.stealsClosed(c) })
 	return c.Conn.Close()
 }
 
@@ -846,6 +871,7 @@ type event struct {
 	infoHash [20]byte
 	id       byte
 	index    uint32
+	begin    uint32 // REQUEST, CANCEL, REJECT and PIECE: the chunk's offset
 	payload  []byte
 	last     bool
 }
@@ -860,7 +886,8 @@ type parser struct {
 	id      byte
 	keep    bool   // gather the payload
 	payload []byte // gathered payload
-	frame   []byte // bytes of a held-back frame (HAVE) being gathered
+	frame   []byte // bytes of a held-back frame (HAVE, REQUEST, CANCEL, REJECT) being gathered
+	pieceHd []byte // the index and begin of the PIECE message being read
 }
 
 func (p *parser) atBoundary() bool {
@@ -918,7 +945,15 @@ func (p *parser) split(b []byte, emit func(seg []byte, ev *event)) {
 			}
 			p.left -= n
 			var ev *event
+			if p.id == msgPiece && len(p.pieceHd) < 8 {
+				p.pieceHd = append(p.pieceHd, b[:min(n, 8-len(p.pieceHd))]...)
+				if len(p.pieceHd) == 8 {
+					ev = &event{kind: evMessage, id: msgPiece, index: binary.BigEndian.Uint32(p.pieceHd),
+						begin: binary.BigEndian.Uint32(p.pieceHd[4:])}
+				}
+			}
 			switch {
+			case ev != nil:
 			case p.left == 0 && p.keep:
 				ev = &event{kind: evMessage, id: p.id, payload: p.payload}
 				p.payload, p.keep = nil, false
@@ -930,34 +965,42 @@ func (p *parser) split(b []byte, emit func(seg []byte, ev *event)) {
 			b = b[n:]
 			continue
 		}
-		// Gathering a header. A HAVE (length 5, id 4) is held back whole.
-		if len(p.frame) > 0 || (len(p.hdr) == 0 && len(b) < 9 && couldBeHave(b)) {
-			n := min(9-len(p.frame), len(b))
-			p.frame = append(p.frame, b[:n]...)
-			b = b[n:]
-			if len(p.frame) < 5 && couldBeHave(p.frame) {
+		// Gathering a header. A HAVE, REQUEST, CANCEL or REJECT is held back
+		// whole, so the caller may drop or replace it.
+		if len(p.hdr) == 0 && len(p.frame) == 0 {
+			if n := heldLen(b); n > 0 && len(b) >= n {
+				emit(b[:n], frameEvent(b[:n]))
+				b = b[n:]
 				continue
 			}
-			if couldBeHave(p.frame) && len(p.frame) < 9 {
-				continue
+		}
+		if len(p.frame) > 0 || (len(p.hdr) == 0 && heldLen(b) != 0) {
+			for len(b) > 0 {
+				want := 5
+				if l := heldLen(p.frame); l > 0 {
+					want = l
+				}
+				n := min(want-len(p.frame), len(b))
+				p.frame = append(p.frame, b[:n]...)
+				b = b[n:]
+				if l := heldLen(p.frame); l == 0 || len(p.frame) == l {
+					break
+				}
 			}
-			// Either a complete HAVE or not a HAVE at all: re-split it.
+			l := heldLen(p.frame)
+			if l < 0 || (l > 0 && len(p.frame) < l) {
+				continue // b is used up: the frame completes in a later call
+			}
 			f := p.frame
 			p.frame = nil
-			if isHave(f) {
-				emit(f, &event{kind: evMessage, id: msgHave, index: binary.BigEndian.Uint32(f[5:9])})
+			if l > 0 {
+				emit(f, frameEvent(f))
 				continue
 			}
-			// Not a HAVE: parse its bytes as ordinary input, then the rest.
-			p.hdr = nil
+			// Not a held frame: parse its bytes as ordinary input, then the rest.
 			rest := b
 			p.split(f, emit)
 			b = rest
-			continue
-		}
-		if len(p.hdr) == 0 && len(b) >= 9 && isHave(b[:9]) {
-			emit(b[:9], &event{kind: evMessage, id: msgHave, index: binary.BigEndian.Uint32(b[5:9])})
-			b = b[9:]
 			continue
 		}
 		// The length first (a zero length is a keep-alive), then the id.
@@ -980,6 +1023,7 @@ func (p *parser) split(b []byte, emit func(seg []byte, ev *event)) {
 		}
 		length := int(binary.BigEndian.Uint32(p.hdr[:4]))
 		p.id = p.hdr[4]
+		p.pieceHd = p.pieceHd[:0]
 		p.hdr = p.hdr[:0]
 		p.left = length - 1
 		switch p.id {
@@ -996,14 +1040,46 @@ func (p *parser) split(b []byte, emit func(seg []byte, ev *event)) {
 	}
 }
 
-// couldBeHave reports whether b is a prefix of a HAVE frame.
-func couldBeHave(b []byte) bool {
-	want := []byte{0, 0, 0, 5, msgHave}
-	n := min(len(b), len(want))
-	return bytes.Equal(b[:n], want[:n])
+// heldFrames are the frames the parser hands over whole: their first five
+// bytes (length and id) and their full length.
+var heldFrames = [...]struct {
+	head [5]byte
+	n    int
+}{
+	{[5]byte{0, 0, 0, 5, msgHave}, 9},
+	{[5]byte{0, 0, 0, 13, msgRequest}, 17},
+	{[5]byte{0, 0, 0, 13, msgCancel}, 17},
+	{[5]byte{0, 0, 0, 13, msgReject}, 17},
 }
 
-func isHave(b []byte) bool { return len(b) == 9 && couldBeHave(b) }
+// heldLen returns the full length of the held frame b starts, 0 when b
+// starts no such frame, or -1 when b is too short to tell.
+func heldLen(b []byte) int {
+	undecided := false
+	for _, f := range heldFrames {
+		k := min(len(b), 5)
+		if !bytes.Equal(b[:k], f.head[:k]) {
+			continue
+		}
+		if k == 5 {
+			return f.n
+		}
+		undecided = true
+	}
+	if undecided {
+		return -1
+	}
+	return 0
+}
+
+// frameEvent describes a complete held frame.
+func frameEvent(f []byte) *event {
+	ev := &event{kind: evMessage, id: f[4], index: binary.BigEndian.Uint32(f[5:9])}
+	if len(f) >= 13 {
+		ev.begin = binary.BigEndian.Uint32(f[9:13])
+	}
+	return ev
+}
 
 // uploadBurst is the upload cap's bucket: a tenth of a second's worth,
 // at least one 16 KiB block and at most 1 MiB, so a capped node sends in

@@ -106,27 +106,44 @@ func (p *pair) received() []byte {
 func TestParserSplitsAcrossWrites(t *testing.T) {
 	stream := append(handshake(7), msg(msgBitfield, 0xf0)...)
 	stream = append(stream, have(3)...)
-	stream = append(stream, 0, 0, 0, 0) // keep-alive
-	stream = append(stream, msg(7, make([]byte, 100)...)...)
+	stream = append(stream, 0, 0, 0, 0)                                      // keep-alive
+	piece := append([]byte{0, 0, 0, 2, 0, 0, 0x40, 0}, make([]byte, 100)...) // piece 2, begin 16384
+	stream = append(stream, msg(msgPiece, piece...)...)
 	stream = append(stream, have(9)...)
+	stream = append(stream, requestFrame(msgRequest, 5, 32768, 16384)...)
+	stream = append(stream, requestFrame(msgCancel, 5, 32768, 16384)...)
+	stream = append(stream, requestFrame(msgReject, 6, 0, 16384)...)
 	stream = append(stream, msg(msgHaveAll)...)
-	for _, chunk := range []int{1, 2, 3, 5, 7, 9, 64, len(stream)} {
+	for _, chunk := range []int{1, 2, 3, 5, 7, 9, 17, 64, len(stream)} {
 		var p parser
 		var got []byte
 		var haves []uint32
 		var ids []byte
+		var chunks []string
 		for b := stream; len(b) > 0; {
 			n := min(chunk, len(b))
 			p.split(b[:n], func(seg []byte, ev *event) {
 				got = append(got, seg...)
 				if ev != nil && ev.kind == evMessage {
 					ids = append(ids, ev.id)
-					if ev.id == msgHave {
+					switch ev.id {
+					case msgHave:
 						haves = append(haves, ev.index)
+					case msgRequest, msgCancel, msgReject:
+						// Handed over whole, so the wire may hold or replace it.
+						if len(seg) != 17 {
+							t.Errorf("chunk %d: message %d came in a segment of %d bytes", chunk, ev.id, len(seg))
+						}
+						chunks = append(chunks, fmt.Sprintf("%d:%d/%d", ev.id, ev.index, ev.begin))
+					case msgPiece:
+						chunks = append(chunks, fmt.Sprintf("%d:%d/%d", ev.id, ev.index, ev.begin))
 					}
 				}
 			})
 			b = b[n:]
+		}
+		if want := "[7:2/16384 6:5/32768 8:5/32768 16:6/0]"; fmt.Sprint(chunks) != want {
+			t.Errorf("chunk %d: chunk messages %v, want %s", chunk, chunks, want)
 		}
 		if !bytes.Equal(got, stream) {
 			t.Errorf("chunk %d: segments do not reassemble the stream", chunk)
@@ -134,7 +151,7 @@ func TestParserSplitsAcrossWrites(t *testing.T) {
 		if len(haves) != 2 || haves[0] != 3 || haves[1] != 9 {
 			t.Errorf("chunk %d: HAVEs %v, want [3 9]", chunk, haves)
 		}
-		if !bytes.Equal(ids, []byte{msgBitfield, msgHave, msgHave, msgHaveAll}) {
+		if !bytes.Equal(ids, []byte{msgBitfield, msgHave, msgPiece, msgHave, msgRequest, msgCancel, msgReject, msgHaveAll}) {
 			t.Errorf("chunk %d: message ids %v", chunk, ids)
 		}
 	}
@@ -562,4 +579,120 @@ func TestUploadCap(t *testing.T) {
 	case <-time.After(2 * time.Second):
 		t.Fatal("a write waiting on the upload cap did not return when its connection closed")
 	}
+}
+
+// TestStealHold checks that a chunk request the library moves to a second
+// connection waits for the first connection's answer: the chunk arriving
+// there ends it with REQUEST and CANCEL together (the remote answers with a
+// REJECT and sends nothing), a REJECT there, a timeout or the first
+// connection closing sends the REQUEST on.
+func TestStealHold(t *testing.T) {
+	req := requestFrame(msgRequest, 5, 16384, 16384)
+	cancel := requestFrame(msgCancel, 5, 16384, 16384)
+	piece := msg(msgPiece, append([]byte{0, 0, 0, 5, 0, 0, 0x40, 0}, make([]byte, 16384)...)...)
+	setup := func(t *testing.T, hold time.Duration, yESIR bool) (*Wire, *pair, *pair) {
+		w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 8 }, StealHold: hold})
+		var ps []*pair
+		for i, esir := range []bool{true, yESIR} {
+			p := newPair(t, w)
+			if _, err := p.c.Write(handshake(1)); err != nil {
+				t.Fatal(err)
+			}
+			ext := extHandshake("ut_pex")
+			if esir {
+				ext = extHandshake("ut_pex", ExtensionName)
+			}
+			p.remoteSends(t, append(append(handshake(1), ext...), msg(msgHaveAll)...))
+			if !waitFor(func() bool { return len(p.received()) >= handshakeLen }) {
+				t.Fatalf("connection %d: no handshake written", i)
+			}
+			ps = append(ps, p)
+		}
+		x, y := ps[0], ps[1]
+		if _, err := x.c.Write(req); err != nil {
+			t.Fatal(err)
+		}
+		if !waitFor(func() bool { return bytes.Equal(x.received()[handshakeLen:], req) }) {
+			t.Fatalf("the first request was not sent: %x", x.received()[handshakeLen:])
+		}
+		if _, err := y.c.Write(req); err != nil { // the library moves it to y
+			t.Fatal(err)
+		}
+		return w, x, y
+	}
+	afterHandshake := func(p *pair) []byte { return p.received()[handshakeLen:] }
+	held := func(t *testing.T, y *pair) {
+		t.Helper()
+		time.Sleep(20 * time.Millisecond)
+		if got := afterHandshake(y); len(got) != 0 {
+			t.Fatalf("the moved request went out at once: %x", got)
+		}
+	}
+
+	t.Run("chunk arrives on the first connection", func(t *testing.T) {
+		w, x, y := setup(t, time.Minute, true)
+		held(t, y)
+		x.remoteSends(t, piece)
+		if _, err := y.c.Write(cancel); err != nil { // the library cancels the moved request
+			t.Fatal(err)
+		}
+		want := append(append([]byte(nil), req...), cancel...)
+		if !waitFor(func() bool { return bytes.Equal(afterHandshake(y), want) }) {
+			t.Fatalf("second connection sent %x, want REQUEST+CANCEL %x", afterHandshake(y), want)
+		}
+		if got := w.StealCounters(); got != (StealCounters{Held: 1, Saved: 1}) {
+			t.Errorf("counters %+v", got)
+		}
+	})
+	t.Run("first connection rejects", func(t *testing.T) {
+		w, x, y := setup(t, time.Minute, true)
+		held(t, y)
+		x.remoteSends(t, requestFrame(msgReject, 5, 16384, 16384))
+		if !waitFor(func() bool { return bytes.Equal(afterHandshake(y), req) }) {
+			t.Fatalf("second connection sent %x after the reject, want the REQUEST", afterHandshake(y))
+		}
+		if got := w.StealCounters(); got != (StealCounters{Held: 1, Released: 1}) {
+			t.Errorf("counters %+v", got)
+		}
+	})
+	t.Run("no answer in time", func(t *testing.T) {
+		_, _, y := setup(t, 100*time.Millisecond, true)
+		held(t, y)
+		if !waitFor(func() bool { return bytes.Equal(afterHandshake(y), req) }) {
+			t.Fatalf("the held request never went out: %x", afterHandshake(y))
+		}
+	})
+	t.Run("first connection closes", func(t *testing.T) {
+		_, x, y := setup(t, time.Minute, true)
+		held(t, y)
+		x.c.Close()
+		if !waitFor(func() bool { return bytes.Equal(afterHandshake(y), req) }) {
+			t.Fatalf("the held request did not go out when the first connection closed: %x", afterHandshake(y))
+		}
+	})
+	t.Run("standard peer", func(t *testing.T) {
+		w, _, y := setup(t, time.Minute, false)
+		if !waitFor(func() bool { return bytes.Equal(afterHandshake(y), req) }) {
+			t.Fatalf("a request to a standard client was held: %x", afterHandshake(y))
+		}
+		if got := w.StealCounters(); got != (StealCounters{}) {
+			t.Errorf("counters %+v", got)
+		}
+	})
+	t.Run("switched off", func(t *testing.T) {
+		_, _, y := setup(t, -1, true)
+		if !waitFor(func() bool { return bytes.Equal(afterHandshake(y), req) }) {
+			t.Fatalf("StealHold < 0 still held: %x", afterHandshake(y))
+		}
+	})
+}
+
+// waitFor polls cond for up to 5 s.
+func waitFor(cond func() bool) bool {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+		if cond() {
+			return true
+		}
+	}
+	return cond()
 }
