@@ -27,6 +27,15 @@ func msg(id byte, payload ...byte) []byte {
 
 func have(i uint32) []byte { return msg(msgHave, binary.BigEndian.AppendUint32(nil, i)...) }
 
+// requestFrame encodes a REQUEST, CANCEL or REJECT frame (by id).
+func requestFrame(id byte, index, begin, length uint32) []byte {
+	f := binary.BigEndian.AppendUint32(nil, 13)
+	f = append(f, id)
+	f = binary.BigEndian.AppendUint32(f, index)
+	f = binary.BigEndian.AppendUint32(f, begin)
+	return binary.BigEndian.AppendUint32(f, length)
+}
+
 func extHandshake(names ...string) []byte {
 	d := "d1:md"
 	for i, n := range names {

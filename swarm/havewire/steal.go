@@ -1,7 +1,6 @@
 package havewire
 
 import (
-	"encoding/binary"
 	"sync"
 	"time"
 )
@@ -248,13 +247,4 @@ func (c *Conn) flushInjected() error {
 	}
 	_, err := c.Conn.Write(b)
 	return err
-}
-
-// requestFrame encodes a REQUEST (or, with id msgCancel, a CANCEL) frame.
-func requestFrame(id byte, index, begin, length uint32) []byte {
-	f := binary.BigEndian.AppendUint32(nil, 13)
-	f = append(f, id)
-	f = binary.BigEndian.AppendUint32(f, index)
-	f = binary.BigEndian.AppendUint32(f, begin)
-	return binary.BigEndian.AppendUint32(f, length)
 }
