@@ -419,7 +419,30 @@ func (d *Download) Reader(ctx context.Context) io.ReadCloser {
 	r := d.t.NewReader()
 	r.SetContext(ctx)
 	r.SetReadahead(32 << 20)
-	return r
+	return &replanReader{Reader: r, ctx: ctx}
+}
+
+// replanReader reads on through a re-plan: replan switches the torrent's
+// data download off and on again, and the library fails a reader waiting
+// for data in that instant ("torrent data downloading disabled"). Nothing
+// else in ESIR switches it off, so the reader waits briefly and reads again.
+type replanReader struct {
+	torrent.Reader
+	ctx context.Context
+}
+
+func (r *replanReader) Read(p []byte) (int, error) {
+	for {
+		n, err := r.Reader.Read(p)
+		if n > 0 || err == nil || err.Error() != "torrent data downloading disabled" {
+			return n, err
+		}
+		select {
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // Seed keeps seeding until ctx ends or for at most dur (forever when dur is

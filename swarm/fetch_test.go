@@ -140,3 +140,46 @@ func TestFetchReplansAfterReject(t *testing.T) {
 	}
 	t.Logf("complete after %v, %d chunks served", time.Since(start).Round(time.Millisecond), peer.served.Load())
 }
+
+// TestReaderSurvivesReplan reads the archive in order while requests are
+// re-planned over and over: the library fails a reader that waits for data
+// while download is switched off, and the re-plan switches it off for an
+// instant, so without replanReader the install's unpack failed.
+func TestReaderSurvivesReplan(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	img := testImage(t, 2<<20, 64<<10)
+	_, url := limitedServer(t, 512<<10, img) // about 4 s, so the reader waits often
+	n := nodeAt(t, "127.0.0.82")
+	d := fetchOn(t, ctx, n, url, "test:1", &events{}, -1)
+	stop := make(chan struct{})
+	replans := make(chan int)
+	go func() {
+		k := 0
+		defer func() { replans <- k }()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+				d.replan()
+				k++
+			}
+		}
+	}()
+	r := d.Reader(ctx)
+	got, err := io.ReadAll(r)
+	r.Close()
+	close(stop)
+	k := <-replans
+	if err != nil {
+		t.Fatalf("reading through %d re-plans: %v", k, err)
+	}
+	want, err := os.ReadFile(img.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read %d bytes through %d re-plans, not the archive's %d", len(got), k, len(want))
+	}
+}
