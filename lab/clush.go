@@ -80,7 +80,8 @@ type ClushCheck struct {
 }
 
 // Clush checks clustershell the way an administrator uses it: the lab logs
-// in to the first core node over SSH with the administrator's key (from
+// in to the first core node by name (not by member ID, which follows the
+// order the nodes happened to enroll in) over SSH with the administrator's key (from
 // the switch namespace) and runs clush on the cluster's group all there;
 // clush reaches every member, itself included, over SSH with the cluster
 // key ESIR installed on the core nodes. It fails, naming the nodes, unless
@@ -91,7 +92,7 @@ func (st *State) Clush(ctx context.Context, s *cluster.Snapshot, timeout time.Du
 	if st.Cluster == "" || s == nil {
 		return nil, errors.New("lab: this lab has no SSI cluster")
 	}
-	members := slices.SortedFunc(slices.Values(s.Members), func(a, b cluster.Member) int { return a.ID - b.ID })
+	members := slices.SortedFunc(slices.Values(s.Members), func(a, b cluster.Member) int { return strings.Compare(a.Name, b.Name) })
 	from := slices.IndexFunc(members, func(m cluster.Member) bool { return m.Role == ssi.Core })
 	if from < 0 {
 		return nil, fmt.Errorf("lab: cluster %s has no core member to run clush from", st.Cluster)
