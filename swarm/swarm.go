@@ -128,6 +128,9 @@ type NodeConfig struct {
 	// chunk already on its way is not sent twice (havewire.DefaultStealHold
 	// when 0; negative: requests move at once).
 	StealHold time.Duration
+	// ChunkSize is the size of the blocks the node requests, in bytes
+	// (DefaultChunkSize when 0).
+	ChunkSize int
 	// MaxUnverified bounds bytes received but not yet hashed (64 MiB when 0).
 	MaxUnverified int64
 	// UploadRate caps piece upload in bytes per second (0: unlimited).
@@ -148,6 +151,15 @@ type NodeConfig struct {
 // of 10 Mbit/s links, 8 connections per node finished in 1.44 x F/B where 35
 // took 1.66 x at half the rate, with half the CPU.
 const DefaultMaxConns = 8
+
+// DefaultChunkSize is NodeConfig.ChunkSize's default: half BitTorrent's
+// usual 16 KiB request. A HAVE or REQUEST written to a connection waits for
+// the block being sent on it, at that connection's share of the node's
+// link. On a 32-node swarm of 2.5 Mbit/s links, 8 KiB blocks cut the p99
+// piece-information delay from 1.01 s to 0.55 s and the last node's time
+// from 1.35 to 1.28 x F/B at the same CPU; 4 KiB blocks cut the delay to
+// 0.21 s but made the nodes' CPU the bottleneck.
+const DefaultChunkSize = 8 << 10
 
 // DefaultMaxRequests is NodeConfig.MaxRequests' default.
 const DefaultMaxRequests = 32
@@ -180,6 +192,13 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	if cfg.MaxUnverified <= 0 {
 		cfg.MaxUnverified = 64 << 20
+	}
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = DefaultChunkSize
+	}
+	if cfg.ChunkSize < 1<<10 || cfg.ChunkSize > 16<<10 {
+		// Standard clients refuse requests over 16 KiB.
+		return nil, fmt.Errorf("swarm: chunk size %d bytes: want 1 KiB to 16 KiB", cfg.ChunkSize)
 	}
 	if cfg.Listen == "" {
 		cfg.Listen = ":0"
@@ -383,6 +402,7 @@ func (n *Node) addTorrent(mi *metainfo.MetaInfo, st *fileStorage, trackers [][]s
 	st.completed = n.wire.PieceCompleted
 	spec.Trackers = trackers // the server's seeder has none: it is the tracker
 	spec.Webseeds = nil
+	spec.ChunkSize = pp.Integer(n.cfg.ChunkSize)
 	t, _, err := n.cl.AddTorrentSpec(spec)
 	if err != nil {
 		return nil, fmt.Errorf("adding torrent %s: %w", spec.InfoHash.HexString(), err)

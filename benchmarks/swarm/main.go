@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strconv"
@@ -65,7 +66,15 @@ type method struct {
 	// this method's processes, or over 85% busy with other work) or the links.
 	Bottleneck    string  `json:"bottleneck,omitempty"`
 	FromPeersFrac float64 `json:"bytes_from_peers_frac"`
-	Err           string  `json:"error,omitempty"`
+	// NetOneWayP50Ms and NetOneWayP99Ms are the links' own delay during an
+	// ESIR run: half the round-trip time of pings from node 1 to node 2
+	// every 100 ms (through node 1's upload queue and node 2's download
+	// queue, and back). A HAVE crosses the same two queues: this is the
+	// floor under any piece-information delay on this test bed.
+	NetOneWayP50Ms float64 `json:"net_one_way_p50_ms,omitempty"`
+	NetOneWayP99Ms float64 `json:"net_one_way_p99_ms,omitempty"`
+	NetPingLoss    float64 `json:"net_ping_loss,omitempty"`
+	Err            string  `json:"error,omitempty"`
 }
 
 type config struct {
@@ -89,7 +98,13 @@ type config struct {
 	// serverFlags and agentFlags are extra flags for esir swarm serve and
 	// esir-agent fetch (experiments with their tuning).
 	serverFlags, agentFlags []string
+	// pace, when above 0, caps every ESIR process's upload at this share
+	// of the link rate (--upload-rate), as udp-sender is told its rate.
+	pace float64
 }
+
+// uploadRate is the --pace share of the link rate in bytes per second.
+func (c config) uploadRate() int64 { return int64(c.pace * c.rateMbit * 1e6 / 8) }
 
 func main() {
 	var (
@@ -109,6 +124,7 @@ func main() {
 		pieceFlag = flag.Int64("piece", 0, "piece size in KiB (0: what esir image build chooses)")
 		plotFrom  = flag.String("plot-from", "", "only redraw --png from a --json file of an earlier run")
 		httpMaxN  = flag.Int("http-max-n", 0, "run HTTP unicast only up to this N (0: every N); it takes N x F/B")
+		pace      = flag.Float64("pace", 0, "cap each ESIR process's upload at this share of B, in payload bytes (0: no cap; udp-sender runs at 0.95)")
 		timeline  = flag.Bool("timeline", false, "print each ESIR run's per-second download and server upload rates")
 	)
 	flag.Parse()
@@ -133,7 +149,7 @@ func main() {
 		os.Exit(2)
 	}
 	cfg := config{rateMbit: *rateMbit, mtu: *mtu, size: *sizeMiB << 20, timeout: *timeout, serverConns: *srvConns,
-		seeding: *seeding, profile: *profile, timeline: *timeline,
+		seeding: *seeding, profile: *profile, timeline: *timeline, pace: *pace,
 		serverFlags: strings.Fields(*srvFlags), agentFlags: strings.Fields(*agtFlags)}
 	for _, s := range strings.Split(*nsFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
@@ -401,6 +417,9 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	srv := lb.server.Command(ctx, filepath.Join(cfg.bin, "esir"), "swarm", "serve", "--store", filepath.Join(cfg.work, "store"),
 		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--have-mode", mode, "--log-level", "warn",
 		"--max-conns", strconv.Itoa(cfg.serverConns), "--seeding", cfg.seeding)
+	if cfg.pace > 0 {
+		srv.Args = append(srv.Args, "--upload-rate", strconv.FormatInt(cfg.uploadRate(), 10))
+	}
 	srv.Args = append(srv.Args, cfg.serverFlags...)
 	srvLog, _ := os.Create(filepath.Join(dir, "server.log"))
 	srv.Stderr = srvLog
@@ -421,6 +440,9 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			"--image", "bench:1", "--out", filepath.Join(dir, fmt.Sprintf("out%d", i)), "--listen", h.IP().String()+":6881",
 			"--have-mode", mode, "--seed-for", "0", "--progress", "none", "--result", res, "--log-level", "warn",
 			"--webseed-after", "-1s")
+		if cfg.pace > 0 {
+			a.Args = append(a.Args, "--upload-rate", strconv.FormatInt(cfg.uploadRate(), 10))
+		}
 		a.Args = append(a.Args, cfg.agentFlags...)
 		if i == 0 && cfg.profile != "" {
 			os.MkdirAll(cfg.profile, 0o755)
@@ -433,6 +455,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		}
 		agents = append(agents, a)
 	}
+	ping := startPing(ctx, lb)
 	var srvTx []int64
 	var nodeTx [][]int64 // per sample, per node
 	stopSample := make(chan struct{})
@@ -458,6 +481,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	times, err := waitFiles(ctx, start, results)
 	close(stopSample)
 	<-sampled
+	m.NetOneWayP50Ms, m.NetOneWayP99Ms, m.NetPingLoss = ping()
 	// Server bytes before the agents stop.
 	if out, e := lb.nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/stats"); e == nil {
 		var st swarm.Stats
@@ -525,6 +549,42 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		m.FromPeersFrac = float64(fromPeers) / float64(total)
 	}
 	return times, nil
+}
+
+var pingTime = regexp.MustCompile(`icmp_seq=(\d+) .*time=([0-9.]+) ms`)
+
+// startPing pings node 2 from node 1 every 100 ms until the returned
+// function is called; that returns half the round trip's p50 and p99 in
+// milliseconds and the share of pings unanswered (zeros with fewer than two
+// nodes or when ping fails).
+func startPing(ctx context.Context, lb *lab) func() (p50, p99, loss float64) {
+	none := func() (float64, float64, float64) { return 0, 0, 0 }
+	if len(lb.nodes) < 2 {
+		return none
+	}
+	cmd := lb.nodes[0].Command(ctx, "ping", "-n", "-i", "0.1", "-W", "5", lb.nodes[1].IP().String())
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	if err := cmd.Start(); err != nil {
+		return none
+	}
+	return func() (float64, float64, float64) {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		var rtts []float64
+		maxSeq := 0
+		for _, m := range pingTime.FindAllStringSubmatch(out.String(), -1) {
+			seq, _ := strconv.Atoi(m[1])
+			maxSeq = max(maxSeq, seq)
+			v, _ := strconv.ParseFloat(m[2], 64)
+			rtts = append(rtts, v/2)
+		}
+		if len(rtts) == 0 {
+			return none()
+		}
+		slices.Sort(rtts)
+		return rtts[len(rtts)/2], rtts[len(rtts)*99/100], 1 - float64(len(rtts))/float64(maxSeq)
+	}
 }
 
 // txBytes reads every host's transmit counter at once, as the receive
@@ -756,6 +816,10 @@ func printTable(n int, rows []method, bound float64, size int64) {
 		if strings.HasPrefix(r.Name, "esir") && r.Err == "" {
 			note = fmt.Sprintf("%s; %.0f%% of bytes from peers; delay over %d receiver events, max %.0f ms; sender: completion to library HAVE p99 %.0f ms, hold p99 %.1f ms",
 				note, 100*r.FromPeersFrac, r.DelayEvents, r.DelayMaxMs, r.EmitP99Ms, r.HoldP99Ms)
+			if r.NetOneWayP99Ms > 0 {
+				note = fmt.Sprintf("%s; the links' own one-way delay (ping RTT/2, node 1 to 2) p50 %.0f ms, p99 %.0f ms, %.0f%% lost",
+					note, r.NetOneWayP50Ms, r.NetOneWayP99Ms, 100*r.NetPingLoss)
+			}
 		}
 		cpu := "-"
 		if r.HostCPU > 0 {

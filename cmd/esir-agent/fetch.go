@@ -21,7 +21,8 @@ func newFetchCmd(app *cli.App) *cobra.Command {
 	var (
 		server, image, out, listen, mode, rack, progressMode, resultFile, cpuProfile string
 		seedFor, webSeedAfter, stealHold                                             time.Duration
-		maxConns, maxRequests                                                        int
+		maxConns, maxRequests, chunkSize                                             int
+		uploadRate                                                                   int64
 	)
 	cmd := &cobra.Command{
 		Use:   "fetch --server URL --image NAME[:VERSION] --out PATH",
@@ -42,6 +43,9 @@ written to --result (atomically) as soon as the image is verified.`,
 			if server == "" || image == "" || out == "" {
 				return fmt.Errorf("--server, --image and --out are required")
 			}
+			if uploadRate < 0 {
+				return fmt.Errorf("--upload-rate %d: want bytes per second, 0 for unlimited", uploadRate)
+			}
 			m, err := havewire.ParseMode(mode)
 			if err != nil {
 				return err
@@ -58,7 +62,7 @@ written to --result (atomically) as soon as the image is verified.`,
 				defer pprof.StopCPUProfile()
 			}
 			n, err := swarm.NewNode(swarm.NodeConfig{Listen: listen, Mode: m, MaxConns: maxConns, MaxRequests: maxRequests,
-				StealHold: stealHold, Log: app.Log})
+				StealHold: stealHold, UploadRate: uploadRate, ChunkSize: chunkSize, Log: app.Log})
 			if err != nil {
 				return err
 			}
@@ -130,6 +134,8 @@ written to --result (atomically) as soon as the image is verified.`,
 	f.DurationVar(&webSeedAfter, "webseed-after", 10*time.Second, "fall back to the web seed after this long without data (negative: never)")
 	f.IntVar(&maxConns, "max-conns", 0, "peer connections (0: default)")
 	f.IntVar(&maxRequests, "max-requests", 0, "chunk requests outstanding per peer (0: default 32)")
+	f.IntVar(&chunkSize, "chunk-size", 0, "bytes per block request, 1024 to 16384 (0: 8192); smaller blocks keep piece information fresher on slow links")
+	f.Int64Var(&uploadRate, "upload-rate", 0, "cap on what this node uploads to all peers together, bytes per second (0: unlimited); pace just under the node's link rate to keep switch queues short")
 	f.DurationVar(&stealHold, "steal-hold", 0, "hold a request moved between ESIR peers this long for the first peer's answer (0: default 1s; negative: never)")
 	f.StringVar(&progressMode, "progress", "bar", "progress output: bar, json or none")
 	f.StringVar(&resultFile, "result", "", "write the result JSON here once verified (and again at exit)")

@@ -30,7 +30,7 @@ func newSwarmServeCmd(app *cli.App) *cobra.Command {
 	var (
 		storeDir, listen, peerListen, mode string
 		maxConns, seedSlots                int
-		seedInFlight                       int64
+		seedInFlight, uploadRate           int64
 		seeding                            string
 		interval                           time.Duration
 	)
@@ -56,6 +56,9 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 			if err != nil {
 				return err
 			}
+			if uploadRate < 0 {
+				return fmt.Errorf("swarm serve: --upload-rate %d: want bytes per second, 0 for unlimited", uploadRate)
+			}
 			var seed *havewire.SeedConfig
 			switch seeding {
 			case "initial":
@@ -65,7 +68,7 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 				return fmt.Errorf("swarm serve: --seeding %q: want initial or full", seeding)
 			}
 			srv, err := swarm.NewServer(swarm.ServerConfig{
-				Node:     swarm.NodeConfig{Listen: peerListen, Mode: m, MaxConns: maxConns, Seed: seed, Log: app.Log},
+				Node:     swarm.NodeConfig{Listen: peerListen, Mode: m, MaxConns: maxConns, Seed: seed, UploadRate: uploadRate, Log: app.Log},
 				FullSeed: seed == nil,
 				Log:      app.Log,
 			})
@@ -108,6 +111,7 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 	cmd.Flags().StringVar(&peerListen, "peer-listen", ":6881", "BitTorrent peer address")
 	cmd.Flags().StringVar(&mode, "have-mode", "adaptive", "HAVE suppression: off, redundant or adaptive")
 	cmd.Flags().IntVar(&maxConns, "max-conns", 0, "peer connections per image (0: default)")
+	cmd.Flags().Int64Var(&uploadRate, "upload-rate", 0, "cap on the seeder's upload to all peers together, bytes per second (0: unlimited)")
 	cmd.Flags().DurationVar(&interval, "announce-interval", 10*time.Second, "announce interval handed to peers")
 	cmd.Flags().StringVar(&seeding, "seeding", "initial", "initial (reveal pieces a few peers at a time, BEP 16 style) or full (advertise every piece)")
 	cmd.Flags().IntVar(&seedSlots, "seed-slots", 0, "initial seeding: peers served at once (0: default 4)")
