@@ -2,13 +2,16 @@ package swarm
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -259,4 +262,41 @@ func TestMaxRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	sameFile(t, img.Path, res.Path)
+}
+
+// TestChunkSize: a node requests DefaultChunkSize blocks unless told
+// otherwise, and refuses block sizes standard clients would refuse.
+func TestChunkSize(t *testing.T) {
+	for _, size := range []int{512, 32 << 10} {
+		if _, err := NewNode(NodeConfig{Listen: "127.0.0.1:0", ChunkSize: size, Log: testLog(t)}); err == nil ||
+			!strings.Contains(err.Error(), fmt.Sprintf("chunk size %d bytes", size)) {
+			t.Errorf("chunk size %d: got %v, want an error naming it", size, err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	img := testImage(t, 2<<20, 64<<10)
+	_, url := startServer(t, img)
+	for _, size := range []int{0, 4 << 10} {
+		n, err := NewNode(NodeConfig{Listen: "127.0.0.1:0", ChunkSize: size, Log: testLog(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := n.Fetch(ctx, FetchConfig{Server: url, Image: "test:1", Out: filepath.Join(t.TempDir(), "out")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := d.Wait(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameFile(t, img.Path, res.Path)
+		st := d.t.Stats()
+		chunks, got := st.ChunksReadUseful.Int64(), st.BytesReadUsefulData.Int64()
+		want := cmp.Or(size, DefaultChunkSize)
+		if chunks == 0 || got/chunks != int64(want) {
+			t.Errorf("ChunkSize %d: %d useful bytes in %d chunks, want %d-byte chunks", size, got, chunks, want)
+		}
+		n.Close()
+	}
 }
