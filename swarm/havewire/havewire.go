@@ -412,6 +412,11 @@ const (
 	maxParsedPayload = 1 << 20
 )
 
+// gatherBytes is how much Write gathers before writing at a message
+// boundary: a chunk message (8 KiB and its header) goes out in one write,
+// small messages together.
+const gatherBytes = 8 << 10
+
 // notSentLowat bounds the bytes a peer connection's socket holds unsent, so
 // a HAVE written behind piece data waits for little more than what is in
 // flight, not for a send buffer the kernel grew to megabytes.
@@ -444,6 +449,7 @@ type Conn struct {
 
 	wmu   sync.Mutex // serialises writes to Conn and guards the fields below
 	wr    parser     // outbound parser
+	wbuf  []byte     // what Write gathers before writing
 	held  []heldHave
 	timer *time.Timer
 	wErr  error
@@ -585,22 +591,37 @@ func (c *Conn) Write(p []byte) (int, error) {
 		}
 		out = append(out, segment{seg, c.wr.atBoundary()})
 	})
-	for _, s := range out {
-		if len(s.b) > 0 {
-			if _, err := c.Conn.Write(s.b); err != nil {
-				c.wErr = err
-				return 0, err
-			}
+	// Segments go out gathered, one write per message or more, not one
+	// write per segment: with TCP_NODELAY a lone 4-byte length or 1-byte id
+	// on an idle socket would leave as a packet of its own, headers and all.
+	send := func() error {
+		_, err := c.Conn.Write(c.wbuf)
+		if cap(c.wbuf) > 4*gatherBytes {
+			c.wbuf = nil // a BITFIELD or a large extended message passed
 		}
-		if s.boundary {
-			if err := c.flushEarly(); err != nil {
-				c.wErr = err
-				return 0, err
-			}
-			if err := c.flushInjected(); err != nil {
-				c.wErr = err
-				return 0, err
-			}
+		c.wbuf = c.wbuf[:0]
+		if err != nil {
+			c.wErr = err
+		}
+		return err
+	}
+	for _, s := range out {
+		c.wbuf = append(c.wbuf, s.b...)
+		if !s.boundary {
+			continue
+		}
+		c.wbuf = append(c.wbuf, c.earlyFrames()...)
+		c.wbuf = append(c.wbuf, c.takeInjected()...)
+		if len(c.wbuf) < gatherBytes {
+			continue
+		}
+		if err := send(); err != nil {
+			return 0, err
+		}
+	}
+	if len(c.wbuf) > 0 {
+		if err := send(); err != nil {
+			return 0, err
 		}
 	}
 	return len(p), nil

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"slices"
 	"sync"
@@ -704,4 +705,53 @@ func waitFor(cond func() bool) bool {
 		}
 	}
 	return cond()
+}
+
+// writeCounter records the length of every Write on the wrapped connection.
+type writeCounter struct {
+	net.Conn
+	mu     sync.Mutex
+	writes []int
+}
+
+func (w *writeCounter) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	w.writes = append(w.writes, len(b))
+	w.mu.Unlock()
+	return w.Conn.Write(b)
+}
+
+// TestWriteGathers: what the library writes leaves in few writes, a chunk
+// message whole, not a write per parsed segment (with TCP_NODELAY a lone
+// length or id could leave as a packet of its own), and arrives unchanged.
+func TestWriteGathers(t *testing.T) {
+	a, b := net.Pipe()
+	wc := &writeCounter{Conn: a}
+	c := New(Config{Mode: Adaptive}).Wrap(wc)
+	t.Cleanup(func() { c.Close(); b.Close() })
+	var got bytes.Buffer
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		io.Copy(&got, b)
+	}()
+	chunk := append([]byte{0, 0, 0, 2, 0, 0, 0x20, 0}, make([]byte, 8<<10)...) // piece 2, begin 8192
+	stream := append(handshake(1), msg(msgHaveNone)...)
+	stream = append(stream, msg(msgPiece, chunk...)...)
+	stream = append(stream, msg(msgPiece, chunk...)...)
+	stream = append(stream, msg(1)...) // unchoke
+	stream = append(stream, msg(2)...) // interested
+	if _, err := c.Write(stream); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	<-done
+	if !bytes.Equal(got.Bytes(), stream) {
+		t.Fatalf("the remote read %d bytes, want the %d written unchanged", got.Len(), len(stream))
+	}
+	wc.mu.Lock()
+	defer wc.mu.Unlock()
+	if len(wc.writes) > 3 {
+		t.Errorf("%d writes of %v bytes for two chunk messages and four small ones, want at most 3", len(wc.writes), wc.writes)
+	}
 }

@@ -171,6 +171,18 @@ func (w *Wire) earlyHaves(ih [20]byte, piece uint32) {
 // flushEarly announces pending completed pieces. The caller holds wmu and
 // the outbound stream is at a message boundary.
 func (c *Conn) flushEarly() error {
+	msg := c.earlyFrames()
+	if len(msg) == 0 {
+		return nil
+	}
+	_, err := c.Conn.Write(msg)
+	return err
+}
+
+// earlyFrames returns the HAVE frames of pending completed pieces that the
+// mode lets out now, and marks those pieces announced. The caller holds wmu
+// and writes the frames at a message boundary.
+func (c *Conn) earlyFrames() []byte {
 	c.mu.Lock()
 	ps := c.pending
 	c.pending = nil
@@ -186,9 +198,5 @@ func (c *Conn) flushEarly() error {
 			msg = binary.BigEndian.AppendUint32(msg, p)
 		}
 	}
-	if len(msg) == 0 {
-		return nil
-	}
-	_, err := c.Conn.Write(msg)
-	return err
+	return msg
 }

@@ -238,13 +238,20 @@ func (c *Conn) kickInject() {
 // flushInjected writes queued frames. The caller holds wmu and the outbound
 // stream is at a message boundary.
 func (c *Conn) flushInjected() error {
-	c.mu.Lock()
-	b := c.injectQ
-	c.injectQ = nil
-	c.mu.Unlock()
+	b := c.takeInjected()
 	if len(b) == 0 {
 		return nil
 	}
 	_, err := c.Conn.Write(b)
 	return err
+}
+
+// takeInjected returns and clears the queued frames. The caller holds wmu
+// and writes them at a message boundary.
+func (c *Conn) takeInjected() []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b := c.injectQ
+	c.injectQ = nil
+	return b
 }
