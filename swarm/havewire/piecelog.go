@@ -159,24 +159,13 @@ func (w *Wire) earlyHaves(ih [20]byte, piece uint32) {
 			go func() {
 				defer c.wmu.Unlock()
 				if c.wErr == nil && c.wr.atBoundary() {
-					if err := c.flushEarly(); err != nil {
+					if err := c.writeFrames(c.earlyFrames()); err != nil {
 						c.wErr = err
 					}
 				}
 			}()
 		}
 	}
-}
-
-// flushEarly announces pending completed pieces. The caller holds wmu and
-// the outbound stream is at a message boundary.
-func (c *Conn) flushEarly() error {
-	msg := c.earlyFrames()
-	if len(msg) == 0 {
-		return nil
-	}
-	_, err := c.Conn.Write(msg)
-	return err
 }
 
 // earlyFrames returns the HAVE frames of pending completed pieces that the

@@ -230,15 +230,15 @@ func (c *Conn) kickInject() {
 		time.AfterFunc(10*time.Millisecond, c.kickInject)
 		return
 	}
-	if err := c.flushInjected(); err != nil {
+	if err := c.writeFrames(c.takeInjected()); err != nil {
 		c.wErr = err
 	}
 }
 
-// flushInjected writes queued frames. The caller holds wmu and the outbound
-// stream is at a message boundary.
-func (c *Conn) flushInjected() error {
-	b := c.takeInjected()
+// writeFrames writes whole frames (early HAVEs, injected requests) outside
+// a library Write. The caller holds wmu and the outbound stream is at a
+// message boundary.
+func (c *Conn) writeFrames(b []byte) error {
 	if len(b) == 0 {
 		return nil
 	}
