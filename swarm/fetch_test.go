@@ -144,7 +144,12 @@ func TestFetchReplansAfterReject(t *testing.T) {
 // TestReaderSurvivesReplan reads the archive in order while requests are
 // re-planned over and over: the library fails a reader that waits for data
 // while download is switched off, and the re-plan switches it off for an
-// instant, so without replanReader the install's unpack failed.
+// instant, so without replanReader the install's unpack failed. A re-plan
+// every 50 ms keeps the reader waiting through dozens of them; it is spaced
+// wider than one block takes at the seeder's rate (16 ms), because a re-plan
+// cancels the requests in flight and on a loaded host re-plans every 1 ms
+// starved the download (CI: 48313 re-plans, stuck at 1.0 of 2 MiB).
+// ESIR itself re-plans only after RequestStall without data.
 func TestReaderSurvivesReplan(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -161,7 +166,7 @@ func TestReaderSurvivesReplan(t *testing.T) {
 			select {
 			case <-stop:
 				return
-			case <-time.After(time.Millisecond):
+			case <-time.After(50 * time.Millisecond):
 				d.replan()
 				k++
 			}
@@ -173,7 +178,7 @@ func TestReaderSurvivesReplan(t *testing.T) {
 	close(stop)
 	k := <-replans
 	if err != nil {
-		t.Fatalf("reading through %d re-plans: %v", k, err)
+		t.Fatalf("reading through %d re-plans: %v (read %d, completed %d)", k, err, len(got), d.t.BytesCompleted())
 	}
 	want, err := os.ReadFile(img.Path)
 	if err != nil {
