@@ -41,8 +41,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   # for the next boot. The tests run the NFS server only inside QEMU guests
   # (ssi/vmtest), and a test machine has no reason to serve NFS or rpcbind on
   # port 111: when this run installed them, they stay off at boot too.
-  if [[ " ${missing[*]} " == *" nfs-kernel-server "* ]] && command -v systemctl >/dev/null; then
-    systemctl disable --quiet nfs-server.service rpcbind.service rpcbind.socket >&2 || true
+  #
+  # The same holds for the other daemons the tests start themselves, in
+  # namespaces or guests: a host DHCP/TFTP server, cluster stack or VRRP
+  # daemon started at boot would answer on the machine's real network. chrony
+  # (it replaces systemd-timesyncd) and ssh stay as installed.
+  if command -v systemctl >/dev/null; then
+    declare -A units=([nfs-kernel-server]="nfs-server.service rpcbind.service rpcbind.socket"
+      [dnsmasq]=dnsmasq.service [tftpd-hpa]=tftpd-hpa.service [corosync]=corosync.service
+      [pacemaker]=pacemaker.service [keepalived]=keepalived.service)
+    for p in "${missing[@]}"; do
+      [ -n "${units[$p]:-}" ] || continue
+      # shellcheck disable=SC2086 # a list of unit names
+      systemctl disable --quiet ${units[$p]} >&2 || true
+    done
   fi
 fi
 
