@@ -456,7 +456,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		agents = append(agents, a)
 	}
 	ping := startPing(ctx, lb)
-	var srvTx []int64
+	var srvTx, srvData []int64
 	var nodeTx [][]int64 // per sample, per node
 	stopSample := make(chan struct{})
 	sampled := make(chan struct{})
@@ -471,6 +471,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			row := txBytes(ctx, lb, append([]*netlab.Host{lb.server}, lb.nodes...))
 			srvTx = append(srvTx, row[0])
 			nodeTx = append(nodeTx, row[1:])
+			srvData = append(srvData, serverDataSent(ctx, lb))
 			select {
 			case <-stopSample:
 				return
@@ -482,6 +483,9 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	close(stopSample)
 	<-sampled
 	m.NetOneWayP50Ms, m.NetOneWayP99Ms, m.NetPingLoss = ping()
+	if out, e := lb.server.Run(ctx, "nstat", "-az", "TcpOutSegs", "TcpRetransSegs"); e == nil {
+		fmt.Printf("server TCP: %s\n", strings.Join(strings.Fields(string(out)), " "))
+	}
 	// Server bytes before the agents stop.
 	if out, e := lb.nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/stats"); e == nil {
 		var st swarm.Stats
@@ -536,7 +540,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	slices.Sort(p99s)
 	m.HoldP99Ms = p99s[len(p99s)-1]
 	if cfg.timeline {
-		printTimeline(mode, start, lb, logs, srvTx, nodeTx, cfg.rateMbit, cfg.pieceLen)
+		printTimeline(mode, start, lb, logs, srvTx, srvData, nodeTx, cfg.rateMbit, cfg.pieceLen)
 	}
 	delays := pieceInfoDelays(lb, logs)
 	m.DelayEvents = len(delays)
@@ -610,25 +614,44 @@ func txBytes(ctx context.Context, lb *lab, hosts []*netlab.Host) []int64 {
 	return out
 }
 
+// serverDataSent asks the server, from inside its own namespace (no shaped
+// link crossed), how many piece bytes it has sent; -1 when it does not say.
+func serverDataSent(ctx context.Context, lb *lab) int64 {
+	out, err := lb.server.Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/stats")
+	var st swarm.Stats
+	if err != nil || json.Unmarshal(out, &st) != nil {
+		return -1
+	}
+	return st.BytesSent
+}
+
 // printTimeline prints, for each second of an ESIR run, the pieces the nodes
 // completed (as a share of the swarm's upload capacity, (N+1) links) and
 // the server's upload as a share of its link.
-func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, srvTx []int64, nodeTx [][]int64, rateMbit float64, pieceLen int64) {
-	var perSec []int
+func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, srvTx, srvData []int64, nodeTx [][]int64, rateMbit float64, pieceLen int64) {
+	var perSec, firstPerSec []int
+	first := map[uint32]int64{} // each piece's first completion on any node
+	sec := func(at int64) int { return max(int((at-start.UnixNano())/1e9), 0) }
 	for _, r := range logs {
-		for _, at := range r.Pieces.Completed[r.Image.InfoHash] {
-			s := int((at - start.UnixNano()) / 1e9)
-			if s < 0 {
-				s = 0
-			}
+		for p, at := range r.Pieces.Completed[r.Image.InfoHash] {
+			s := sec(at)
 			for len(perSec) <= s {
 				perSec = append(perSec, 0)
 			}
 			perSec[s]++
+			if f, ok := first[p]; !ok || at < f {
+				first[p] = at
+			}
 		}
 	}
+	firstPerSec = make([]int, len(perSec))
+	var lastFirst int64
+	for _, at := range first {
+		firstPerSec[sec(at)]++
+		lastFirst = max(lastFirst, at)
+	}
 	link := rateMbit * 1e6 / 8
-	var up, useful, tx, wasted int64
+	var up, useful, fromServer, tx, wasted int64
 	var steals havewire.StealCounters
 	lib := map[string]int64{}
 	for _, r := range logs {
@@ -643,6 +666,8 @@ func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, s
 		for ip, v := range r.From {
 			if ip != "198.18.0.1" {
 				useful += v
+			} else {
+				fromServer += v
 			}
 		}
 	}
@@ -653,16 +678,36 @@ func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, s
 	}
 	fmt.Printf("nodes: %d piece bytes uploaded, %d useful bytes received from peers (%.2f), %d bytes on the wire (%.2f)\n",
 		up, useful, float64(useful)/float64(max(up, 1)), tx, float64(useful)/float64(max(tx, 1)))
+	if n := len(srvData); n > 0 && srvData[n-1] > 0 {
+		wire := srvTx[len(srvTx)-1] - srvTx[0]
+		fmt.Printf("server: %d piece bytes sent (at the last sample), %d useful at the nodes (%.2f), %d bytes on its link (piece bytes / link bytes %.2f)\n",
+			srvData[n-1], fromServer, float64(fromServer)/float64(srvData[n-1]), wire, float64(srvData[n-1])/float64(max(wire, 1)))
+	}
 	fmt.Printf("nodes: %d piece bytes received and not needed; library: %d cancels written, %d cancels received for chunks already sent, %d rejects written\n",
 		wasted, lib["messages written of type Cancel"], lib["unexpected cancels received"], lib["messages written of type Reject"])
 	fmt.Printf("nodes: requests moved between connections and held for the first one's answer: %d, of which the chunk came there %d, sent on %d\n",
 		steals.Held, steals.Saved, steals.Released)
-	fmt.Printf("timeline %s N=%d (piece %d KiB): second, pieces completed, swarm download / (N+1) links, server upload / link, node uploads / link (min median max)\n",
+	if len(first) > 0 {
+		// Every piece leaves the server at least once, so the server's link
+		// paces the whole swarm: no node can finish before a first copy of
+		// every piece exists.
+		at := float64(lastFirst-start.UnixNano()) / 1e9
+		sent := ""
+		if s := int(at) + 1; s < len(srvData) && srvData[s] >= 0 {
+			sent = fmt.Sprintf("; by then the server had sent %.2f x F of piece data", float64(srvData[s])/float64(int64(len(first))*pieceLen))
+		}
+		fmt.Printf("nodes: a first copy of all %d pieces in the swarm after %.1f s (the server's link alone: F/B = %.1f s)%s\n",
+			len(first), at, float64(int64(len(first))*pieceLen)/link, sent)
+	}
+	fmt.Printf("timeline %s N=%d (piece %d KiB): second, pieces completed, first copies of pieces, swarm download / (N+1) links, server upload / link, server piece data / link, node uploads / link (min median max)\n",
 		mode, len(lb.nodes), pieceLen>>10)
 	for s, c := range perSec {
 		srv := ""
 		if s+1 < len(srvTx) {
 			srv = fmt.Sprintf("%5.0f%%", 100*float64(srvTx[s+1]-srvTx[s])/link)
+			if s+1 < len(srvData) && srvData[s] >= 0 && srvData[s+1] >= 0 {
+				srv += fmt.Sprintf(" %5.0f%%", 100*float64(srvData[s+1]-srvData[s])/link)
+			}
 		}
 		nodes := ""
 		if s+1 < len(nodeTx) {
@@ -673,7 +718,7 @@ func printTimeline(mode string, start time.Time, lb *lab, logs []swarm.Result, s
 			slices.Sort(u)
 			nodes = fmt.Sprintf("  %4.0f%% %4.0f%% %4.0f%%", u[0], u[len(u)/2], u[len(u)-1])
 		}
-		fmt.Printf("  %3d %5d %5.0f%% %s%s\n", s, c, 100*float64(int64(c)*pieceLen)/(link*float64(len(lb.nodes)+1)), srv, nodes)
+		fmt.Printf("  %3d %5d %4d %5.0f%% %s%s\n", s, c, firstPerSec[s], 100*float64(int64(c)*pieceLen)/(link*float64(len(lb.nodes)+1)), srv, nodes)
 	}
 }
 
