@@ -484,7 +484,16 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	<-sampled
 	m.NetOneWayP50Ms, m.NetOneWayP99Ms, m.NetPingLoss = ping()
 	if out, e := lb.server.Run(ctx, "nstat", "-az", "TcpOutSegs", "TcpRetransSegs"); e == nil {
-		fmt.Printf("server TCP: %s\n", strings.Join(strings.Fields(string(out)), " "))
+		seg := map[string]int64{}
+		for _, line := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 {
+				seg[f[0]], _ = strconv.ParseInt(f[1], 10, 64)
+			}
+		}
+		if n := seg["TcpOutSegs"]; n > 0 {
+			fmt.Printf("server TCP: %d segments sent, %d of them retransmissions (%.1f%%)\n",
+				n, seg["TcpRetransSegs"], 100*float64(seg["TcpRetransSegs"])/float64(n))
+		}
 	}
 	// Server bytes before the agents stop.
 	if out, e := lb.nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/stats"); e == nil {
