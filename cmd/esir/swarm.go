@@ -28,11 +28,11 @@ func newSwarmCmd(app *cli.App) *cobra.Command {
 
 func newSwarmServeCmd(app *cli.App) *cobra.Command {
 	var (
-		storeDir, listen, peerListen, mode    string
-		maxConns, seedSlots                   int
-		seedInFlight, seedPending, uploadRate int64
-		seeding                               string
-		interval                              time.Duration
+		storeDir, listen, peerListen, mode string
+		maxConns, seedSlots                int
+		seedInFlight, uploadRate           int64
+		seeding                            string
+		interval                           time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve --store DIR --listen ADDR",
@@ -62,7 +62,7 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 			var seed *havewire.SeedConfig
 			switch seeding {
 			case "initial":
-				seed = &havewire.SeedConfig{Slots: seedSlots, InFlightBytes: seedInFlight << 10, PendingBytes: seedPending << 10}
+				seed = &havewire.SeedConfig{Slots: seedSlots, InFlightBytes: seedInFlight << 10}
 			case "full":
 			default:
 				return fmt.Errorf("swarm serve: --seeding %q: want initial or full", seeding)
@@ -116,6 +116,5 @@ and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 	cmd.Flags().StringVar(&seeding, "seeding", "initial", "initial (reveal pieces a few peers at a time, BEP 16 style) or full (advertise every piece)")
 	cmd.Flags().IntVar(&seedSlots, "seed-slots", 0, "initial seeding: peers served at once (0: default 4)")
 	cmd.Flags().Int64Var(&seedInFlight, "seed-inflight", 0, "initial seeding: KiB of small pieces a peer may hold revealed and not passed on (0: default 1024)")
-	cmd.Flags().Int64Var(&seedPending, "seed-pending", 0, "initial seeding: KiB of small pieces a peer may hold revealed and not downloaded yet (0: default 128)")
 	return cmd
 }

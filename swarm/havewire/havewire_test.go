@@ -374,18 +374,7 @@ func TestInitialSeeding(t *testing.T) {
 			for _, i := range r {
 				bf[i/8] |= 0x80 >> (i % 8)
 			}
-			var idle *pair
-			for _, p := range peers {
-				if len(revealed(p)) == 0 {
-					idle = p
-				}
-			}
 			first.remoteSends(t, msg(msgBitfield, bf[:]...))
-			// Downloaded, though not passed on yet: the slot is free, and
-			// the peer that had none gets pieces.
-			if !waitFor(func() bool { return len(revealed(idle)) > 0 }) {
-				t.Fatal("the first peer downloaded its pieces, yet its slot did not go to the idle peer")
-			}
 			for _, p := range peers {
 				if p != first {
 					p.remoteSends(t, msg(msgBitfield, bf[:]...))
@@ -409,26 +398,22 @@ func TestInitialSeeding(t *testing.T) {
 }
 
 // TestInitialSeedingByteBudget checks that small pieces raise a peer's
-// in-flight allowance to InFlightBytes, that PendingBytes bounds the part
-// not downloaded yet, and that without a piece length the allowance stays
-// InFlight pieces.
+// in-flight allowance to InFlightBytes, and that without a piece length the
+// allowance stays InFlight pieces.
 func TestInitialSeedingByteBudget(t *testing.T) {
 	for _, tt := range []struct {
 		name     string
 		pieceLen int64
-		pending  int64
 		want     int
 	}{
-		{"64 KiB pieces, 512 KiB budget", 64 << 10, 512 << 10, 8},
-		{"64 KiB pieces, 512 KiB budget, 128 KiB pending", 64 << 10, 128 << 10, 2},
-		{"64 KiB pieces, 512 KiB budget, 256 KiB pending", 64 << 10, 256 << 10, 4},
-		{"1 MiB pieces, 512 KiB budget", 1 << 20, 512 << 10, 2},
-		{"unknown piece length", 0, 512 << 10, 2},
+		{"64 KiB pieces, 512 KiB budget", 64 << 10, 8},
+		{"1 MiB pieces, 512 KiB budget", 1 << 20, 2},
+		{"unknown piece length", 0, 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 64 },
 				PieceLength: func([20]byte) int64 { return tt.pieceLen },
-				Seed: &SeedConfig{Slots: 1, InFlight: 2, InFlightBytes: 512 << 10, PendingBytes: tt.pending, Stale: time.Hour,
+				Seed: &SeedConfig{Slots: 1, InFlight: 2, InFlightBytes: 512 << 10, Stale: time.Hour,
 					Alone: time.Hour, Every: 5 * time.Millisecond}})
 			var peers []*pair
 			for range 2 {
@@ -835,83 +820,6 @@ func TestSeederHold(t *testing.T) {
 			}
 			if s := w.Snapshot(); s.HoldMax > 50*time.Millisecond+60*time.Millisecond {
 				t.Errorf("hold figures show %v: HAVEs to a seeder must not count as held piece information", s.HoldMax)
-			}
-		})
-	}
-}
-
-// TestInitialSeedingFirstCopiesFirst checks that the seeder repeats no
-// piece while pieces nobody has yet are on their way to peers that are
-// making progress (the repeats would share its link with them), that it
-// repeats once those arrived, and that a peer stalled for Stale does not
-// hold the repeats back.
-func TestInitialSeedingFirstCopiesFirst(t *testing.T) {
-	for _, tt := range []struct {
-		name  string
-		stall bool
-	}{
-		{"first copies arrive", false},
-		{"a peer stalls", true},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			stale := time.Hour
-			if tt.stall {
-				stale = 150 * time.Millisecond
-			}
-			w := New(Config{Mode: Adaptive, Pieces: func([20]byte) int { return 4 },
-				Seed: &SeedConfig{Slots: 3, InFlight: 2, Stale: stale, Alone: time.Hour, Every: 5 * time.Millisecond}})
-			var peers []*pair
-			for range 3 {
-				p := newPair(t, w)
-				p.remoteSends(t, append(handshake(1), extHandshake(ExtensionName)...))
-				if _, err := p.c.Write(append(handshake(1), msg(msgHaveAll)...)); err != nil {
-					t.Fatal(err)
-				}
-				peers = append(peers, p)
-			}
-			revealed := func(p *pair) []uint32 {
-				var out []uint32
-				for _, f := range frames(t, p.received()[68:])[1:] {
-					out = append(out, binary.BigEndian.Uint32(f[5:]))
-				}
-				return out
-			}
-			time.Sleep(50 * time.Millisecond)
-			// Two peers hold the four pieces' first copies; the third has a
-			// free slot but could only be given repeats.
-			var holders []*pair
-			var third *pair
-			for _, p := range peers {
-				if len(revealed(p)) > 0 {
-					holders = append(holders, p)
-				} else {
-					third = p
-				}
-			}
-			if len(holders) != 2 || third == nil {
-				t.Fatalf("pieces revealed per peer %v %v %v, want two peers with two each", revealed(peers[0]), revealed(peers[1]), revealed(peers[2]))
-			}
-			if tt.stall {
-				// Nobody reports progress: after Stale the first copies
-				// stop holding the repeats back.
-				if !waitFor(func() bool { return len(revealed(third)) > 0 }) {
-					t.Error("with both holders stalled past Stale, the free peer never got a piece")
-				}
-				return
-			}
-			time.Sleep(200 * time.Millisecond)
-			if r := revealed(third); len(r) != 0 {
-				t.Fatalf("repeated %v while the first copies were on their way", r)
-			}
-			for _, p := range holders {
-				var bf byte
-				for _, i := range revealed(p) {
-					bf |= 0x80 >> i
-				}
-				p.remoteSends(t, msg(msgBitfield, bf))
-			}
-			if !waitFor(func() bool { return len(revealed(third)) > 0 }) {
-				t.Error("every piece has a copy, yet the free peer got no repeat")
 			}
 		})
 	}

@@ -14,14 +14,10 @@ import (
 // each piece out once before repeating one, prefers the peers that have the
 // fewest pieces, and reveals a new piece to a peer only once what it revealed
 // before has reached another peer, so peers take most bytes from each other
-// and the seeder's upload stays near one copy of the image. It repeats no
-// piece while pieces nobody has yet are on their way to peers: every byte of
-// the image leaves the seeder at least once, so its link paces the swarm,
-// and a repeat sharing it would delay the last new piece and every node.
+// and the seeder's upload stays near one copy of the image.
 type SeedConfig struct {
-	// Slots bounds the peers downloading revealed pieces from the seeder
-	// at once (4 when zero). A peer that has downloaded what it was shown
-	// frees its slot even while it still passes those pieces on.
+	// Slots bounds the peers that have revealed pieces in flight at once
+	// (4 when zero).
 	Slots int
 	// InFlight bounds, per peer, the revealed pieces it has not downloaded
 	// yet plus those it downloaded that no other peer has yet (2 when zero).
@@ -30,17 +26,9 @@ type SeedConfig struct {
 	// many bytes of such pieces (1 MiB when zero), so the seeder's link
 	// stays busy while pieces travel on whatever the piece size.
 	InFlightBytes int64
-	// PendingBytes bounds, per peer, the revealed pieces it has yet to
-	// download (InFlight pieces at least; 128 KiB when zero), so that when
-	// the last new pieces are revealed they wait in short queues at many
-	// peers rather than in long ones at a few, and the seeder's link stays
-	// full until the last piece has left it.
-	PendingBytes int64
 	// Stale is how long a peer may hold a slot without progress before its
 	// undistributed pieces stop counting against it (2 s when zero), so the
-	// seeder never stalls on a peer that cannot pass pieces on; pieces on
-	// their way to a peer that gained no piece for Stale no longer hold
-	// repeats back.
+	// seeder never stalls on a peer that cannot pass pieces on.
 	Stale time.Duration
 	// Alone is how long a peer must be the only one lacking pieces before
 	// it gets every piece revealed at once (250 ms when zero): nobody could
@@ -60,9 +48,6 @@ func (c *SeedConfig) defaults() {
 	}
 	if c.InFlightBytes <= 0 {
 		c.InFlightBytes = 1 << 20
-	}
-	if c.PendingBytes <= 0 {
-		c.PendingBytes = 128 << 10
 	}
 	if c.Stale <= 0 {
 		c.Stale = 2 * time.Second
@@ -95,8 +80,6 @@ type seedState struct {
 	ready    bool   // the library's opening BITFIELD / HAVE ALL went out rewritten
 	revealed bitset // pieces revealed to the remote
 	last     time.Time
-	count    int       // pieces the remote had at the last round
-	progress time.Time // when that count last rose (or the connection readied)
 }
 
 // seedRewrite rewrites the library's opening claims of an initial seeder's
@@ -139,7 +122,6 @@ func (c *Conn) seedReadied() {
 	c.mu.Lock()
 	c.seed.ready = true
 	c.seed.last = time.Now()
-	c.seed.progress = c.seed.last
 	c.mu.Unlock()
 	c.w.seedKick()
 }
@@ -188,7 +170,6 @@ type seedView struct {
 	all      bool
 	revealed bitset
 	last     time.Time
-	progress time.Time
 	count    int
 	// tells says the peer sends this seeder every HAVE (an ESIR peer), so
 	// a revealed piece it lacks is truly not downloaded yet.
@@ -228,12 +209,6 @@ func (w *Wire) seedRound(now time.Time) bool {
 				v.count++
 			}
 		}
-		c.mu.Lock()
-		if v.count != c.seed.count {
-			c.seed.count, c.seed.progress = v.count, now
-		}
-		v.progress = c.seed.progress
-		c.mu.Unlock()
 		byIH[v.ih] = append(byIH[v.ih], v)
 	}
 	cfg := w.seed.cfg
@@ -247,13 +222,6 @@ func (w *Wire) seedRound(now time.Time) bool {
 				budget = max(budget, int(cfg.InFlightBytes/pl))
 			}
 		}
-		pendCap := cfg.InFlight
-		if w.cfg.PieceLength != nil {
-			if pl := w.cfg.PieceLength(ih); pl > 0 {
-				pendCap = max(pendCap, int(cfg.PendingBytes/pl))
-			}
-		}
-		pendCap = min(pendCap, budget)
 		given := w.seed.given[ih]
 		if len(given) != n {
 			given = make([]int32, n)
@@ -290,14 +258,8 @@ func (w *Wire) seedRound(now time.Time) bool {
 		}
 		// Peers with the fewest pieces first.
 		slices.SortFunc(views, func(a, b *seedView) int { return a.count - b.count })
-		inflight, pending := make([]int, len(views)), make([]int, len(views))
+		inflight := make([]int, len(views))
 		served := 0
-		// firstPending: a piece no peer has yet is on its way to a peer
-		// that gained a piece within Stale. Every byte of the image leaves this seeder at least once,
-		// so its link paces the whole swarm: while first copies are on the
-		// way, a repeated piece would share the link with them and delay
-		// the last piece, and so every node.
-		firstPending := false
 		for k, v := range views {
 			for i := range n {
 				p := uint32(i)
@@ -310,25 +272,21 @@ func (w *Wire) seedRound(now time.Time) bool {
 					// Not downloaded yet (a standard peer may not say, so
 					// after Stale it stops counting).
 					inflight[k]++
-					pending[k]++
-					if copies[i] == 0 && now.Sub(v.progress) < cfg.Stale {
-						firstPending = true
-					}
 				case copies[i] <= 1 && lacking[i] > 0 && fresh:
 					// Downloaded, not passed on yet to the peers that
 					// lack it (none lacking: nothing to wait for).
 					inflight[k]++
 				}
 			}
-			if pending[k] > 0 {
+			if inflight[k] > 0 {
 				served++
 			}
 		}
 		for k, v := range views {
-			if v.all || v.count >= n || ((inflight[k] >= budget || pending[k] >= pendCap) && !lone) {
+			if v.all || v.count >= n || (inflight[k] >= budget && !lone) {
 				continue
 			}
-			if pending[k] == 0 && served >= cfg.Slots {
+			if inflight[k] == 0 && served >= cfg.Slots {
 				continue
 			}
 			var cand []uint32
@@ -350,19 +308,13 @@ func (w *Wire) seedRound(now time.Time) bool {
 				}
 				return copies[a] - copies[b]
 			})
-			if firstPending && !lone {
-				cand = slices.DeleteFunc(cand, func(p uint32) bool { return given[p] > 0 })
-				if len(cand) == 0 {
-					continue
-				}
-			}
 			if !lone {
-				cand = cand[:min(len(cand), budget-inflight[k], pendCap-pending[k])]
+				cand = cand[:min(len(cand), budget-inflight[k])]
 			}
 			for _, p := range cand {
 				given[p]++
 			}
-			if pending[k] == 0 {
+			if inflight[k] == 0 {
 				served++
 			}
 			reveals[v.c] = cand
