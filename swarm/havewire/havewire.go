@@ -97,8 +97,9 @@ type Config struct {
 	// HAVEs are not piece information anybody requests by, only feedback
 	// for its choice of the next pieces to reveal. Its link is the one every
 	// byte of the image crosses first, and each HAVE arriving alone costs
-	// it a TCP acknowledgement on that link: one per piece per node, about
-	// 5% of its link at N=32 before they were gathered.
+	// it a TCP acknowledgement on that link: one per piece per node (at
+	// N=32, 2.5 Mbit/s, gathering them took the server from 18,400 to
+	// 13,500 segments sent in one run, about 2% of its link's bytes).
 	SeederHold time.Duration
 	// MinHold is the shortest window worth holding for (MaxHold/10 when zero).
 	MinHold time.Duration
