@@ -697,6 +697,17 @@ func (c *Conn) outbound(ev event) bool {
 	return c.announce(ev.index)
 }
 
+// writeFrames writes whole frames (early HAVEs, injected requests) outside
+// a library Write. The caller holds wmu and the outbound stream is at a
+// message boundary.
+func (c *Conn) writeFrames(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	_, err := c.Conn.Write(b)
+	return err
+}
+
 // announce applies the mode to a HAVE for piece and reports whether to put
 // it on the wire now. The caller holds wmu.
 func (c *Conn) announce(piece uint32) bool {

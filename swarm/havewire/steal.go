@@ -235,17 +235,6 @@ func (c *Conn) kickInject() {
 	}
 }
 
-// writeFrames writes whole frames (early HAVEs, injected requests) outside
-// a library Write. The caller holds wmu and the outbound stream is at a
-// message boundary.
-func (c *Conn) writeFrames(b []byte) error {
-	if len(b) == 0 {
-		return nil
-	}
-	_, err := c.Conn.Write(b)
-	return err
-}
-
 // takeInjected returns and clears the queued frames. The caller holds wmu
 // and writes them at a message boundary.
 func (c *Conn) takeInjected() []byte {
