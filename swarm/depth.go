@@ -24,7 +24,6 @@ const (
 	depthSample   = 100 * time.Millisecond // rate sampling interval
 	minDepth      = 2
 	startingDepth = 4
-	chunkBytes    = 16 << 10
 )
 
 // peerDepth estimates one connection's delivery rate from the useful bytes
@@ -35,9 +34,9 @@ type peerDepth struct {
 	rate  float64   // smoothed bytes per second; 0 before the first sample
 }
 
-// add counts n useful bytes at time now and returns the depth to allow, or
-// 0 when no sample has completed yet.
-func (d *peerDepth) add(n int, now time.Time, limit int) int {
+// add counts n useful bytes at time now and returns the depth to allow in
+// requests of chunk bytes, or 0 when no sample has completed yet.
+func (d *peerDepth) add(n int, now time.Time, chunk, limit int) int {
 	if d.since.IsZero() {
 		d.since = now
 	}
@@ -47,7 +46,7 @@ func (d *peerDepth) add(n int, now time.Time, limit int) int {
 		if d.rate == 0 {
 			return 0
 		}
-		return depthFor(d.rate, limit)
+		return depthFor(d.rate, chunk, limit)
 	}
 	r := float64(d.bytes) / el.Seconds()
 	if d.rate == 0 {
@@ -56,20 +55,22 @@ func (d *peerDepth) add(n int, now time.Time, limit int) int {
 		d.rate = (d.rate + r) / 2
 	}
 	d.since, d.bytes = now, 0
-	return depthFor(d.rate, limit)
+	return depthFor(d.rate, chunk, limit)
 }
 
-// depthFor is the request depth that covers depthWindow at rate bytes per
-// second, plus one request spare, within [minDepth, max].
-func depthFor(rate float64, limit int) int {
-	n := int(math.Ceil(rate*depthWindow.Seconds()/chunkBytes)) + 1
+// depthFor is the number of requests of chunk bytes that covers depthWindow
+// at rate bytes per second, plus one request spare, within [minDepth, limit].
+func depthFor(rate float64, chunk, limit int) int {
+	n := int(math.Ceil(rate*depthWindow.Seconds()/float64(chunk))) + 1
 	return min(limit, max(minDepth, n))
 }
 
-// depths tracks peerDepth per connection.
+// depths tracks peerDepth per connection. chunk is the size of the node's
+// requests: the depth counts requests, so it must count them in that size.
 type depths struct {
-	mu sync.Mutex
-	m  map[any]*peerDepth
+	chunk int
+	mu    sync.Mutex
+	m     map[any]*peerDepth
 }
 
 // track starts following key's rate.
@@ -93,7 +94,7 @@ func (ds *depths) add(key any, n int, now time.Time, limit int) int {
 	if d == nil {
 		return 0
 	}
-	return d.add(n, now, limit)
+	return d.add(n, now, ds.chunk, limit)
 }
 
 func (ds *depths) remove(key any) {

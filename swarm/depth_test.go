@@ -8,19 +8,24 @@ import (
 func TestDepthFor(t *testing.T) {
 	for _, c := range []struct {
 		rate  float64
+		chunk int
 		limit int
 		want  int
 	}{
-		{0, 32, minDepth},
-		{80e3, 32, minDepth},  // a fifth of a 5 Mbit/s link: 8 KB per window
-		{625e3, 32, 5},        // all of a 5 Mbit/s link: 62.5 KB, 4 chunks, one spare
-		{50e6, 32, 32},        // 400 Mbit/s from one seeder: capped
-		{625e3, 3, 3},         // the node's bound wins
-		{625e3, 1, 1},         // even below minDepth
-		{160e3, 32, minDepth}, // 16 KB per window: one chunk, one spare
+		{0, 16 << 10, 32, minDepth},
+		{80e3, 16 << 10, 32, minDepth},  // a fifth of a 5 Mbit/s link: 8 KB per window
+		{625e3, 16 << 10, 32, 5},        // all of a 5 Mbit/s link: 62.5 KB, 4 chunks, one spare
+		{50e6, 16 << 10, 32, 32},        // 400 Mbit/s from one seeder: capped
+		{625e3, 16 << 10, 3, 3},         // the node's bound wins
+		{625e3, 16 << 10, 1, 1},         // even below minDepth
+		{160e3, 16 << 10, 32, minDepth}, // 16 KB per window: one chunk, one spare
+		// The same window in 8 KiB requests takes twice as many.
+		{625e3, 8 << 10, 32, 9},   // 62.5 KB: 8 chunks, one spare
+		{160e3, 8 << 10, 32, 3},   // 16 KB: two chunks, one spare
+		{312.5e3, 8 << 10, 32, 5}, // all of a 2.5 Mbit/s link: 31.25 KB, 4 chunks, one spare
 	} {
-		if got := depthFor(c.rate, c.limit); got != c.want {
-			t.Errorf("depthFor(%v, %d) = %d, want %d", c.rate, c.limit, got, c.want)
+		if got := depthFor(c.rate, c.chunk, c.limit); got != c.want {
+			t.Errorf("depthFor(%v, %d, %d) = %d, want %d", c.rate, c.chunk, c.limit, got, c.want)
 		}
 	}
 }
@@ -30,16 +35,17 @@ func TestDepthFor(t *testing.T) {
 // before the first sample completes.
 func TestPeerDepthFollowsRate(t *testing.T) {
 	var d peerDepth
+	const chunkBytes = 16 << 10
 	now := time.Unix(0, 0)
 	feed := func(rate float64, dur time.Duration) int {
 		step := time.Duration(float64(chunkBytes) / rate * float64(time.Second))
 		got := 0
 		for end := now.Add(dur); now.Before(end); now = now.Add(step) {
-			got = d.add(chunkBytes, now, 32)
+			got = d.add(chunkBytes, now, chunkBytes, 32)
 		}
 		return got
 	}
-	if got := d.add(chunkBytes, now, 32); got != 0 {
+	if got := d.add(chunkBytes, now, chunkBytes, 32); got != 0 {
 		t.Fatalf("depth before any sample = %d, want 0 (keep the starting depth)", got)
 	}
 	if got := feed(20e6, 2*time.Second); got != 32 {
@@ -54,7 +60,8 @@ func TestPeerDepthFollowsRate(t *testing.T) {
 }
 
 func TestDepthsForget(t *testing.T) {
-	var ds depths
+	const chunkBytes = 16 << 10
+	ds := depths{chunk: chunkBytes}
 	now := time.Unix(0, 0)
 	if got := ds.add("b", chunkBytes, now, 32); got != 0 || ds.m["b"] != nil {
 		t.Errorf("an untracked connection got depth %d", got)

@@ -204,7 +204,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		cfg.Listen = ":0"
 	}
 	n := &Node{cfg: cfg, log: cfg.Log, torrents: map[metainfo.Hash]*torrent.Torrent{},
-		received: map[string]int64{}, closed: map[string]int{}}
+		received: map[string]int64{}, closed: map[string]int{}, depths: depths{chunk: cfg.ChunkSize}}
 	n.wire = havewire.New(havewire.Config{Mode: cfg.Mode, MaxHold: cfg.MaxHold, Pieces: n.pieces,
 		PieceLength: n.pieceLength, Seed: cfg.Seed,
 		UploadRate: cfg.UploadRate, StealHold: cfg.StealHold})

@@ -265,7 +265,8 @@ func TestMaxRequests(t *testing.T) {
 }
 
 // TestChunkSize: a node requests DefaultChunkSize blocks unless told
-// otherwise, and refuses block sizes standard clients would refuse.
+// otherwise, counts its request depth in those blocks, and refuses block
+// sizes standard clients would refuse.
 func TestChunkSize(t *testing.T) {
 	for _, size := range []int{512, 32 << 10} {
 		if _, err := NewNode(NodeConfig{Listen: "127.0.0.1:0", ChunkSize: size, Log: testLog(t)}); err == nil ||
@@ -296,6 +297,9 @@ func TestChunkSize(t *testing.T) {
 		want := cmp.Or(size, DefaultChunkSize)
 		if chunks == 0 || got/chunks != int64(want) {
 			t.Errorf("ChunkSize %d: %d useful bytes in %d chunks, want %d-byte chunks", size, got, chunks, want)
+		}
+		if n.depths.chunk != want {
+			t.Errorf("ChunkSize %d: request depth counted in %d-byte chunks, want %d", size, n.depths.chunk, want)
 		}
 		n.Close()
 	}

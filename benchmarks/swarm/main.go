@@ -106,6 +106,15 @@ type config struct {
 // uploadRate is the --pace share of the link rate in bytes per second.
 func (c config) uploadRate() int64 { return int64(c.pace * c.rateMbit * 1e6 / 8) }
 
+// paceArgs is the --upload-rate flag for the server and every agent, or
+// nothing when unpaced.
+func (c config) paceArgs() []string {
+	if c.pace <= 0 {
+		return nil
+	}
+	return []string{"--upload-rate", strconv.FormatInt(c.uploadRate(), 10)}
+}
+
 func main() {
 	var (
 		nsFlag    = flag.String("n", "8,16,32", "node counts")
@@ -417,9 +426,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	srv := lb.server.Command(ctx, filepath.Join(cfg.bin, "esir"), "swarm", "serve", "--store", filepath.Join(cfg.work, "store"),
 		"--listen", "198.18.0.1:8080", "--peer-listen", "198.18.0.1:6881", "--have-mode", mode, "--log-level", "warn",
 		"--max-conns", strconv.Itoa(cfg.serverConns), "--seeding", cfg.seeding)
-	if cfg.pace > 0 {
-		srv.Args = append(srv.Args, "--upload-rate", strconv.FormatInt(cfg.uploadRate(), 10))
-	}
+	srv.Args = append(srv.Args, cfg.paceArgs()...)
 	srv.Args = append(srv.Args, cfg.serverFlags...)
 	srvLog, _ := os.Create(filepath.Join(dir, "server.log"))
 	srv.Stderr = srvLog
@@ -440,9 +447,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			"--image", "bench:1", "--out", filepath.Join(dir, fmt.Sprintf("out%d", i)), "--listen", h.IP().String()+":6881",
 			"--have-mode", mode, "--seed-for", "0", "--progress", "none", "--result", res, "--log-level", "warn",
 			"--webseed-after", "-1s")
-		if cfg.pace > 0 {
-			a.Args = append(a.Args, "--upload-rate", strconv.FormatInt(cfg.uploadRate(), 10))
-		}
+		a.Args = append(a.Args, cfg.paceArgs()...)
 		a.Args = append(a.Args, cfg.agentFlags...)
 		if i == 0 && cfg.profile != "" {
 			os.MkdirAll(cfg.profile, 0o755)
