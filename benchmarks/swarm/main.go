@@ -501,11 +501,8 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		}
 	}
 	// Server bytes before the agents stop.
-	if out, e := lb.nodes[0].Run(ctx, "curl", "-sf", "http://198.18.0.1:8080/swarm/stats"); e == nil {
-		var st swarm.Stats
-		if json.Unmarshal(out, &st) == nil {
-			m.ServerBytes = st.BytesSent
-		}
+	if sent := serverDataSent(ctx, lb); sent >= 0 {
+		m.ServerBytes = sent
 	}
 	var wg sync.WaitGroup
 	for _, a := range agents {
