@@ -1,8 +1,8 @@
 package swarm
 
 import (
-	"bytes"
 	"context"
+	"crypto/sha1"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -88,6 +89,9 @@ type Result struct {
 	// Pieces says when this node completed each piece and when it learned
 	// of pieces from peers (for the piece-information delay).
 	Pieces havewire.PieceLog `json:"pieces"`
+	// InfoFrom says where the info dictionary came from: "server" or a
+	// peer's address.
+	InfoFrom string `json:"info_from"`
 }
 
 // Download is a running fetch; it seeds until closed.
@@ -104,8 +108,10 @@ type Download struct {
 	mu     sync.Mutex
 	err    error
 	took   time.Duration
-	last   Progress
-	phase  string
+	// infoFrom is where the info dictionary came from (Result.InfoFrom).
+	infoFrom string
+	last     Progress
+	phase    string
 }
 
 // Fetch resolves cfg.Image at the server, reserves cfg.Out and starts the
@@ -130,20 +136,9 @@ func (n *Node) Fetch(ctx context.Context, cfg FetchConfig) (*Download, error) {
 	if err := getJSON(ctx, cfg.HTTP, base+"/swarm/images/"+url.PathEscape(cfg.Image), &img); err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", cfg.Image, err)
 	}
-	tu := base + "/swarm/images/" + url.PathEscape(img.Ref()) + "/torrent"
-	if cfg.Rack != "" {
-		tu += "?rack=" + url.QueryEscape(cfg.Rack)
-	}
-	body, err := get(ctx, cfg.HTTP, tu)
+	mi, from, err := n.metainfo(ctx, cfg, base, img)
 	if err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", img.Ref(), err)
-	}
-	mi, err := metainfo.Load(bytes.NewReader(body))
-	if err != nil {
-		return nil, fmt.Errorf("fetch %s: metainfo from %s: %w", img.Ref(), tu, err)
-	}
-	if got := mi.HashInfoBytes().HexString(); got != img.InfoHash {
-		return nil, fmt.Errorf("fetch %s: metainfo from %s has info hash %s, the image says %s", img.Ref(), tu, got, img.InfoHash)
 	}
 	img.MetaInfo = mi
 	img.Path = cfg.Out
@@ -164,11 +159,66 @@ func (n *Node) Fetch(ctx context.Context, cfg FetchConfig) (*Download, error) {
 	t.DownloadAll()
 	dctx, cancel := context.WithCancel(context.Background())
 	d := &Download{n: n, cfg: cfg, img: img, t: t, st: st, start: time.Now(), cancel: cancel,
-		done: make(chan struct{}), phase: "fetching"}
+		done: make(chan struct{}), phase: "fetching", infoFrom: from}
 	n.log.Info("swarm: fetching image", "image", img.Ref(), "size", img.Size, "info_hash", img.InfoHash, "out", cfg.Out,
-		"have_mode", n.wire.Mode().String())
+		"have_mode", n.wire.Mode().String(), "info_from", from)
 	go d.run(dctx)
 	return d, nil
+}
+
+// peerInfoTimeout bounds fetching an info dictionary from a peer before the
+// node takes it from the server.
+const peerInfoTimeout = 2 * time.Second
+
+// metainfo assembles img's metainfo. The server says where the info
+// dictionary is (a peer that has it, or the server itself; see
+// InfoShareConfig) and gives the announce URL and web seeds. A dictionary a
+// peer does not deliver in time, or whose SHA-1 is not the image's info
+// hash, is taken from the server. It also returns where the dictionary came
+// from ("server" or the peer's address).
+func (n *Node) metainfo(ctx context.Context, cfg FetchConfig, base string, img Image) (*metainfo.MetaInfo, string, error) {
+	ref := url.PathEscape(img.Ref())
+	q := url.Values{"port": {strconv.Itoa(int(n.Port()))}}
+	if cfg.Rack != "" {
+		q.Set("rack", cfg.Rack)
+	}
+	var src InfoSource
+	if err := getJSON(ctx, cfg.HTTP, base+"/swarm/images/"+ref+"/source?"+q.Encode(), &src); err != nil {
+		return nil, "", err
+	}
+	from := "server"
+	var info []byte
+	var err error
+	if src.Peer != "" {
+		pctx, cancel := context.WithTimeout(ctx, peerInfoTimeout)
+		info, err = getInfo(pctx, cfg.HTTP, src.Info, img.InfoHash)
+		cancel()
+		if err == nil {
+			from = src.Peer
+		} else {
+			n.log.Warn("swarm: no info dictionary from the peer the server named; taking it from the server",
+				"image", img.Ref(), "peer", src.Peer, "err", err)
+		}
+	}
+	if info == nil {
+		if info, err = getInfo(ctx, cfg.HTTP, base+"/swarm/images/"+ref+"/info", img.InfoHash); err != nil {
+			return nil, "", err
+		}
+	}
+	return &metainfo.MetaInfo{InfoBytes: info, Announce: src.Announce,
+		AnnounceList: metainfo.AnnounceList{{src.Announce}}, UrlList: src.URLList}, from, nil
+}
+
+// getInfo fetches an info dictionary and checks it against infoHash.
+func getInfo(ctx context.Context, c *http.Client, u, infoHash string) ([]byte, error) {
+	body, err := get(ctx, c, u)
+	if err != nil {
+		return nil, err
+	}
+	if sum := sha1.Sum(body); hex.EncodeToString(sum[:]) != infoHash {
+		return nil, fmt.Errorf("GET %s: the info dictionary's SHA-1 is %x, the image's info hash %s", u, sum, infoHash)
+	}
+	return body, nil
 }
 
 // run watches the transfer until it completes, fails or is closed.
@@ -405,7 +455,7 @@ func (d *Download) Wait(ctx context.Context) (Result, error) {
 	err, took := d.err, d.took
 	d.mu.Unlock()
 	ts := d.t.Stats()
-	res := Result{Image: d.img, Path: d.cfg.Out, Duration: took, From: d.n.ReceivedBy(), Have: d.n.wire.Snapshot(),
+	res := Result{Image: d.img, Path: d.cfg.Out, Duration: took, InfoFrom: d.infoFrom, From: d.n.ReceivedBy(), Have: d.n.wire.Snapshot(),
 		Banned: d.n.BannedPeers(), Uploaded: ts.BytesWrittenData.Int64(), Pieces: d.n.wire.PieceLog(),
 		Wasted: ts.BytesReadData.Int64() - ts.BytesReadUsefulData.Int64(), Library: libraryCounters()}
 	slices.Sort(res.Banned)

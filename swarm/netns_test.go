@@ -157,6 +157,7 @@ func TestNetnsSwarmProcesses(t *testing.T) {
 		}
 	}
 	var total int64
+	infoFromPeers := 0
 	for i := range nodes {
 		sameFile(t, im.ArchivePath(), filepath.Join(work, fmt.Sprintf("out%d", i)))
 		b, err := os.ReadFile(filepath.Join(work, fmt.Sprintf("result%d.json", i)))
@@ -174,7 +175,10 @@ func TestNetnsSwarmProcesses(t *testing.T) {
 			}
 		}
 		c := r.Have.Total
-		t.Logf("node %d: took %v, HAVE %+v, bytes from %v", i, r.Duration.Round(time.Millisecond), c, r.From)
+		t.Logf("node %d: took %v, HAVE %+v, bytes from %v, info dictionary from %s", i, r.Duration.Round(time.Millisecond), c, r.From, r.InfoFrom)
+		if r.InfoFrom != "server" {
+			infoFromPeers++
+		}
 		if fromPeers == 0 {
 			t.Errorf("node %d received nothing from other nodes: %v", i, r.From)
 		}
@@ -188,5 +192,10 @@ func TestNetnsSwarmProcesses(t *testing.T) {
 	}
 	if total == 0 {
 		t.Error("no HAVE suppressed or coalesced in the swarm")
+	}
+	// The server sends the info dictionary to two nodes at a time while no
+	// node has it; the others wait for one that has (at most 1 s).
+	if infoFromPeers == 0 {
+		t.Error("every node took the info dictionary from the server; none from a node that had it")
 	}
 }

@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -32,7 +35,9 @@ type ServerConfig struct {
 	// few peers and pieces at a time (Node.Seed, DefaultSeed when nil), so
 	// its upload stays near one copy of each image whatever the swarm size.
 	FullSeed bool
-	Log      *slog.Logger
+	// InfoShare tunes where nodes take an image's info dictionary from.
+	InfoShare InfoShareConfig
+	Log       *slog.Logger
 }
 
 // Server seeds published images, tracks their swarms and serves metainfo
@@ -41,7 +46,11 @@ type ServerConfig struct {
 type Server struct {
 	node    *Node
 	tracker *tracker.Tracker
+	share   *infoShare
 	log     *slog.Logger
+
+	infoDirect  atomic.Int64 // info dictionaries this server sent
+	infoToPeers atomic.Int64 // nodes sent to a peer for one
 
 	mu      sync.Mutex
 	images  map[string]*published // by ref
@@ -86,7 +95,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{node: n, tracker: tracker.New(cfg.Tracker), log: cfg.Log,
+	return &Server{node: n, tracker: tracker.New(cfg.Tracker), share: newInfoShare(cfg.InfoShare), log: cfg.Log,
 		images: map[string]*published{}, byHash: map[string]*published{}, stopped: map[string]bool{}}, nil
 }
 
@@ -175,6 +184,8 @@ func (s *Server) lookup(ref string) (*published, error) {
 //	GET /swarm/images                    published images (JSON)
 //	GET /swarm/images/{ref}              one image (JSON)
 //	GET /swarm/images/{ref}/torrent      metainfo with announce and url-list filled in
+//	GET /swarm/images/{ref}/source       where to take the info dictionary from, with announce and url-list (JSON)
+//	GET /swarm/images/{ref}/info         the info dictionary
 //	GET /swarm/webseed/{infohash}/{name} the archive (BEP 19 web seed, Range)
 //	GET /swarm/stats                     seeder HAVE and peer counters (JSON)
 //	GET /swarm/metrics                   the same as Prometheus text
@@ -184,6 +195,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /swarm/images", s.listImages)
 	mux.HandleFunc("GET /swarm/images/{ref}", s.getImage)
 	mux.HandleFunc("GET /swarm/images/{ref}/torrent", s.getTorrent)
+	mux.HandleFunc("GET /swarm/images/{ref}/source", s.getSource)
+	mux.HandleFunc("GET /swarm/images/{ref}/info", s.getInfo)
 	mux.HandleFunc("GET /swarm/webseed/{ih}/{name}", s.webSeed)
 	mux.HandleFunc("GET /swarm/stats", s.stats)
 	mux.HandleFunc("GET /swarm/metrics", s.metrics)
@@ -210,33 +223,123 @@ func (s *Server) getImage(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, p.img)
 }
 
+// base is this server's URL as the client reached it.
+func base(r *http.Request) string {
+	if r.TLS != nil {
+		return "https://" + r.Host
+	}
+	return "http://" + r.Host
+}
+
+// urls returns the announce URL and web seed list for p, addressed the way
+// the client reached the server. A "rack" query parameter is passed on to
+// the tracker.
+func (s *Server) urls(r *http.Request, p *published) (announce string, urlList []string) {
+	base := base(r)
+	announce = base + "/swarm/announce"
+	if rack := r.URL.Query().Get("rack"); rack != "" {
+		announce += "?rack=" + url.QueryEscape(rack)
+	}
+	return announce, []string{base + "/swarm/webseed/" + p.img.InfoHash + "/"}
+}
+
 // getTorrent hands out the image's metainfo with this server's tracker and
-// web seed, addressed the way the client reached the server. A "rack" query
-// parameter is passed on to the tracker.
+// web seed (see urls).
 func (s *Server) getTorrent(w http.ResponseWriter, r *http.Request) {
 	p, err := s.lookup(r.PathValue("ref"))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusNotFound)
 		return
 	}
-	scheme := "http"
-	if r.TLS != nil {
-		scheme = "https"
-	}
-	base := scheme + "://" + r.Host
-	announce := base + "/swarm/announce"
-	if rack := r.URL.Query().Get("rack"); rack != "" {
-		announce += "?rack=" + url.QueryEscape(rack)
-	}
+	announce, urlList := s.urls(r, p)
 	mi := *p.img.MetaInfo
 	mi.Announce = announce
 	mi.AnnounceList = metainfo.AnnounceList{{announce}}
-	mi.UrlList = []string{base + "/swarm/webseed/" + p.img.InfoHash + "/"}
+	mi.UrlList = urlList
+	s.infoDirect.Add(1)
 	w.Header().Set("Content-Type", "application/x-bittorrent")
 	w.Header().Set("Content-Disposition", fmt.Sprintf("attachment; filename=%q", p.img.Name+"-"+p.img.Version+".torrent"))
 	if err := mi.Write(w); err != nil {
 		s.log.Warn("swarm: writing metainfo", "image", p.img.Ref(), "err", err)
 	}
+}
+
+// InfoSource is what GET /swarm/images/{ref}/source answers: the rest of the
+// metainfo, and where the info dictionary is (its SHA-1 is the image's
+// info hash).
+type InfoSource struct {
+	Announce string   `json:"announce"`
+	URLList  []string `json:"url_list"`
+	// Info is the dictionary's URL: at a peer (GET /swarm/info/{infohash}
+	// on its peer port) or at this server.
+	Info string `json:"info"`
+	// Peer is the peer's address, empty for the server.
+	Peer string `json:"peer,omitempty"`
+}
+
+// getSource tells a node where to take the image's info dictionary from
+// (see InfoShareConfig). The node names its peer port ("port"), so that its
+// own announce later shows it has the dictionary. While every peer that has
+// it already serves others, the request waits, up to InfoShareConfig.Wait.
+func (s *Server) getSource(w http.ResponseWriter, r *http.Request) {
+	p, err := s.lookup(r.PathValue("ref"))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusNotFound)
+		return
+	}
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		http.Error(w, "remote address "+r.RemoteAddr+": "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	req := netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	if ps := r.URL.Query().Get("port"); ps != "" {
+		port, err := strconv.ParseUint(ps, 10, 16)
+		if err != nil || port == 0 {
+			http.Error(w, "port "+ps+": want 1-65535", http.StatusBadRequest)
+			return
+		}
+		req = netip.AddrPortFrom(req.Addr(), uint16(port))
+	}
+	var ih [20]byte
+	hex.Decode(ih[:], []byte(p.img.InfoHash))
+	cfg := s.share.cfg
+	deadline := time.Now().Add(cfg.Wait)
+	var from netip.AddrPort
+	for {
+		now := time.Now()
+		var ok bool
+		if from, ok = s.share.pick(ih, req, s.tracker.Peers(ih), now, cfg.Wait < 0 || !now.Before(deadline)); ok {
+			break
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	announce, urlList := s.urls(r, p)
+	src := InfoSource{Announce: announce, URLList: urlList}
+	if from.IsValid() {
+		s.infoToPeers.Add(1)
+		src.Peer = from.String()
+		src.Info = "http://" + from.String() + "/swarm/info/" + p.img.InfoHash
+	} else {
+		src.Info = base(r) + "/swarm/images/" + url.PathEscape(p.img.Ref()) + "/info"
+	}
+	writeJSON(w, src)
+}
+
+// getInfo serves the image's info dictionary.
+func (s *Server) getInfo(w http.ResponseWriter, r *http.Request) {
+	p, err := s.lookup(r.PathValue("ref"))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusNotFound)
+		return
+	}
+	s.infoDirect.Add(1)
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Write(p.img.MetaInfo.InfoBytes)
 }
 
 // webSeed serves an archive for BEP 19 clients; http.ServeContent handles
@@ -271,10 +374,15 @@ type Stats struct {
 	Images     map[string]int64 `json:"bytes_sent_by_image"`
 	PeerCount  int              `json:"peers"`
 	BannedPeer []string         `json:"banned_peers"`
+	// InfoServed counts info dictionaries (or whole .torrents) this server
+	// sent; InfoToPeers the nodes it sent to a peer for one instead.
+	InfoServed  int64 `json:"info_served"`
+	InfoToPeers int64 `json:"info_to_peers"`
 }
 
 func (s *Server) collect() Stats {
-	st := Stats{Wire: s.node.wire.Snapshot(), Images: map[string]int64{}, BannedPeer: s.node.BannedPeers()}
+	st := Stats{Wire: s.node.wire.Snapshot(), Images: map[string]int64{}, BannedPeer: s.node.BannedPeers(),
+		InfoServed: s.infoDirect.Load(), InfoToPeers: s.infoToPeers.Load()}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for ref, p := range s.images {
@@ -307,6 +415,8 @@ func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
 	for ref, v := range st.Images {
 		fmt.Fprintf(w, "esir_swarm_seed_bytes_total{image=%q} %d\n", ref, v)
 	}
+	fmt.Fprintf(w, "# HELP esir_swarm_info_total Nodes given an image's info dictionary, by where from.\n# TYPE esir_swarm_info_total counter\n")
+	fmt.Fprintf(w, "esir_swarm_info_total{from=\"server\"} %d\nesir_swarm_info_total{from=\"peer\"} %d\n", st.InfoServed, st.InfoToPeers)
 	fmt.Fprintf(w, "# HELP esir_swarm_peers Connected peers.\n# TYPE esir_swarm_peers gauge\nesir_swarm_peers %d\n", st.PeerCount)
 }
 

@@ -18,12 +18,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -177,6 +179,9 @@ type Node struct {
 	received map[string]int64 // useful bytes received by remote IP
 	closed   map[string]int   // connections closed by remote IP
 	depths   depths           // request depth per peer connection
+
+	web        *http.Server // info dictionaries on the peer port (peerport.go)
+	infoServed atomic.Int64 // info dictionaries served to peers
 }
 
 // NewNode starts a node listening on cfg.Listen.
@@ -304,8 +309,12 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		ln.Close()
 		return nil, fmt.Errorf("swarm: starting BitTorrent client: %w", err)
 	}
-	n.cl, n.ln = cl, ln
-	cl.AddListener(n.wire.Listener(ln))
+	pl := newPeerListener(ln)
+	n.cl, n.ln = cl, pl
+	n.web = &http.Server{Handler: n.peerHandler(), ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: slog.NewLogLogger(cfg.Log.Handler(), slog.LevelWarn)}
+	go n.web.Serve(webListener{pl})
+	cl.AddListener(n.wire.Listener(pl))
 	cl.AddDialer(dialer)
 	return n, nil
 }
@@ -389,6 +398,7 @@ func (n *Node) BannedPeers() []string {
 func (n *Node) Close() error {
 	errs := n.cl.Close()
 	errs = append(errs, n.ln.Close())
+	n.web.Close()
 	return errors.Join(errs...)
 }
 

@@ -42,6 +42,10 @@ type method struct {
 	LastSec     float64 `json:"last_node_s"`
 	MedianSec   float64 `json:"median_node_s"`
 	ServerBytes int64   `json:"server_bytes"`
+	// InfoFromServer and InfoFromPeers count the nodes that took the info
+	// dictionary from the server and from another node.
+	InfoFromServer int `json:"info_from_server,omitempty"`
+	InfoFromPeers  int `json:"info_from_peers,omitempty"`
 	HaveMsgs    int64   `json:"have_messages"`
 	HavePeak    int64   `json:"have_peak_per_s"`
 	HaveEmitted int64   `json:"have_emitted"`
@@ -538,6 +542,11 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		p99s = append(p99s, r.Have.HoldP99.Seconds()*1000)
 		m.EmitP99Ms = max(m.EmitP99Ms, r.Have.EmitP99.Seconds()*1000)
 		logs = append(logs, r)
+		if r.InfoFrom == "server" {
+			m.InfoFromServer++
+		} else {
+			m.InfoFromPeers++
+		}
 		for ip, v := range r.From {
 			total += v
 			if ip != "198.18.0.1" {
@@ -550,6 +559,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	}
 	slices.Sort(p99s)
 	m.HoldP99Ms = p99s[len(p99s)-1]
+	fmt.Printf("nodes: %d took the info dictionary from the server, %d from another node\n", m.InfoFromServer, m.InfoFromPeers)
 	if cfg.timeline {
 		printTimeline(mode, start, lb, logs, srvTx, srvData, nodeTx, cfg.rateMbit, cfg.pieceLen)
 	}

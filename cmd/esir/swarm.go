@@ -41,7 +41,9 @@ func newSwarmServeCmd(app *cli.App) *cobra.Command {
 seeds every image of the store over BitTorrent (archives opened read-only,
 nothing written into the store), answers announces for those images only on
 /swarm/announce, hands out each image's metainfo with tracker and web seed on
-/swarm/images/NAME:VERSION/torrent, serves the archives as BEP 19 web seeds
+/swarm/images/NAME:VERSION/torrent, tells ESIR nodes on .../source which node
+already has an image's info dictionary (the server sends it to a few only),
+serves the archives as BEP 19 web seeds
 and reports HAVE counters on /swarm/stats and /swarm/metrics.`,
 		Example: `  esir swarm serve --store /var/lib/esir --listen :8080
   esir swarm serve --store ./store --listen 198.18.0.1:8080 --peer-listen 198.18.0.1:6881 --have-mode off`,

@@ -256,6 +256,21 @@ func (t *Tracker) Announce(a Announce) ([]netip.AddrPort, error) {
 	return out, nil
 }
 
+// Peers returns the peers that announced infoHash and have not gone stale
+// or stopped: each had the image's metainfo when it announced.
+func (t *Tracker) Peers(infoHash [20]byte) []netip.AddrPort {
+	now := time.Now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []netip.AddrPort
+	for _, p := range t.swarms[infoHash] {
+		if now.Sub(p.lastSeen) <= 2*t.cfg.Interval+10*time.Second {
+			out = append(out, p.addr)
+		}
+	}
+	return out
+}
+
 func (t *Tracker) counts(ih [20]byte) (complete, incomplete int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()

@@ -134,3 +134,31 @@ func TestHTTP(t *testing.T) {
 		})
 	}
 }
+
+func TestPeers(t *testing.T) {
+	tr := New(Config{Interval: time.Minute})
+	tr.Allow(ih, 6881)
+	if got := tr.Peers(ih); len(got) != 0 {
+		t.Fatalf("peers before any announce: %v", got)
+	}
+	for _, a := range []Announce{
+		{InfoHash: ih, Addr: ap("198.18.0.10:6881"), Left: 1},
+		{InfoHash: ih, Addr: ap("198.18.0.11:6881"), Left: 0},
+		{InfoHash: ih, Addr: ap("198.18.0.12:6881"), Left: 1},
+		{InfoHash: ih, Addr: ap("198.18.0.12:6881"), Event: "stopped"},
+	} {
+		if _, err := tr.Announce(a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := map[netip.AddrPort]bool{}
+	for _, p := range tr.Peers(ih) {
+		got[p] = true
+	}
+	if len(got) != 2 || !got[ap("198.18.0.10:6881")] || !got[ap("198.18.0.11:6881")] {
+		t.Fatalf("peers %v: want the two that announced and did not stop (never the local seeder)", got)
+	}
+	if got := tr.Peers([20]byte{9}); len(got) != 0 {
+		t.Fatalf("peers of an unknown info hash: %v", got)
+	}
+}
