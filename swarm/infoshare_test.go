@@ -19,7 +19,9 @@ import (
 func TestInfoSharePick(t *testing.T) {
 	s := newInfoShare(InfoShareConfig{Direct: 2, PerPeer: 2, Hold: time.Second})
 	var ih [20]byte
-	node := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}), 6881) }
+	node := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}), 6881)
+	}
 	now := time.Now()
 	pick := func(req netip.AddrPort, holders []netip.AddrPort, at time.Time, force bool) (netip.AddrPort, bool) {
 		return s.pick(ih, req, holders, at, force)

@@ -44,11 +44,11 @@ type method struct {
 	ServerBytes int64   `json:"server_bytes"`
 	// InfoFromServer and InfoFromPeers count the nodes that took the info
 	// dictionary from the server and from another node.
-	InfoFromServer int `json:"info_from_server,omitempty"`
-	InfoFromPeers  int `json:"info_from_peers,omitempty"`
-	HaveMsgs    int64   `json:"have_messages"`
-	HavePeak    int64   `json:"have_peak_per_s"`
-	HaveEmitted int64   `json:"have_emitted"`
+	InfoFromServer int   `json:"info_from_server,omitempty"`
+	InfoFromPeers  int   `json:"info_from_peers,omitempty"`
+	HaveMsgs       int64 `json:"have_messages"`
+	HavePeak       int64 `json:"have_peak_per_s"`
+	HaveEmitted    int64 `json:"have_emitted"`
 	// DelayP50Ms and DelayP99Ms are receiver-side: from a piece's
 	// completion on one node until a peer lacking it read a HAVE or BITFIELD
 	// update for it from that node (nodes share the host clock).
