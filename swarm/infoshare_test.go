@@ -5,6 +5,7 @@ import (
 	"crypto/sha1"
 	"encoding/hex"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -179,4 +180,27 @@ func waitPeers(t *testing.T, s *Server, ih [20]byte, n int) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// TestPeerPortSilentClient checks that a connection that never sends a byte
+// holds up neither the node's HTTP side nor its BitTorrent side: each
+// accepted connection is sorted on its own.
+func TestPeerPortSilentClient(t *testing.T) {
+	img := testImage(t, 1<<20, 64<<10)
+	s, url := startServer(t, img)
+	silent, err := net.Dial("tcp", s.Node().Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + s.Node().Addr().String() + "/swarm/info/" + img.InfoHash)
+	if err != nil {
+		t.Fatalf("info with a silent connection open: %v", err)
+	}
+	resp.Body.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	res, _ := fetchAll(t, ctx, url, "test:1", []*Node{startNode(t, havewire.Adaptive)})
+	sameFile(t, img.Path, res[0].Path)
 }
