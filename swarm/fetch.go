@@ -198,6 +198,10 @@ func (n *Node) metainfo(ctx context.Context, cfg FetchConfig, base string, img I
 		} else {
 			n.log.Warn("swarm: no info dictionary from the peer the server named; taking it from the server",
 				"image", img.Ref(), "peer", src.Peer, "err", err)
+			if cfg.Progress != nil {
+				cfg.Progress(Progress{Image: img.Ref(), Phase: "fetching", Total: img.Size,
+					Event: "no info dictionary from peer " + src.Peer + "; taken from the server", Err: err.Error()})
+			}
 		}
 	}
 	if info == nil {

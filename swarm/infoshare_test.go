@@ -10,6 +10,8 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -153,10 +155,24 @@ func TestInfoFromPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := startNode(t, havewire.Adaptive)
-	d, err := c.Fetch(ctx, FetchConfig{Server: url, Image: "test:1", Out: filepath.Join(t.TempDir(), "out")})
+	var events []string
+	var mu sync.Mutex
+	d, err := c.Fetch(ctx, FetchConfig{Server: url, Image: "test:1", Out: filepath.Join(t.TempDir(), "out"),
+		Progress: func(p Progress) {
+			mu.Lock()
+			defer mu.Unlock()
+			if p.Event != "" {
+				events = append(events, p.Event)
+			}
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	mu.Lock()
+	if len(events) == 0 || !strings.Contains(events[0], "no info dictionary from peer "+badAddr.String()) {
+		t.Errorf("progress events %q: want the first to name the peer that failed", events)
+	}
+	mu.Unlock()
 	resC, err := d.Wait(ctx)
 	if err != nil {
 		t.Fatal(err)
