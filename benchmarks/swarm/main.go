@@ -78,7 +78,14 @@ type method struct {
 	NetOneWayP50Ms float64 `json:"net_one_way_p50_ms,omitempty"`
 	NetOneWayP99Ms float64 `json:"net_one_way_p99_ms,omitempty"`
 	NetPingLoss    float64 `json:"net_ping_loss,omitempty"`
-	Err            string  `json:"error,omitempty"`
+	// NodeTCPSegs and NodeTCPRetrans are TCP segments the nodes sent and
+	// how many of them were retransmissions; LinkDrops counts packets the
+	// links' queues dropped, UplinkDrops those on the nodes' own uplinks.
+	NodeTCPSegs    int64  `json:"node_tcp_segments,omitempty"`
+	NodeTCPRetrans int64  `json:"node_tcp_retransmissions,omitempty"`
+	LinkDrops      int64  `json:"link_drops,omitempty"`
+	UplinkDrops    int64  `json:"uplink_drops,omitempty"`
+	Err            string `json:"error,omitempty"`
 }
 
 type config struct {
@@ -464,6 +471,7 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 		}
 		agents = append(agents, a)
 	}
+	netBefore := nodesNet(ctx, lb)
 	ping := startPing(ctx, lb)
 	var srvTx, srvData []int64
 	var nodeTx [][]int64 // per sample, per node
@@ -503,6 +511,13 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 			fmt.Printf("server TCP: %d segments sent, %d of them retransmissions (%.1f%%)\n",
 				n, seg["TcpRetransSegs"], 100*float64(seg["TcpRetransSegs"])/float64(n))
 		}
+	}
+	if d := nodesNet(ctx, lb).minus(netBefore); d.tcp["TcpOutSegs"] > 0 {
+		m.NodeTCPSegs, m.NodeTCPRetrans = d.tcp["TcpOutSegs"], d.tcp["TcpRetransSegs"]
+		m.LinkDrops, m.UplinkDrops = d.drops+d.upDrops, d.upDrops
+		fmt.Printf("nodes TCP: %d segments sent, %d of them retransmissions (%.2f%%: %d fast, %d after a timeout, %d SYNs, %d tail-loss probes; %d reported spurious by D-SACK); the links dropped %d packets, %d of them on the nodes' uplinks\n",
+			m.NodeTCPSegs, m.NodeTCPRetrans, 100*float64(m.NodeTCPRetrans)/float64(m.NodeTCPSegs), d.tcp["TCPFastRetrans"],
+			d.tcp["TCPTimeouts"], d.tcp["TCPSynRetrans"], d.tcp["TCPLossProbes"], d.tcp["TCPDSACKRecv"], m.LinkDrops, m.UplinkDrops)
 	}
 	// Server bytes before the agents stop.
 	if sent := serverDataSent(ctx, lb); sent >= 0 {
@@ -633,6 +648,90 @@ func txBytes(ctx context.Context, lb *lab, hosts []*netlab.Host) []int64 {
 		out[i] = rx[peer[:min(len(peer), 15)]]
 	}
 	return out
+}
+
+// netCounts are the nodes' TCP counters (Tcp and TcpExt of
+// /proc/net/snmp and /proc/net/netstat, summed) and their links' drops.
+type netCounts struct {
+	tcp            map[string]int64
+	upDrops, drops int64
+}
+
+func (a netCounts) minus(b netCounts) netCounts {
+	d := netCounts{tcp: map[string]int64{}, upDrops: a.upDrops - b.upDrops, drops: a.drops - b.drops}
+	for k, v := range a.tcp {
+		d.tcp[k] = v - b.tcp[k]
+	}
+	return d
+}
+
+// nodesNet sums the nodes' TCP counters, read in each node's namespace, and
+// the packets their links' qdiscs dropped: uplinks in the nodes' namespaces,
+// downlinks (the bridge side, the server's too) in the switch's.
+func nodesNet(ctx context.Context, lb *lab) netCounts {
+	c := netCounts{tcp: map[string]int64{}}
+	for _, h := range lb.nodes {
+		for _, f := range []string{"/proc/net/snmp", "/proc/net/netstat"} {
+			if out, err := h.Run(ctx, "cat", f); err == nil {
+				for k, v := range procNetCounters(string(out), "Tcp:", "TcpExt:") {
+					c.tcp[k] += v
+				}
+			}
+		}
+		if out, err := h.Run(ctx, "tc", "-s", "qdisc", "show"); err == nil {
+			c.upDrops += qdiscDrops(string(out))
+		}
+	}
+	if out, err := exec.CommandContext(ctx, "ip", "netns", "exec", lb.l.Switch, "tc", "-s", "qdisc", "show").Output(); err == nil {
+		c.drops += qdiscDrops(string(out))
+	}
+	return c
+}
+
+// procNetCounters parses /proc/net/snmp or /proc/net/netstat, where each
+// group is a line of names and a line of values, for the groups named by
+// prefixes ("Tcp:"); a TcpExt name is returned as is, a Tcp one prefixed
+// "Tcp" (OutSegs: TcpOutSegs), as nstat names them.
+func procNetCounters(out string, prefixes ...string) map[string]int64 {
+	m := map[string]int64{}
+	names := map[string][]string{}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || !slices.Contains(prefixes, f[0]) {
+			continue
+		}
+		n, ok := names[f[0]]
+		if !ok {
+			names[f[0]] = f
+			continue
+		}
+		delete(names, f[0])
+		for i := 1; i < len(f) && i < len(n); i++ {
+			v, err := strconv.ParseInt(f[i], 10, 64)
+			if err != nil {
+				continue
+			}
+			k := n[i]
+			if f[0] == "Tcp:" {
+				k = "Tcp" + k
+			}
+			m[k] = v
+		}
+	}
+	return m
+}
+
+// qdiscDrops sums the "dropped N" figures of tc -s qdisc show.
+func qdiscDrops(out string) int64 {
+	var n int64
+	f := strings.Fields(out)
+	for i := 0; i+1 < len(f); i++ {
+		if f[i] == "(dropped" || f[i] == "dropped" {
+			v, _ := strconv.ParseInt(strings.TrimSuffix(f[i+1], ","), 10, 64)
+			n += v
+		}
+	}
+	return n
 }
 
 // serverDataSent asks the server, from inside its own namespace (no shaped
