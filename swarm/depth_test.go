@@ -12,17 +12,18 @@ func TestDepthFor(t *testing.T) {
 		limit int
 		want  int
 	}{
-		{0, 16 << 10, 32, minDepth},
-		{80e3, 16 << 10, 32, minDepth},  // a fifth of a 5 Mbit/s link: 8 KB per window
-		{625e3, 16 << 10, 32, 5},        // all of a 5 Mbit/s link: 62.5 KB, 4 chunks, one spare
-		{50e6, 16 << 10, 32, 32},        // 400 Mbit/s from one seeder: capped
-		{625e3, 16 << 10, 3, 3},         // the node's bound wins
-		{625e3, 16 << 10, 1, 1},         // even below minDepth
-		{160e3, 16 << 10, 32, minDepth}, // 16 KB per window: one chunk, one spare
+		{0, 16 << 10, 32, 1},     // nothing measured yet: one request
+		{80e3, 16 << 10, 32, 1},  // a fifth of a 5 Mbit/s link: 8 KB per window
+		{625e3, 16 << 10, 32, 4}, // all of a 5 Mbit/s link: 62.5 KB, 4 chunks
+		{50e6, 16 << 10, 32, 32}, // 400 Mbit/s from one seeder: capped
+		{625e3, 16 << 10, 3, 3},  // the node's bound wins
+		{625e3, 16 << 10, 1, 1},
+		{160e3, 16 << 10, 32, 1}, // 16 KB per window: one chunk
+		{170e3, 16 << 10, 32, 2}, // a little over one chunk: two
 		// The same window in 8 KiB requests takes twice as many.
-		{625e3, 8 << 10, 32, 9},   // 62.5 KB: 8 chunks, one spare
-		{160e3, 8 << 10, 32, 3},   // 16 KB: two chunks, one spare
-		{312.5e3, 8 << 10, 32, 5}, // all of a 2.5 Mbit/s link: 31.25 KB, 4 chunks, one spare
+		{625e3, 8 << 10, 32, 8},   // 62.5 KB: 8 chunks
+		{160e3, 8 << 10, 32, 2},   // 16 KB: two chunks
+		{312.5e3, 8 << 10, 32, 4}, // all of a 2.5 Mbit/s link: 31.25 KB, 4 chunks
 	} {
 		if got := depthFor(c.rate, c.chunk, c.limit); got != c.want {
 			t.Errorf("depthFor(%v, %d, %d) = %d, want %d", c.rate, c.chunk, c.limit, got, c.want)
@@ -51,8 +52,8 @@ func TestPeerDepthFollowsRate(t *testing.T) {
 	if got := feed(20e6, 2*time.Second); got != 32 {
 		t.Errorf("at 20 MB/s the depth is %d, want the bound 32", got)
 	}
-	if got := feed(300e3, 3*time.Second); got != 3 {
-		t.Errorf("after dropping to 300 kB/s the depth is %d, want 3", got)
+	if got := feed(300e3, 3*time.Second); got != 2 {
+		t.Errorf("after dropping to 300 kB/s the depth is %d, want 2", got)
 	}
 	if got := feed(20e6, time.Second); got != 32 {
 		t.Errorf("back at 20 MB/s the depth is %d, want 32", got)
