@@ -500,13 +500,8 @@ func runESIR(ctx context.Context, cfg config, lb *lab, mode, dir string, m *meth
 	close(stopSample)
 	<-sampled
 	m.NetOneWayP50Ms, m.NetOneWayP99Ms, m.NetPingLoss = ping()
-	if out, e := lb.server.Run(ctx, "nstat", "-az", "TcpOutSegs", "TcpRetransSegs"); e == nil {
-		seg := map[string]int64{}
-		for _, line := range strings.Split(string(out), "\n") {
-			if f := strings.Fields(line); len(f) >= 2 {
-				seg[f[0]], _ = strconv.ParseInt(f[1], 10, 64)
-			}
-		}
+	if out, e := lb.server.Run(ctx, "cat", "/proc/net/snmp"); e == nil {
+		seg := procNetCounters(string(out), "Tcp:")
 		if n := seg["TcpOutSegs"]; n > 0 {
 			fmt.Printf("server TCP: %d segments sent, %d of them retransmissions (%.1f%%)\n",
 				n, seg["TcpRetransSegs"], 100*float64(seg["TcpRetransSegs"])/float64(n))
