@@ -135,7 +135,7 @@ func main() {
 		jsonOut   = flag.String("json", "", "write the results as JSON to this file")
 		pngOut    = flag.String("png", "benchmarks/swarm/time-vs-n.png", "write the plot here (needs gnuplot)")
 		timeout   = flag.Duration("timeout", 7*time.Minute, "hard limit per method and N")
-		methods   = flag.String("methods", "adaptive,off,http,udpcast", "methods to run")
+		methods   = flag.String("methods", "adaptive,off,http,udpcast", "methods to run (redundant: ESIR with --have-mode redundant, only redundant HAVEs dropped)")
 		srvConns  = flag.Int("server-conns", 0, "bound the server seeder's peer connections (0: the default)")
 		seeding   = flag.String("seeding", "initial", "server seeding policy: initial (BEP 16 style) or full")
 		profile   = flag.String("profile", "", "write a CPU profile of node 0's agent per ESIR run into this directory")
@@ -143,11 +143,27 @@ func main() {
 		agtFlags  = flag.String("agent-flags", "", "extra flags for esir-agent fetch, space-separated")
 		pieceFlag = flag.Int64("piece", 0, "piece size in KiB (0: what esir image build chooses)")
 		plotFrom  = flag.String("plot-from", "", "only redraw --png from a --json file of an earlier run")
+		haveFrom  = flag.String("have-vs-rate", "", "only compare HAVE modes across --json files of earlier runs at different --rate (comma-separated): print a table and draw --png")
 		httpMaxN  = flag.Int("http-max-n", 0, "run HTTP unicast only up to this N (0: every N); it takes N x F/B")
 		pace      = flag.Float64("pace", 0, "cap each ESIR process's upload at this share of B, in payload bytes (0: no cap; udp-sender runs at 0.95)")
 		timeline  = flag.Bool("timeline", false, "print each ESIR run's per-second download and server upload rates")
 	)
 	flag.Parse()
+	if *haveFrom != "" {
+		runs, err := readRateRuns(strings.Split(*haveFrom, ","))
+		if err != nil {
+			fail(err)
+		}
+		pts := haveVsRate(runs, 0)
+		printHaveVsRate(pts)
+		if *pngOut != "" {
+			if err := plotHaveVsRate(*pngOut, pts); err != nil {
+				fail(err)
+			}
+			fmt.Println("plot:", *pngOut)
+		}
+		return
+	}
 	if *plotFrom != "" {
 		b, err := os.ReadFile(*plotFrom)
 		if err != nil {
@@ -349,7 +365,7 @@ func newLab(ctx context.Context, n int, rate float64, mtu int) (*lab, error) {
 
 func run(ctx context.Context, cfg config, name string, n int, img *swarm.Image, archive string) method {
 	m := method{Name: name, N: n}
-	if name == "adaptive" || name == "off" {
+	if name == "adaptive" || name == "redundant" || name == "off" {
 		m.Name = "esir-bt " + name
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
@@ -366,7 +382,7 @@ func run(ctx context.Context, cfg config, name string, n int, img *swarm.Image, 
 	c0 := childCPU()
 	var times []float64
 	switch name {
-	case "adaptive", "off":
+	case "adaptive", "redundant", "off":
 		times, err = runESIR(ctx, cfg, lb, name, dir, &m)
 	case "http":
 		times, err = runHTTP(ctx, cfg, lb, dir, img, &m)
