@@ -824,3 +824,33 @@ func TestSeederHold(t *testing.T) {
 		})
 	}
 }
+
+func TestWindowRule(t *testing.T) {
+	w := New(Config{Mode: Adaptive, MaxHold: 50 * time.Millisecond, Pieces: func([20]byte) int { return 8 }})
+	now := time.Now()
+	for _, tt := range []struct {
+		name     string
+		interval time.Duration
+		since    time.Duration // since the last completion
+		want     time.Duration
+	}{
+		{"fast: eight intervals", 3 * time.Millisecond, 0, 24 * time.Millisecond},
+		{"very fast: the minimum", 200 * time.Microsecond, 0, 5 * time.Millisecond},
+		{"eight intervals past the cap: the cap less a tenth", 10 * time.Millisecond, 0, 45 * time.Millisecond},
+		{"slower than the cap: at once", 60 * time.Millisecond, 0, 0},
+		{"the last completion long past: at once", 3 * time.Millisecond, 80 * time.Millisecond, 0},
+	} {
+		w.mu.Lock()
+		w.interval, w.last = tt.interval, now.Add(-tt.since)
+		got := w.windowLocked(now)
+		w.mu.Unlock()
+		if got != tt.want {
+			t.Errorf("%s: window %v, want %v", tt.name, got, tt.want)
+		}
+	}
+	off := New(Config{Mode: Redundant, MaxHold: 50 * time.Millisecond})
+	off.interval, off.last = 3*time.Millisecond, now
+	if got := off.windowLocked(now); got != 0 {
+		t.Errorf("redundant mode holds for %v, want never", got)
+	}
+}
