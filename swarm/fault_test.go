@@ -4,11 +4,14 @@ import (
 	"context"
 	"encoding/hex"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -239,3 +242,42 @@ func TestFetchUnknownImage(t *testing.T) {
 		t.Fatalf("fetching an unknown image: %v", err)
 	}
 }
+
+func TestFetchDialsFromThePeerAddress(t *testing.T) {
+	var mu sync.Mutex
+	var from []string
+	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		from = append(from, remoteIP(stringer(r.RemoteAddr)))
+		mu.Unlock()
+		http.NotFound(w, r)
+	}))
+	defer api.Close()
+	for _, tt := range []struct{ listen, want string }{
+		{"127.0.0.51", "127.0.0.51"}, // bound: the server sees the peer address
+		{"", "127.0.0.1"},            // unbound: the system's choice
+	} {
+		mu.Lock()
+		from = nil
+		mu.Unlock()
+		n, err := NewNode(NodeConfig{Listen: tt.listen + ":0", Mode: havewire.Adaptive, Log: testLog(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = n.Fetch(context.Background(), FetchConfig{Server: api.URL, Image: "x:1", Out: filepath.Join(t.TempDir(), "out")})
+		n.Close()
+		if err == nil {
+			t.Fatalf("listen %q: fetching from a server that knows no image succeeded", tt.listen)
+		}
+		mu.Lock()
+		got := slices.Clone(from)
+		mu.Unlock()
+		if len(got) == 0 || got[0] != tt.want {
+			t.Errorf("listen %q: the server saw requests from %v, want %s", tt.listen, got, tt.want)
+		}
+	}
+}
+
+type stringer string
+
+func (s stringer) String() string { return string(s) }

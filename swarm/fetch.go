@@ -45,7 +45,10 @@ type FetchConfig struct {
 	// on every notable event.
 	Progress func(Progress)
 	Every    time.Duration
-	// HTTP is the client for the server's API (http.DefaultClient when nil).
+	// HTTP is the client for the server's API and for info dictionaries
+	// from peers (when nil: one dialing from the node's peer address if the
+	// node listens on one, so a multi-homed node talks to the server from
+	// the address its peers know; else http.DefaultClient).
 	HTTP *http.Client
 }
 
@@ -121,6 +124,9 @@ type Download struct {
 func (n *Node) Fetch(ctx context.Context, cfg FetchConfig) (*Download, error) {
 	if cfg.HTTP == nil {
 		cfg.HTTP = http.DefaultClient
+		if n.httpc != nil {
+			cfg.HTTP = n.httpc
+		}
 	}
 	if cfg.Every <= 0 {
 		cfg.Every = time.Second

@@ -181,6 +181,7 @@ type Node struct {
 	depths   depths           // request depth per peer connection
 
 	web        *http.Server // info dictionaries on the peer port (peerport.go)
+	httpc      *http.Client // a fetch's default client: bound to the peer address, if one is set
 	infoServed atomic.Int64 // info dictionaries served to peers
 }
 
@@ -303,6 +304,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		local := &net.Dialer{LocalAddr: &net.TCPAddr{IP: ta.IP}}
 		tc.TrackerDialContext = local.DialContext
 		tc.HTTPDialContext = local.DialContext
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.DialContext = local.DialContext
+		n.httpc = &http.Client{Transport: tr}
 	}
 	cl, err := torrent.NewClient(tc)
 	if err != nil {
@@ -399,6 +403,9 @@ func (n *Node) Close() error {
 	errs := n.cl.Close()
 	errs = append(errs, n.ln.Close())
 	n.web.Close()
+	if n.httpc != nil {
+		n.httpc.CloseIdleConnections()
+	}
 	return errors.Join(errs...)
 }
 
