@@ -292,8 +292,9 @@ func (w *Wire) windowLocked(now time.Time) time.Duration {
 	}
 	win := gatherPieces * w.interval
 	win = max(win, w.cfg.MinHold)
-	// A tenth of the cap is left for timer and scheduling latency, so no
-	// HAVE ever waits longer than the cap.
+	// A tenth of the cap is left for timer and scheduling latency: a timer
+	// a few ms late still keeps within the cap (on a host whose CPUs are
+	// saturated it fires later: the README, under the swarm benchmark).
 	return min(win, w.cfg.MaxHold*9/10)
 }
 
